@@ -1,0 +1,5 @@
+import sys
+
+from ssau.cli import main
+
+sys.exit(main())

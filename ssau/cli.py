@@ -1,0 +1,106 @@
+"""The `ssau` command line. ``main(argv)`` takes a list so that tests run every command in-process."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ssau.aus import parse_au_list
+
+
+# The marker of an uncoded AU where the user names none: EmotioNet's challenge files use 999.
+DEFAULT_UNKNOWN = {"emotionet": "999", "csv": ""}
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line, exit status 2."""
+
+
+def _shard(args: argparse.Namespace) -> int:
+    from ssau.data.shard import ShardSettings, run_shard
+
+    try:
+        aus = parse_au_list(args.aus) if args.aus else None
+    except ValueError as e:
+        raise UserError(f"--aus: {e}") from None
+    s = ShardSettings(format=args.format, images=str(Path(args.images).resolve()),
+                      labels=str(Path(args.labels).resolve()) if args.labels else None, aus=aus,
+                      unknown=args.unknown if args.unknown is not None else DEFAULT_UNKNOWN.get(args.format, ""),
+                      frame_template=args.frame_template,
+                      active_threshold=args.active_threshold, folds=args.folds, shard_size=args.shard_size,
+                      resize=args.resize, quality=args.quality, seed=args.seed)
+    doc = run_shard(s, Path(args.out), workers=args.workers, overwrite=args.overwrite, progress=not args.quiet)
+    run = doc["last_run"]
+    print(f"{doc['corpus']}: {doc['samples']} samples in {len(doc['shards'])} shards "
+          f"({run['shards_written']} written, {run['shards_reused']} verified and kept) -> {args.out}")
+    for reason, n in doc["skipped_by_reason"].items():
+        print(f"  skipped {n:>7}  {reason}")
+    for reason, n in doc["converted_by_reason"].items():
+        print(f"  converted {n:>5}  {reason}")
+    print(f"  {run['images_per_s']:.1f} images/s over {run['seconds']:.1f} s with {args.workers} worker(s); "
+          f"details in {Path(args.out) / 'dataset.json'}")
+    return 0
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from ssau.synth import SynthSettings, render_corpus
+
+    s = SynthSettings(subjects=args.subjects, tasks=args.tasks, frames=args.frames, size=args.size,
+                      expression_images=args.expression_images, unlabelled=args.unlabelled, seed=args.seed)
+    summary = render_corpus(Path(args.out), s, workers=args.workers, progress=not args.quiet)
+    print(summary)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ssau", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sh = sub.add_parser("shard", help="pack a corpus into webdataset tar shards + parquet index")
+    sh.add_argument("format", help="bp4d, disfa, emotionet, csv, rafdb or folder")
+    sh.add_argument("--images", required=True, help="image root (disfa: folder of LeftVideo<SN>_comp.avi or frames)")
+    sh.add_argument("--labels", help="label file or folder, as the corpus ships it")
+    sh.add_argument("--out", required=True, help="output directory")
+    sh.add_argument("--aus", help="AU list: a corpus name (bp4d, disfa, emotionet, gft) or e.g. 1,2,AU04")
+    sh.add_argument("--unknown", default=None, help="csv/emotionet marker of an uncoded AU ('', 9, 999, -1)")
+    sh.add_argument("--frame-template", help="disfa: frame path under --images, e.g. '{subject}/{frame:05d}.png'")
+    sh.add_argument("--active-threshold", type=float, default=2.0, help="disfa: intensity that counts as active")
+    sh.add_argument("--folds", help="bp4d, disfa (standard subject folds) or K (subjects round-robin into K folds)")
+    sh.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    sh.add_argument("--resize", type=int, help="scale the shorter side to this many pixels (re-encodes)")
+    sh.add_argument("--quality", type=int, default=95, help="JPEG quality when an image is re-encoded")
+    sh.add_argument("--workers", type=int, default=1)
+    sh.add_argument("--seed", type=int, default=0, help="places subject-less images into numbered folds")
+    sh.add_argument("--overwrite", action="store_true", help="replace shards made with other settings")
+    sh.add_argument("--quiet", action="store_true", help="no progress bar")
+    sh.set_defaults(run=_shard)
+
+    sy = sub.add_parser("synth", help="render the synthetic AU corpus (BP4D, RAF-DB and folder layouts)")
+    sy.add_argument("--out", required=True)
+    sy.add_argument("--subjects", type=int, default=41, help="BP4D subject ids are used, so at most 41")
+    sy.add_argument("--tasks", type=int, default=4, help="sequences per subject (T1..T8)")
+    sy.add_argument("--frames", type=int, default=40, help="frames per sequence")
+    sy.add_argument("--size", type=int, default=96, help="image side in pixels")
+    sy.add_argument("--expression-images", type=int, default=1000, help="RAF-DB-layout expression images")
+    sy.add_argument("--unlabelled", type=int, default=2000, help="images in the unlabelled folder")
+    sy.add_argument("--workers", type=int, default=1)
+    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--quiet", action="store_true")
+    sy.set_defaults(run=_synth)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from ssau.data.adapters import LabelError
+    from ssau.data.shard import ShardError
+
+    try:
+        return args.run(args)
+    except (UserError, LabelError, ShardError) as e:
+        print(f"ssau: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ssau: interrupted", file=sys.stderr)
+        return 130

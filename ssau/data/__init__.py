@@ -1,0 +1,1 @@
+"""The data layer: corpus adapters, `ssau shard`, and the training / evaluation streams."""
