@@ -63,7 +63,7 @@ class AdapterArgs:
 
 def _safe(text: str) -> str:
     # webdataset splits a member name at its first dot, so keys carry none.
-    return re.sub(r"[^A-Za-z0-9-]+", "-", text).strip("-") or "x"
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-") or "x"
 
 
 def _list_images(root: Path) -> list[Path]:

@@ -73,12 +73,14 @@ class Batch:
     unlabelled_keys: list[str] = field(default_factory=list)
     expr_images: torch.Tensor | None = None  # [m_expr, 3, S, S]
     expr_labels: torch.Tensor | None = None  # [m_expr] int64
+    expr_keys: list[str] = field(default_factory=list)
     skipped: int = 0  # corrupt samples skipped by the workers since the previous batch
 
     def to(self, device: torch.device | str) -> "Batch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(move(self.images), move(self.targets), move(self.mask), self.keys, move(self.unlabelled),
-                     self.unlabelled_keys, move(self.expr_images), move(self.expr_labels), self.skipped)
+                     self.unlabelled_keys, move(self.expr_images), move(self.expr_labels), self.expr_keys,
+                     self.skipped)
 
 
 @dataclass
@@ -306,6 +308,7 @@ class TrainStream:
             yield Batch(images=lab["images"], targets=lab["targets"], mask=lab["mask"], keys=lab["keys"],
                         unlabelled=unl["images"] if unl else None, unlabelled_keys=unl["keys"] if unl else [],
                         expr_images=ex["images"] if ex else None, expr_labels=ex["labels"] if ex else None,
+                        expr_keys=ex["keys"] if ex else [],
                         skipped=sum(p["skipped"] for p in parts.values()))
 
 

@@ -1,0 +1,51 @@
+"""Small look-alike corpora written at test time (no dataset can be downloaded here)."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+BP4D_SUBJECTS = ("F001", "M007", "M011", "F003", "F007", "F015")  # two per standard fold
+BP4D_COLUMNS = (1, 2, 4, 6, 7, 10, 12, 14, 15, 17, 23, 24, 43)
+
+
+def jpeg_bytes(seed: int, size: int = 32, mode: str = "RGB", fmt: str = "JPEG") -> bytes:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+    img = Image.fromarray(arr).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def write_bp4d(root: Path, frames: int = 5, seed: int = 0) -> dict:
+    """BP4D layout. Returns the labels written: {(subject, task, frame): {au: value}}."""
+    rng = random.Random(seed)
+    labels = {}
+    occ = root / "AUCoding" / "AU_OCC"
+    occ.mkdir(parents=True)
+    for s in BP4D_SUBJECTS:
+        for t in ("T1", "T2"):
+            (root / s / t).mkdir(parents=True)
+            lines = [",".join(["0"] + [str(a) for a in BP4D_COLUMNS])]
+            first = rng.randint(1, 900)
+            for f in range(first, first + frames):
+                (root / s / t / f"{f:04d}.jpg").write_bytes(jpeg_bytes(hash((s, t, f)) % 2**32))
+                row = {a: (9 if a == 43 else rng.choice((0, 1, 1, 9) if a == 4 else (0, 1))) for a in BP4D_COLUMNS}
+                labels[(s, t, f)] = row
+                lines.append(",".join([str(f)] + [str(row[a]) for a in BP4D_COLUMNS]))
+            (occ / f"{s}_{t}.csv").write_text("\n".join(lines) + "\n")
+    return labels
+
+
+def write_tar(path: Path, samples: list[tuple[str, bytes, dict]]) -> None:
+    import webdataset as wds
+
+    with wds.TarWriter(str(path)) as w:
+        for key, jpg, meta in samples:
+            w.write({"__key__": key, "jpg": jpg, "json": json.dumps(meta).encode()})
