@@ -52,10 +52,10 @@ def decode_train(sample: dict, size: int, rng: random.Random) -> tuple[torch.Ten
     if rng.random() < 0.5:
         arr = arr[:, ::-1]
     b, c, s = (rng.uniform(1 - JITTER, 1 + JITTER) for _ in range(3))
-    arr = arr * b
-    arr = (arr - arr.mean()) * c + arr.mean()
-    gray = (arr @ _GRAY)[..., None]
-    arr = (arr - gray) * s + gray
+    # brightness, contrast about the mean, saturation about the grey level, folded into two passes
+    mean = float(arr.mean()) * b
+    arr = arr * (b * c) + mean * (1 - c)
+    arr = arr * s + (arr @ _GRAY)[..., None] * (1 - s)
     return _to_tensor(np.clip(arr, 0, 255).astype(np.uint8)), meta
 
 
@@ -65,13 +65,13 @@ def decode_eval(sample: dict, size: int) -> tuple[torch.Tensor, dict]:
     return _to_tensor(np.asarray(img.crop((x, y, x + size, y + size)))), meta
 
 
-def au_targets(meta: dict, aus: tuple[int, ...], hidden: list[bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def au_targets(meta: dict, aus: tuple[int, ...], hidden: list[bool] | None = None) -> tuple[list[float], list[float]]:
     """Targets and mask over the training AU list ``aus``. AUs the sample's corpus does not code, AUs coded as
     unknown, and AUs hidden by label drop are masked (mask 0, target 0)."""
-    t, m = torch.zeros(len(aus)), torch.zeros(len(aus))
     pos = {au: j for j, au in enumerate(meta.get("aus") or [])}
+    t, m = [0.0] * len(aus), [0.0] * len(aus)
     for i, au in enumerate(aus):
         j = pos.get(au)
         if j is not None and meta["mask"][j] and not (hidden and hidden[i]):
             t[i], m[i] = float(meta["occurrence"][j]), 1.0
-    return t, m
+    return t, m  # lists: tensors are made once per batch

@@ -156,7 +156,9 @@ def _write_shard(task: dict) -> dict:
     tmp = out / f".{task['name']}.tmp-{os.getpid()}"
     rows, skipped, converted = [], [], Counter()
     with open(tmp, "wb") as f:
-        sink = wds.TarWriter(f, user="", group="", mtime=0.0)  # fixed metadata: byte-identical shards
+        # Fixed metadata: byte-identical shards. The mtime is an int on purpose: a float makes tarfile add a pax
+        # header to every member, which readers then have to parse.
+        sink = wds.TarWriter(f, user="", group="", mtime=0)
         for r in task["records"]:
             try:
                 prep = prepare_image(read_source(r.source), s.resize, s.quality)

@@ -28,10 +28,10 @@ from typing import Callable, Iterator
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ssau.aus import au_name
+from ssau.data.tario import tar_samples
 from ssau.data.decode import DecodeError, au_targets, decode_eval, decode_train
 
 
@@ -213,7 +213,7 @@ class _SourceDataset(IterableDataset):
         wid = info.id if info else 0
         rng = random.Random(f"aug:{self.shards.salt}:{self.cfg.seed}:{self.shards.epoch}:{self.shards.rank}:{wid}")
         bad = _Counter()
-        samples = wds.tarfile_to_samples(handler=bad)(iter(self.shards))
+        samples = (s for u in self.shards for s in tar_samples(u["url"], bad))
         if self.keep is not None:
             samples = (s for s in samples if self.keep(s))
         samples = _shuffle(self.cfg.shuffle_buffer, rng)(samples)  # buffers hold bytes; decode after
@@ -240,7 +240,7 @@ class _SourceDataset(IterableDataset):
             if len(images) == self.batch:
                 out = {"images": torch.stack(images), "keys": keys, "skipped": bad.n - reported}
                 if targets:
-                    out["targets"], out["mask"] = torch.stack(targets), torch.stack(masks)
+                    out["targets"], out["mask"] = torch.tensor(targets), torch.tensor(masks)
                 if exprs:
                     out["labels"] = torch.tensor(exprs, dtype=torch.int64)
                 reported = bad.n
@@ -361,7 +361,7 @@ class _EvalDataset(IterableDataset):
         rows = []
         for url, a, b in piece:
             bad = _Counter()
-            for pos, s in enumerate(wds.tarfile_samples(iter([{"url": url}]), handler=bad)):
+            for pos, s in enumerate(tar_samples(url, bad)):
                 if pos >= b:
                     break
                 if pos < a:
@@ -381,7 +381,7 @@ class _EvalDataset(IterableDataset):
 
 def _collate_eval(rows: list) -> dict:
     imgs, ts, ms, keys = zip(*rows)
-    return {"images": torch.stack(imgs), "targets": torch.stack(ts), "mask": torch.stack(ms), "keys": list(keys)}
+    return {"images": torch.stack(imgs), "targets": torch.tensor(ts), "mask": torch.tensor(ms), "keys": list(keys)}
 
 
 def eval_loader(dirs: tuple[str, ...], folds: tuple[int, ...] | None, aus: tuple[int, ...], batch_size: int = 64,
