@@ -53,6 +53,34 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from ssau.run import train
+
+    train(args.config, args.overrides)
+    return 0
+
+
+def _cv(args: argparse.Namespace) -> int:
+    from ssau.run import cross_validate
+
+    cross_validate(args.config, args.overrides)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from ssau.run import evaluate
+
+    evaluate(args.checkpoint, args.shards, args.folds, args.batch, args.workers)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from ssau.run import demo
+
+    demo(args.out, args.steps, args.backbone, args.size, args.subjects, args.frames, args.workers)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ssau", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -88,17 +116,43 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--seed", type=int, default=0)
     sy.add_argument("--quiet", action="store_true")
     sy.set_defaults(run=_synth)
+
+    for name, fn, text in (("train", _train, "train one method on one fold"),
+                           ("cv", _cv, "3-fold subject-independent cross-validation (child runs under one parent)")):
+        tr = sub.add_parser(name, help=text)
+        tr.add_argument("--config", help="YAML config (launch/recipes/...)")
+        tr.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-4 data.fold=2")
+        tr.set_defaults(run=fn)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint; prints a per-AU table")
+    ev.add_argument("--checkpoint", required=True, help="model.pt or checkpoints/step-N.pt of a run")
+    ev.add_argument("--shards", nargs="+", required=True, help="shard directories")
+    ev.add_argument("--folds", type=int, nargs="*", help="folds to evaluate (default: all)")
+    ev.add_argument("--batch", type=int, default=64)
+    ev.add_argument("--workers", type=int, default=2)
+    ev.set_defaults(run=_eval)
+
+    de = sub.add_parser("demo", help="synthetic corpus -> shards -> supervised training -> evaluation -> MLflow")
+    de.add_argument("--out", default="demo", help="where the corpus, shards and runs go")
+    de.add_argument("--steps", type=int, default=600)
+    de.add_argument("--backbone", default="resnet18", choices=("tiny", "resnet18", "resnet34", "resnet50"))
+    de.add_argument("--size", type=int, default=64, help="rendered image side")
+    de.add_argument("--subjects", type=int, default=41)
+    de.add_argument("--frames", type=int, default=40, help="frames per sequence (4 sequences per subject)")
+    de.add_argument("--workers", type=int, default=2)
+    de.set_defaults(run=_demo)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from ssau.config import ConfigError
     from ssau.data.adapters import LabelError
     from ssau.data.shard import ShardError
 
     try:
         return args.run(args)
-    except (UserError, LabelError, ShardError) as e:
+    except (UserError, LabelError, ShardError, ConfigError) as e:
         print(f"ssau: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -14,6 +14,7 @@ import io
 import itertools
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,7 +66,7 @@ def bench_shard(src: Path, work: Path, resize: int) -> dict:
     return r
 
 
-def bench_stream(shards: Path, src: Path, image_size: int, n: int) -> dict:
+def bench_stream(shards: Path, src: Path, image_size: int, n: int, rounds: int = 3) -> dict:
     import random
 
     import torch
@@ -79,15 +80,12 @@ def bench_stream(shards: Path, src: Path, image_size: int, n: int) -> dict:
                        shuffle_buffer=500)
     batches = n // 32
     stream = iter(TrainStream(cfg))
-    next(stream)  # warm-up
-    t_stream = _timed(lambda: list(itertools.islice(stream, batches)))
+    next(stream)  # warm-up: fills the shuffle buffer
 
     urls = [str(p) for p in sorted(shards.glob("*.tar"))]
     mem = list(itertools.islice(itertools.cycle(list(wds.tarfile_samples(iter({"url": u} for u in urls)))),
                                 batches * 32))
     rng = random.Random(0)
-    t_bare = _timed(lambda: [torch.stack([decode_train(s, image_size, rng)[0] for s in mem[i:i + 32]])
-                             for i in range(0, len(mem), 32)])
 
     # The usual torchvision recipe over loose files: ImageFolder (one class per subject) + DataLoader.
     tf = transforms.Compose([transforms.Resize(round(image_size * RESIZE_RATIO)), transforms.RandomCrop(image_size),
@@ -101,9 +99,16 @@ def bench_stream(shards: Path, src: Path, image_size: int, n: int) -> dict:
             shutil.copyfile(f, dst)
     loader = torch.utils.data.DataLoader(datasets.ImageFolder(str(folder), transform=tf), batch_size=32,
                                          shuffle=True, num_workers=0)
-    t_if = _timed(lambda: list(itertools.islice(itertools.cycle(loader), batches)))
+    loop = itertools.cycle(loader)
+    runs = {"stream": [], "bare": [], "imagefolder": []}
+    for _ in range(rounds):  # interleaved rounds, medians: the machine is shared and noisy
+        runs["stream"].append(_timed(lambda: list(itertools.islice(stream, batches))))
+        runs["bare"].append(_timed(lambda: [torch.stack([decode_train(s, image_size, rng)[0] for s in mem[i:i + 32]])
+                                            for i in range(0, len(mem), 32)]))
+        runs["imagefolder"].append(_timed(lambda: list(itertools.islice(loop, batches))))
+    t_stream, t_bare, t_if = (statistics.median(runs[k]) for k in ("stream", "bare", "imagefolder"))
     k = batches * 32
-    r = {"image_size": image_size, "samples": k, "stream_img_s": k / t_stream, "bare_in_memory_img_s": k / t_bare,
+    r = {"image_size": image_size, "samples_per_round": k, "rounds": rounds, "stream_img_s": k / t_stream, "bare_in_memory_img_s": k / t_bare,
          "imagefolder_img_s": k / t_if}
     r["stream_vs_bare"] = r["stream_img_s"] / r["bare_in_memory_img_s"]
     r["stream_vs_imagefolder"] = r["stream_img_s"] / r["imagefolder_img_s"]

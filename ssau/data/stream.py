@@ -393,9 +393,16 @@ def eval_loader(dirs: tuple[str, ...], folds: tuple[int, ...] | None, aus: tuple
     ds = _EvalDataset(pieces, batch_size, image_size, aus)
     loader = DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None)
     n = 0
-    for b in loader:
+    for b in loader:  # partial batches are padded to full size: ranks can all_gather them
         n += 1
-        yield EvalBatch(b["images"], b["targets"], b["mask"], b["keys"], torch.ones(len(b["keys"]), dtype=torch.bool))
+        k = len(b["keys"])
+        missing = batch_size - k
+        valid = torch.cat([torch.ones(k, dtype=torch.bool), torch.zeros(missing, dtype=torch.bool)])
+        if missing:
+            b["images"] = torch.cat([b["images"], b["images"].new_zeros(missing, *b["images"].shape[1:])])
+            b["targets"] = torch.cat([b["targets"], b["targets"].new_zeros(missing, len(aus))])
+            b["mask"] = torch.cat([b["mask"], b["mask"].new_zeros(missing, len(aus))])
+        yield EvalBatch(b["images"], b["targets"], b["mask"], b["keys"], valid)
     pad = torch.zeros(batch_size, 3, image_size, image_size, dtype=torch.uint8)
     for _ in range(target - n):
         yield EvalBatch(pad, torch.zeros(batch_size, len(aus)), torch.zeros(batch_size, len(aus)), [],

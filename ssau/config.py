@@ -1,0 +1,257 @@
+"""Typed run configuration: YAML file + dotted ``key=value`` overrides -> dataclasses, strictly.
+
+An unknown key, a value of the wrong type or a choice outside its allowed set raises ConfigError naming the key and
+what is allowed; nothing falls back to a default silently. Each component receives only its own section.
+The ``method`` section holds ``name`` plus the chosen method's own hyper-parameters (its ``Params`` dataclass).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(Exception):
+    """A bad configuration; the message is one line naming the key."""
+
+
+@dataclass
+class ModelConfig:
+    backbone: Literal["tiny", "resnet18", "resnet34", "resnet50"] = "resnet18"
+    pretrained: str = "none"  # none | imagenet (torchvision weights enum, cached) | path to a state_dict file
+    dropout: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    labelled: list[str] = field(default_factory=list)  # shard directories (ssau shard --out)
+    labelled_weights: list[float] | None = None
+    unlabelled: list[str] = field(default_factory=list)
+    unlabelled_weights: list[float] | None = None
+    expression: list[str] = field(default_factory=list)
+    fold: int = 1  # held-out fold for evaluation; training reads the others. 0: train on all, no evaluation
+    folds: int = 3
+    aus: list[int] | None = None  # None: the first labelled directory's AU list
+    image_size: int = 64
+    m1: int = 32
+    m2: int = 32
+    m_expr: int = 32
+    label_drop: float = 0.0
+    label_drop_mode: Literal["image", "au"] = "image"
+    workers: int = 2
+    shuffle_buffer: int = 500
+    eval_batch: int = 64
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 0
+    clip_grad: float = 5.0  # max global grad norm per update; 0 = off
+    accumulate: int = 1  # micro-batches per update
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    log_every: int = 20
+    eval_every: int = 0  # 0: evaluate at the end only
+    checkpoint_every: int = 500
+    out: str = "runs"
+    name: str = ""  # run directory name; empty: <method>-fold<k>-<time>
+    resume: str = "never"  # never | auto (the run directory's last checkpoint) | a checkpoint path
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    deepspeed: str = ""  # a DeepSpeed JSON config (launch/deepspeed/zero2.json); empty: plain data parallel
+    rank_report: bool = False  # each rank writes ranks/rank<r>.json (world size, keys seen, parameter digest)
+    progress: bool = True
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "ssau"
+    run_name: str = ""
+    parent_run_id: str = ""  # set by `ssau cv` for fold runs
+
+
+@dataclass
+class Config:
+    method: dict = field(default_factory=lambda: {"name": "supervised"})
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# ---------------------------------------------------------------------------------------------------- building
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(map(str, typing.get_args(tp)))
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            value = [value] if isinstance(value, (str, int, float)) else value
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def build(cls: type, data: dict | None, prefix: str = "") -> Any:
+    """Instantiate dataclass ``cls`` from a mapping; unknown keys and bad values raise ConfigError."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for k in data:
+        if k not in names:
+            where = f"{prefix}.{k}" if prefix else k
+            raise ConfigError(f"unknown key {where!r}; allowed: {', '.join(names)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], f"{prefix}.{f.name}" if prefix else f.name)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{dotted}: {p!r} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """YAML file (optional) + ``key=value`` overrides (values parsed as YAML: 3, 1e-3, true, [a, b])."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, str) and _looks_float(raw):  # YAML 1.1 reads 1e-3 as a string
+            value = float(raw)
+        _set_dotted(tree, key.strip(), value)
+    if isinstance(tree.get("method"), dict):
+        tree["method"].setdefault("name", "supervised")
+    cfg = build(Config, tree)
+    from ssau.methods import resolve_params  # validates the method section against the method's Params
+
+    cfg.method = resolve_params(cfg.method)
+    validate(cfg)
+    return cfg
+
+
+def _looks_float(raw: str) -> bool:
+    try:
+        float(raw)
+        return True
+    except ValueError:
+        return False
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a type alone cannot express."""
+    d, t, o = cfg.data, cfg.train, cfg.optim
+    if not d.labelled:
+        raise ConfigError("data.labelled: name at least one shard directory (ssau shard --out)")
+    if not 0 <= d.fold <= d.folds:
+        raise ConfigError(f"data.fold: {d.fold} is not in 0..{d.folds}")
+    if not 0.0 <= d.label_drop < 1.0:
+        raise ConfigError(f"data.label_drop: {d.label_drop} is not a fraction in [0, 1)")
+    for key, v in (("train.steps", t.steps), ("data.m1", d.m1), ("data.image_size", d.image_size),
+                   ("optim.accumulate", o.accumulate), ("data.eval_batch", d.eval_batch)):
+        if v < 1:
+            raise ConfigError(f"{key}: must be at least 1, got {v}")
+    if o.lr <= 0:
+        raise ConfigError(f"optim.lr: must be positive, got {o.lr}")
+    if t.resume not in ("never", "auto") and not Path(t.resume).exists():
+        raise ConfigError(f"train.resume: {t.resume} is neither never, auto nor an existing checkpoint")
+    if t.deepspeed and not Path(t.deepspeed).is_file():
+        raise ConfigError(f"train.deepspeed: {t.deepspeed} does not exist")
+
+
+def to_dict(cfg: Any) -> dict:
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,33 @@
+"""The method registry: config name -> Method class. One file per method, named as the papers' readers know it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ssau.methods.base import Group, Method, SetupInfo, Update
+from ssau.methods.supervised import Supervised
+
+METHODS: dict[str, type[Method]] = {
+    Supervised.name: Supervised,
+}
+
+
+def resolve_params(section: dict) -> dict:
+    """Validate a ``method:`` config section against its method's Params; returns it with defaults filled in."""
+    from ssau.config import ConfigError, build
+
+    section = dict(section)
+    name = section.pop("name", None)
+    if name not in METHODS:
+        raise ConfigError(f"method.name: {name!r} is not a method; choose one of {', '.join(METHODS)}")
+    params = build(METHODS[name].Params, section, "method")
+    return {"name": name, **dataclasses.asdict(params)}
+
+
+def build_method(section: dict, aus: tuple[int, ...], model) -> Method:
+    cls = METHODS[section["name"]]
+    params = cls.Params(**{k: v for k, v in section.items() if k != "name"})
+    return cls(params, aus, model)
+
+
+__all__ = ["METHODS", "Group", "Method", "SetupInfo", "Update", "build_method", "resolve_params"]

@@ -1,0 +1,129 @@
+"""The method contract: what a semi-supervised AU method declares, and what the trainer does with it.
+
+A method is an ``nn.Module`` holding its networks (backbone, AU head, discriminator, twin, GCN, meta net,
+generator, ...) and its hyper-parameters (a ``Params`` dataclass, the paper's defaults beside each field). It
+never touches loaders, devices, the accelerator, ranks or checkpoint files. It declares:
+
+- ``groups()``: its optimiser groups, name -> ``Group(params, lr_scale)``. The trainer builds one optimiser and one
+  LR schedule per group, and averages each group's gradients across ranks (or hands the group to a DeepSpeed
+  engine).
+- ``updates(step)``: the ordered updates of one training step, each ``Update(name, group, loss, repeat,
+  new_batch, freeze)``. ``loss(batch, step)`` returns a dict with a required ``loss`` tensor and named float parts
+  for logging. The trainer runs every update the same way, in one visible place (``Trainer._run_update``):
+  freeze the listed groups, zero_grad, forward + backward (over ``accumulate`` micro-batches), average gradients
+  across ranks, clip, finite check (a NaN/Inf update is refused on every rank and reported), step. ``repeat``
+  runs an update several times per step; ``new_batch=False`` reuses the previous update's batch instead of
+  drawing a new one. A method changes what trains between stages by returning different updates for a step.
+- ``after_step(batch, step)``: state updated without gradients (centroids, banks), under ``torch.no_grad``;
+  the trainer then averages floating-point buffers across ranks so every rank holds the same state.
+- ``predict(images) -> [B, J]`` AU probabilities, for evaluation.
+- ``setup(info)``: called once before training with the training-set facts a method may need (the label bank of
+  known training AU vectors, AU list, expression classes).
+
+How each paper's Algorithm 1 maps onto this:
+
+Supervised baseline ("O-wlc" in Wang et al.): one group ``model`` (backbone + AU head), one update: masked BCE.
+
+Adversarial (Wang et al., Alg. 1): groups ``classifier`` (R) and ``discriminator`` (D). Updates per step:
+``Update("discriminator", "discriminator", L_D of Eq. 3, repeat=H_D)`` with R's outputs detached, then
+``Update("classifier", "classifier", line-10 loss, repeat=H_R, freeze=("discriminator",))``. Freezing D during the
+classifier update is what lets ZeRO-2 accept a loss that flows through D. The label bank comes from ``setup``.
+
+MLCR (Niu et al., Sec. 4.1.2): groups ``twins`` (two backbones + classifiers) and ``gcn``. Stage 1 (pre-training,
+``step < stage1_steps``): one update on ``twins`` with per-view BCE + lambda_mv orthogonality + lambda_cr JS
+co-regularisation; stage 2: updates on ``twins`` and ``gcn`` together (two groups, two LRs: 1e-4 and 1e-3) without
+the orthogonality term. ``updates(step)`` returns one list or the other.
+
+MAL (Li & Shan, Alg. 1): groups ``meta`` (psi) and ``base`` (theta). Update 1 ``meta``: inside its loss, the
+meta-train step theta -> theta*(psi) is taken functionally (``torch.func.functional_call`` on the unwrapped base
+net, ``autograd.grad(create_graph=True)``, gradients averaged across ranks with a differentiable all-reduce) and
+the meta-test loss on an AU validation batch at theta* is returned, so its backward reaches psi through the inner
+step. Update 2 ``base`` with ``new_batch=False``: the same training batch re-weighted by the updated meta net
+(Eq. 9-11), updating theta from its original value.
+
+Large margin (Racoviteanu et al., Eq. 2-7): group ``model``; one update with the supervised loss on labelled images
+plus the large-margin loss on embeddings of labelled and unlabelled images against pseudo-emotion centroids; the
+centroids are state without gradients, moved in ``after_step``.
+
+RTATL (regional and temporal auxiliary tasks, Eq. 9): groups ``model`` (backbone, RoI transformer, flow head,
+generator) and ``discriminator``; updates: the inpainting discriminator (L_D), then everything else on
+L_sup + L_G + lambda_f L_F with the discriminator frozen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+
+from ssau.data.stream import Batch
+
+# ImageNet statistics; images arrive as uint8 and are normalised on the model side.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Group:
+    params: list[nn.Parameter]
+    lr_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class Update:
+    name: str
+    group: str
+    loss: Callable[[Batch, int], dict]
+    repeat: int = 1
+    new_batch: bool = True
+    freeze: tuple[str, ...] = ()
+
+
+@dataclass
+class SetupInfo:
+    aus: tuple[int, ...]
+    label_bank: torch.Tensor  # [N, J] 0/1 known training AU vectors (labelled, not hidden, not the eval fold)
+    label_bank_mask: torch.Tensor  # [N, J] 1 where known
+    expressions: int = 7
+    extra: dict = field(default_factory=dict)
+
+
+class Method(nn.Module):
+    """Base class; see the module docstring for the contract."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type]
+
+    def __init__(self, params, aus: tuple[int, ...]):
+        super().__init__()
+        self.params = params
+        self.aus = tuple(aus)
+        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 NCHW -> normalised float, in the dtype/memory format of the images' device."""
+        return (images.float() / 255.0 - self.mean) / self.std
+
+    def setup(self, info: SetupInfo) -> None:
+        """Training-set facts before the first step; the default needs none."""
+
+    def groups(self) -> dict[str, Group]:
+        raise NotImplementedError
+
+    def updates(self, step: int) -> list[Update]:
+        raise NotImplementedError
+
+    def after_step(self, batch: Batch, step: int) -> None:
+        """No-gradient state updates; the default has none."""
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def masked_bce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy (Eq. 5 of Wang et al.) averaged over known labels only; 0 when none is known."""
+    per = nn.functional.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none") * mask
+    return per.sum() / mask.sum().clamp_min(1.0)

@@ -1,0 +1,64 @@
+"""Supervised baseline: backbone + one linear AU layer, masked binary cross-entropy.
+
+This is the "O-wlc" baseline of Wang et al. (adversarial paper, Sec. 4.1: alpha = 0, no label-distribution
+constraint) and the labelled-only reference of every other paper here: Eq. 5 of Wang et al. on the labelled
+images, with unknown labels (BP4D's 9, EmotioNet's 999, labels hidden by label drop) masked out of the loss.
+Unlabelled images in the batch are ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ssau.config import ModelConfig
+from ssau.data.stream import Batch
+from ssau.methods.backbones import build_backbone
+from ssau.methods.base import Group, Method, Update, masked_bce
+
+
+@dataclass
+class SupervisedParams:
+    pos_weight: bool = False  # weight positives by negatives/positives per AU (off in the papers' baseline)
+
+
+class Supervised(Method):
+    name = "supervised"
+    Params = SupervisedParams
+
+    def __init__(self, params: SupervisedParams, aus: tuple[int, ...], model: ModelConfig):
+        super().__init__(params, aus)
+        self.backbone, dim = build_backbone(model)
+        self.dropout = nn.Dropout(model.dropout)
+        self.head = nn.Linear(dim, len(aus))
+        self.register_buffer("pos_w", torch.ones(len(aus)))
+
+    def setup(self, info) -> None:
+        if self.params.pos_weight:
+            pos = (info.label_bank * info.label_bank_mask).sum(0)
+            neg = ((1 - info.label_bank) * info.label_bank_mask).sum(0)
+            self.pos_w.copy_((neg / pos.clamp_min(1)).clamp(1, 50))
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.backbone(self.normalise(images))))
+
+    def groups(self) -> dict[str, Group]:
+        return {"model": Group(list(self.parameters()))}
+
+    def updates(self, step: int) -> list[Update]:
+        return [Update("supervised", "model", self.loss)]
+
+    def loss(self, batch: Batch, step: int) -> dict:
+        z = self.logits(batch.images)
+        if self.params.pos_weight:
+            per = nn.functional.binary_cross_entropy_with_logits(
+                z.float(), batch.targets, reduction="none", pos_weight=self.pos_w) * batch.mask
+            bce = per.sum() / batch.mask.sum().clamp_min(1.0)
+        else:
+            bce = masked_bce(z, batch.targets, batch.mask)
+        return {"loss": bce, "bce": bce.detach()}
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(images).float())
