@@ -4,7 +4,7 @@ Faces are drawn (PIL, 2x supersampled) with geometry driven by AU intensities 0-
 outer raise, AU4 lowerer), lids (AU5 raise, AU6/AU7 narrow), cheeks (AU6), nose (AU9 wrinkle, AU10 lifts the
 upper lip), lips (AU12 corners up, AU14 dimples, AU15 corners down, AU17 chin boss, AU20 stretch, AU23/AU24 thin,
 AU25 part), jaw (AU26). Each subject has an identity (skin, face shape, eye spacing, brow weight); each sequence
-rises to and falls from an apex of one EMFACS prototype (ssau.aus.PROTOTYPES) plus sparse noise AUs, so AU6 and
+rises to and falls from an apex of one EMFACS combination (VARIANTS below) plus sparse noise AUs, so AU6 and
 AU12 co-occur while AU12 and AU15 rarely do. Pose (roll, shift, scale) and lighting (gradient, gain) vary per frame.
 
 Written layouts, all read back through the real adapters:
@@ -32,6 +32,17 @@ from ssau.aus import EXPRESSIONS, PROTOTYPES, STANDARD_AUS, STANDARD_FOLDS
 RENDERED_AUS = (1, 2, 4, 5, 6, 7, 9, 10, 12, 14, 15, 17, 20, 23, 24, 25, 26)
 UNCODED_COLUMNS = (5, 9, 25, 26, 43)  # present in the CSV, all 9, as BP4D's uncoded columns are
 ACTIVE = 1.5  # intensity from which a rendered AU is labelled present (FACS "A" and up)
+# EMFACS lists several AU combinations per emotion; the sequences draw from these variants (AU16 is not drawn).
+# Without them AU10, AU14, AU17 and AU24 would only appear as rare noise.
+VARIANTS: dict[str, tuple[tuple[int, ...], ...]] = {
+    "happiness": ((6, 12), (6, 12, 25)),
+    "sadness": ((1, 4, 15), (1, 4, 15, 17)),
+    "surprise": ((1, 2, 5, 26), (1, 2, 5, 25)),
+    "fear": ((1, 2, 4, 5, 7, 20, 26), (1, 2, 4, 5, 20, 25)),
+    "anger": ((4, 5, 7, 23), (4, 5, 7, 17, 24), (4, 5, 7, 10, 23, 25)),
+    "disgust": ((9, 15, 16), (10, 16, 25), (9, 17)),
+    "contempt": ((12, 14),),
+}
 # Antagonists never drawn together as noise: a smile does not pull its corners down.
 ANTAGONISTS = {12: {15}, 15: {12}, 5: {7}, 7: {5}, 1: {4}, 4: {1}}
 
@@ -140,8 +151,10 @@ def render_face(ident: Identity, au: dict[int, float], size: int, rng: random.Ra
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
-def _prototype_au(rng: random.Random, expression: str, scale: float) -> dict[int, float]:
-    au = {k: scale * rng.uniform(2.5, 5.0) for k in PROTOTYPES[expression] if k in RENDERED_AUS}
+def _prototype_au(rng: random.Random, expression: str, scale: float, variants: bool = False) -> dict[int, float]:
+    """Apex intensities of one expression: the prototype (RAF-DB-style images) or one EMFACS variant (sequences)."""
+    aus = rng.choice(VARIANTS[expression]) if variants else PROTOTYPES[expression]
+    au = {k: scale * rng.uniform(2.5, 5.0) for k in aus if k in RENDERED_AUS}
     for k in RENDERED_AUS:  # sparse noise AUs, never an antagonist of one already on
         if k not in au and rng.random() < 0.06 and not (ANTAGONISTS.get(k, set()) & set(au)):
             au[k] = rng.uniform(1.0, 3.5) * scale
@@ -153,8 +166,8 @@ def sequence_intensities(rng: random.Random, frames: int) -> list[dict[int, floa
     out = [dict() for _ in range(frames)]
     episodes = rng.choice((1, 1, 2))
     for e in range(episodes):
-        expr = rng.choice([x for x in EXPRESSIONS if x != "neutral"] + ["happiness"])  # smiles are common
-        apex = _prototype_au(rng, expr, 1.0)
+        expr = rng.choice([x for x in EXPRESSIONS if x != "neutral"] + ["happiness"] * 2 + ["contempt"])  # smiles: common
+        apex = _prototype_au(rng, expr, 1.0, variants=True)
         start = int(e * frames / episodes)
         length = max(4, int(frames / episodes))
         for k, peak in apex.items():

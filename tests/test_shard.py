@@ -322,12 +322,11 @@ def test_synthetic_corpus_goes_through_the_real_adapters(tmp_path):
     assert shard("folder", "--images", str(syn / "unlabelled"), "--out", str(tmp_path / "u")) == 0
     doc = json.loads((tmp_path / "b" / "dataset.json").read_text())
     assert doc["samples"] == 6 * 3 * 24 and {s["fold"] for s in doc["shards"]} == {1, 2, 3}
-    idx = pq.read_table(tmp_path / "b" / "index.parquet").to_pandas() if False else \
-        pq.read_table(tmp_path / "b" / "index.parquet").to_pylist()
+    idx = pq.read_table(tmp_path / "b" / "index.parquet").to_pylist()
     au6 = np.array([r["AU06"] == 1 for r in idx])
     au12 = np.array([r["AU12"] == 1 for r in idx])
     au15 = np.array([r["AU15"] == 1 for r in idx])
     assert au12.sum() > 0 and au15.sum() > 0
-    # EMFACS structure: AU6 co-occurs with AU12 far more often than AU15 does.
-    assert (au6 & au12).sum() / au12.sum() > 0.5 > (au12 & au15).sum() / au12.sum()
+    # EMFACS structure: AU6 co-occurs with AU12 often, AU15 (lip corner depressor) almost never.
+    assert (au6 & au12).sum() / au12.sum() > 0.4 and (au12 & au15).sum() / au12.sum() < 0.1
     assert {r["subject"] for r in idx} <= set(BP4D_SUBJECTS) | {s for p in STANDARD_FOLDS["bp4d"] for s in p}
