@@ -209,21 +209,11 @@ class Trainer:
         window_steps = 0
         self.method.train()
         while self.step < t.steps:
-            batch = None
-            for upd in self.method.updates(self.step):
-                for _ in range(upd.repeat):
-                    batch, parts = self._run_update(upd, batches, batch)
-                    for k, v in parts.items():
-                        window[f"train/{upd.name}/{k}"] += v / upd.repeat
+            batch, parts = self.train_step(batches)
+            for k, v in parts.items():
+                window[k] += v
             if first_keys is None:
                 first_keys = list(batch.keys)
-            with torch.no_grad():
-                self.method.after_step(batch, self.step)
-            average_buffers(self.method, rt)
-            for s in self.schedulers.values():
-                if not self.engines:
-                    s.step()
-            self.step += 1
             window_steps += 1
             seen += batch.images.shape[0] * rt.world
             bar.update(1)
@@ -242,6 +232,23 @@ class Trainer:
         if rt.main:
             self._finish(metrics)
         return metrics
+
+    def train_step(self, batches) -> tuple:
+        """One step: the method's ordered updates, then no-gradient state, buffer averaging and LR schedules."""
+        batch, window = None, defaultdict(float)
+        for upd in self.method.updates(self.step):
+            for _ in range(upd.repeat):
+                batch, parts = self._run_update(upd, batches, batch)
+                for k, v in parts.items():
+                    window[f"train/{upd.name}/{k}"] += v / upd.repeat
+        with torch.no_grad():
+            self.method.after_step(batch, self.step)
+        average_buffers(self.method, self.rt)
+        if not self.engines:  # DeepSpeed engines step their own schedules
+            for s in self.schedulers.values():
+                s.step()
+        self.step += 1
+        return batch, window
 
     def _log_window(self, window: dict, steps: int, img_s: float, bar) -> None:
         keys = sorted(window)

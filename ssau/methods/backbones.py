@@ -59,9 +59,11 @@ def build_backbone(cfg: ModelConfig) -> tuple[nn.Module, int]:
         path = Path(cfg.pretrained)
         if not path.is_file():
             raise ConfigError(f"model.pretrained: {path} is not a file")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if "method" in state:  # an ssau model.pt or checkpoint: take its backbone
+            state = {k.removeprefix("backbone."): v for k, v in state["method"].items() if k.startswith("backbone.")}
         state = state.get("state_dict", state)
-        state = {k.removeprefix("backbone."): v for k, v in state.items() if not k.startswith("fc.")}
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # a torchvision classifier's head
         missing, unexpected = net.load_state_dict(state, strict=False)
         if missing:
             raise ConfigError(f"model.pretrained: {path} lacks {len(missing)} backbone tensors (e.g. {missing[0]})")

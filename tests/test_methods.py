@@ -1,0 +1,83 @@
+"""Every registered method through the same checks (the registry is walked, so a new method is tested on the day
+it is registered): finite losses, gradients reach exactly the updated group, unknown labels never matter,
+predict's shape and range."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ssau.config import ModelConfig
+from ssau.data.stream import Batch
+from ssau.methods import METHODS, SetupInfo, build_method, resolve_params
+
+AUS = (1, 2, 4, 6, 7, 10, 12, 14, 15, 17, 23, 24)
+
+
+def make_batch(seed: int = 0, m1: int = 6, m2: int = 4, size: int = 32) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    targets = (torch.rand(m1, len(AUS), generator=g) < 0.3).float()
+    mask = (torch.rand(m1, len(AUS), generator=g) < 0.8).float()
+    return Batch(images=torch.randint(0, 256, (m1, 3, size, size), dtype=torch.uint8, generator=g),
+                 targets=targets * mask, mask=mask, keys=[f"k{i}" for i in range(m1)],
+                 unlabelled=torch.randint(0, 256, (m2, 3, size, size), dtype=torch.uint8, generator=g),
+                 expr_images=torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8, generator=g),
+                 expr_labels=torch.randint(0, 7, (4,), generator=g))
+
+
+def make_method(name: str):
+    torch.manual_seed(0)
+    m = build_method(resolve_params({"name": name}), AUS, ModelConfig(backbone="tiny"))
+    bank = (torch.rand(50, len(AUS)) < 0.3).float()
+    m.setup(SetupInfo(AUS, bank, torch.ones_like(bank)))
+    return m
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_updates_are_finite_and_reach_exactly_their_group(name):
+    method = make_method(name)
+    groups = method.groups()
+    batch = make_batch()
+    for upd in method.updates(0):
+        method.zero_grad(set_to_none=True)
+        frozen = [p for g in upd.freeze for p in groups[g].params]
+        for p in frozen:
+            p.requires_grad_(False)
+        out = upd.loss(batch, 0)
+        assert set(out) >= {"loss"} and torch.isfinite(out["loss"]), (upd.name, out)
+        out["loss"].backward()
+        for p in frozen:
+            p.requires_grad_(True)
+        mine = {id(p) for p in groups[upd.group].params}
+        got = [p for p in groups[upd.group].params if p.grad is not None and p.grad.abs().sum() > 0]
+        assert got, f"{upd.name}: no gradient reached group {upd.group}"
+        assert all(p.grad is None for p in frozen), f"{upd.name}: a frozen group received gradients"
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_unknown_labels_never_change_a_loss(name):
+    method = make_method(name)
+    batch = make_batch()
+    flipped = make_batch()
+    flipped.targets = torch.where(batch.mask > 0, batch.targets, 1 - batch.targets)  # only unknown cells change
+    for upd in method.updates(0):
+        torch.manual_seed(1)
+        a = upd.loss(batch, 0)["loss"].item()
+        torch.manual_seed(1)
+        b = upd.loss(flipped, 0)["loss"].item()
+        assert a == pytest.approx(b, rel=1e-6), upd.name
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_predict_gives_probabilities_per_au(name):
+    method = make_method(name).eval()
+    with torch.no_grad():
+        p = method.predict(make_batch().images)
+    assert p.shape == (6, len(AUS)) and (p >= 0).all() and (p <= 1).all()
+
+
+def test_every_parameter_belongs_to_one_group():
+    for name in METHODS:
+        method = make_method(name)
+        ids = [id(p) for g in method.groups().values() for p in g.params]
+        assert len(ids) == len(set(ids)) == len(list(method.parameters())), name
