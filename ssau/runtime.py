@@ -148,7 +148,8 @@ def average_buffers(module: nn.Module, rt: Runtime) -> None:
     """Floating buffers (BatchNorm statistics, centroids) averaged so that every rank holds the same state."""
     if rt.world == 1:
         return
-    bufs = [b for b in module.buffers() if b.is_floating_point()]
+    persistent = module.state_dict(keep_vars=True)  # non-persistent buffers (constants) need no averaging
+    bufs = [b for name, b in module.named_buffers() if b.is_floating_point() and name in persistent]
     if bufs:
         flat = torch.cat([b.reshape(-1) for b in bufs])
         dist.all_reduce(flat)

@@ -47,9 +47,10 @@ def stream_config(cfg: Config, aus: tuple[int, ...]) -> StreamConfig:
                         shuffle_buffer=d.shuffle_buffer)
 
 
-def label_bank(s: StreamConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Known AU vectors of the labelled training samples: never the evaluation fold, never hidden labels."""
-    rows, masks = [], []
+def label_bank(s: StreamConfig) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """AU vectors of the labelled training samples, their masks and keys: never the evaluation fold, never hidden
+    labels (image mode drops the sample, AU mode masks the AU)."""
+    rows, masks, keys = [], [], []
     for d in s.labelled.dirs:
         names = pq.read_schema(Path(d) / "index.parquet").names
         cols = [au_name(a) for a in s.aus]
@@ -65,7 +66,9 @@ def label_bank(s: StreamConfig) -> tuple[torch.Tensor, torch.Tensor]:
                 v = [t[c][i] if c in t else -1 for c in cols]
                 rows.append([max(x, 0) for x in v])
                 masks.append([float(x != -1 and not h) for x, h in zip(v, hid)])
-    return torch.tensor(rows, dtype=torch.float32).reshape(-1, len(s.aus)), torch.tensor(masks).reshape(-1, len(s.aus))
+                keys.append(key)
+    J = len(s.aus)
+    return torch.tensor(rows, dtype=torch.float32).reshape(-1, J), torch.tensor(masks).reshape(-1, J), keys
 
 
 class Trainer:
@@ -82,7 +85,7 @@ class Trainer:
         self.method: Method = build_method(cfg.method, self.aus, cfg.model).to(rt.device)
         if rt.channels_last:
             self.method.to(memory_format=torch.channels_last)
-        bank, bank_mask = label_bank(self.stream_cfg)
+        bank, bank_mask, self.bank_keys = label_bank(self.stream_cfg)
         self.drop = label_drop_report(self.stream_cfg)
         self.method.setup(SetupInfo(self.aus, bank, bank_mask))
         broadcast_module(self.method, rt)

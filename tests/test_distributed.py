@@ -72,16 +72,19 @@ def _assert_data_parallel(reports: list[dict]) -> None:
     assert reports[0]["state_sha256"] == reports[1]["state_sha256"]  # equal parameters (and buffers) after
 
 
-def test_two_cpu_ranks_with_accelerate_launch_and_deepspeed_zero2(shards, tmp_path):
+@pytest.mark.parametrize("method", ["supervised", "adversarial"])
+def test_two_cpu_ranks_with_accelerate_launch_and_deepspeed_zero2(shards, tmp_path, method):
     from mlflow.tracking import MlflowClient
 
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    _finish([_launch("cpu-2ranks.yaml", _train_args(shards, tmp_path, "ddp", f"tracking.uri={db}"))])
+    _finish([_launch("cpu-2ranks.yaml", _train_args(shards, tmp_path, "ddp", f"tracking.uri={db}",
+                                                    f"method.name={method}", "data.label_drop=0.5", "data.m2=4"))])
     ddp = _reports(tmp_path / "ddp")
     _assert_data_parallel(ddp)
     assert not any(r["deepspeed"] for r in ddp)
 
     _finish([_launch("cpu-2ranks.yaml", _train_args(shards, tmp_path, "zero2", "tracking.enabled=false",
+                                                     f"method.name={method}", "data.label_drop=0.5", "data.m2=4",
                                                      f"train.deepspeed={ROOT / 'launch/deepspeed/zero2.json'}"))])
     zero2 = _reports(tmp_path / "zero2")
     _assert_data_parallel(zero2)
@@ -97,15 +100,16 @@ def test_two_cpu_ranks_with_accelerate_launch_and_deepspeed_zero2(shards, tmp_pa
     from ssau.runtime import seed_all
 
     seed_all(0)
-    init = build_method(load_config(None, ["data.labelled=[x]", "model.backbone=tiny"]).method, tuple(range(12)),
-                        load_config(None, ["data.labelled=[x]", "model.backbone=tiny"]).model).state_dict()
+    cfg = load_config(None, ["data.labelled=[x]", "model.backbone=tiny", f"method.name={method}"])
+    init = build_method(cfg.method, tuple(range(12)), cfg.model).state_dict()
     assert any(not torch.equal(init[k], a[k]) for k in a if a[k].is_floating_point())
 
     # Rank 0 alone logged, after reducing across ranks: one run, world_size 2.
     client = MlflowClient(tracking_uri=db)
     (run,) = client.search_runs([client.get_experiment_by_name("ssau").experiment_id])
     assert run.data.tags["world_size"] == "2"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/supervised/loss")] == [1, 2, 3]
+    first_update = "supervised" if method == "supervised" else "discriminator"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, f"train/{first_update}/loss")] == [1, 2, 3]
 
 
 def test_multi_node_config_as_two_nodes_of_one_process(shards, tmp_path):

@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 from ssau.methods.base import Group, Method, SetupInfo, Update
+from ssau.methods.adversarial import Adversarial
 from ssau.methods.supervised import Supervised
 
 METHODS: dict[str, type[Method]] = {
     Supervised.name: Supervised,
+    Adversarial.name: Adversarial,
 }
 
 
