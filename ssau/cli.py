@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     de = sub.add_parser("demo", help="synthetic corpus -> shards -> supervised training -> evaluation -> MLflow")
     de.add_argument("--out", default="demo", help="where the corpus, shards and runs go")
-    de.add_argument("--steps", type=int, default=600)
+    de.add_argument("--steps", type=int, default=400)
     de.add_argument("--backbone", default="resnet18", choices=("tiny", "resnet18", "resnet34", "resnet50"))
     de.add_argument("--size", type=int, default=64, help="rendered image side")
     de.add_argument("--subjects", type=int, default=41)
