@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from ssau.aus import au_name
 from ssau.config import Config, ConfigError, TrainConfig, build, load_config
 from ssau.methods import build_method, resolve_params
 from ssau.metrics import format_table

@@ -49,3 +49,14 @@ def write_tar(path: Path, samples: list[tuple[str, bytes, dict]]) -> None:
     with wds.TarWriter(str(path)) as w:
         for key, jpg, meta in samples:
             w.write({"__key__": key, "jpg": jpg, "json": json.dumps(meta).encode()})
+
+
+def shard_bp4d(tmp: Path, frames: int = 6, shard_size: int = 4) -> Path:
+    """A BP4D look-alike tree sharded with the standard folds; returns the shard directory."""
+    from ssau.cli import main
+
+    write_bp4d(tmp / "BP4D", frames=frames)
+    out = tmp / "bp4d"
+    assert main(["shard", "bp4d", "--images", str(tmp / "BP4D"), "--labels", str(tmp / "BP4D"), "--out", str(out),
+                 "--folds", "bp4d", "--shard-size", str(shard_size), "--quiet"]) == 0
+    return out

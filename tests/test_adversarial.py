@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from corpora import write_bp4d
-from ssau.cli import main
+from corpora import shard_bp4d
 from ssau.config import ModelConfig, load_config
 from ssau.data.stream import Batch, is_hidden
 from ssau.methods.adversarial import Adversarial, AdversarialParams
@@ -59,11 +58,7 @@ def test_loss_terms_match_hand_computation(monkeypatch):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("adv")
-    write_bp4d(tmp / "BP4D", frames=6)
-    assert main(["shard", "bp4d", "--images", str(tmp / "BP4D"), "--labels", str(tmp / "BP4D"), "--out",
-                 str(tmp / "bp4d"), "--folds", "bp4d", "--shard-size", "4", "--quiet"]) == 0
-    return tmp / "bp4d"
+    return shard_bp4d(tmp_path_factory.mktemp("adv"), shard_size=4)
 
 
 def make_trainer(shards: Path, tmp: Path, *extra: str) -> Trainer:

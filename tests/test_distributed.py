@@ -16,20 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from corpora import write_bp4d
-from ssau.cli import main
+from corpora import shard_bp4d
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("dist")
-    write_bp4d(tmp / "BP4D", frames=6)
-    out = tmp / "bp4d"
-    assert main(["shard", "bp4d", "--images", str(tmp / "BP4D"), "--labels", str(tmp / "BP4D"), "--out", str(out),
-                 "--folds", "bp4d", "--shard-size", "3", "--quiet"]) == 0
-    return out
+    return shard_bp4d(tmp_path_factory.mktemp("dist"), shard_size=3)
 
 
 def _port() -> int:

@@ -52,6 +52,8 @@ def test_updates_are_finite_and_reach_exactly_their_group(name):
         got = [p for p in groups[upd.group].params if p.grad is not None and p.grad.abs().sum() > 0]
         assert got, f"{upd.name}: no gradient reached group {upd.group}"
         assert all(p.grad is None for p in frozen), f"{upd.name}: a frozen group received gradients"
+        strays = [p for p in method.parameters() if id(p) not in mine and p.grad is not None]
+        assert not strays, f"{upd.name}: gradients reached parameters outside group {upd.group}"
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))

@@ -14,7 +14,6 @@ from pathlib import Path
 import av
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 from PIL import Image
 
 from corpora import BP4D_SUBJECTS, jpeg_bytes, write_bp4d

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from corpora import write_bp4d
+from corpora import shard_bp4d
 from ssau.cli import main
 from ssau.config import ConfigError, load_config
 from ssau.metrics import au_metrics, conditional_matrix
@@ -17,12 +16,7 @@ from ssau.metrics import au_metrics, conditional_matrix
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("trainer")
-    write_bp4d(tmp / "BP4D", frames=6)
-    out = tmp / "bp4d"
-    assert main(["shard", "bp4d", "--images", str(tmp / "BP4D"), "--labels", str(tmp / "BP4D"), "--out", str(out),
-                 "--folds", "bp4d", "--shard-size", "4", "--quiet"]) == 0
-    return out
+    return shard_bp4d(tmp_path_factory.mktemp("trainer"), shard_size=4)
 
 
 def tiny_args(shards: Path, tmp: Path, *extra: str) -> list[str]:
@@ -189,3 +183,37 @@ def test_cv_runs_folds_as_child_runs_with_means(shards, tmp_path, capsys):
     assert parents[0].data.metrics["cv/f1_mean"] == pytest.approx(np.mean(f1s))
     assert parents[0].data.metrics["cv/f1_mean_std"] == pytest.approx(np.std(f1s))
     assert "cv/f1/AU01" in parents[0].data.metrics
+
+
+def test_gradient_accumulation_equals_one_step_on_the_mean_loss(shards, tmp_path):
+    import copy
+
+    from ssau.methods.base import masked_bce
+    from ssau.trainer import Trainer
+    from test_methods import make_batch
+
+    # Plain SGD: its step is proportional to the gradient (Adam's first step is not), so a wrong 1/accumulate shows.
+    cfg = load_config(None, tiny_args(shards, tmp_path, "optim.accumulate=2", "optim.clip_grad=0", "optim.name=sgd",
+                                      "optim.momentum=0", "optim.lr=0.5", "tracking.enabled=false"))
+    tr = Trainer(cfg)
+    tr.method.eval()  # BatchNorm in eval mode: both sides see the same statistics
+    twin = copy.deepcopy(tr.method)
+    b1, b2 = make_batch(1, m1=4), make_batch(2, m1=4)
+    drawn = []
+
+    def batches():
+        for b in (b1, b2):
+            drawn.append(b)
+            yield b
+
+    (upd,) = tr.method.updates(0)
+    tr._run_update(upd, batches(), None)
+    assert drawn == [b1, b2]  # one micro-batch each
+
+    opt = torch.optim.SGD(twin.parameters(), lr=cfg.optim.lr)
+    loss = (masked_bce(twin.logits(b1.images), b1.targets, b1.mask)
+            + masked_bce(twin.logits(b2.images), b2.targets, b2.mask)) / 2
+    loss.backward()
+    opt.step()
+    for (name, a), b in zip(tr.method.named_parameters(), twin.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name

@@ -28,7 +28,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from ssau.aus import EXPRESSIONS, STANDARD_FOLDS, au_name
-from ssau.data.adapters import ADAPTERS, AdapterArgs, LabelError, Record, Scan
+from ssau.data.adapters import ADAPTERS, AdapterArgs, Record, Scan
 from ssau.data.images import JPEG_QUALITY, SkipImage, prepare_image
 from ssau.data.video import read_source
 
