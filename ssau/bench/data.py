@@ -98,7 +98,11 @@ def bench_stream(shards: Path, src: Path, image_size: int, n: int, rounds: int =
             shutil.copyfile(f, dst)
     loader = torch.utils.data.DataLoader(datasets.ImageFolder(str(folder), transform=tf), batch_size=32,
                                          shuffle=True, num_workers=0)
-    loop = itertools.cycle(loader)
+    def epochs():  # not itertools.cycle: that would replay cached batches instead of loading them again
+        while True:
+            yield from loader
+
+    loop = epochs()
     runs = {"stream": [], "bare": [], "imagefolder": []}
     for _ in range(rounds):  # interleaved rounds, medians: the machine is shared and noisy
         runs["stream"].append(_timed(lambda: list(itertools.islice(stream, batches))))
