@@ -306,8 +306,11 @@ def test_unknown_format_and_missing_input_are_one_line_errors(tmp_path, capsys):
     assert shard("nosuch", "--images", str(tmp_path), "--out", str(tmp_path / "o")) == 2
     assert shard("bp4d", "--images", str(tmp_path / "absent"), "--labels", str(tmp_path), "--out",
                  str(tmp_path / "o")) == 2
+    assert shard("bp4d", "--images", str(tmp_path), "--labels", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--aus", "1,AU2,elbow") == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and "unknown format 'nosuch'" in err[0] and "absent" in err[1]
+    assert len(err) == 3 and "unknown format 'nosuch'" in err[0] and "absent" in err[1]
+    assert "--aus" in err[2] and "'elbow'" in err[2]
 
 
 def test_synthetic_corpus_goes_through_the_real_adapters(tmp_path):

@@ -52,6 +52,7 @@ L_sup + L_G + lambda_f L_F with the discriminator frozen.
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
@@ -90,8 +91,8 @@ class SetupInfo:
     extra: dict = field(default_factory=dict)
 
 
-class Method(nn.Module):
-    """Base class; see the module docstring for the contract."""
+class Method(nn.Module, abc.ABC):
+    """Base class; see the module docstring for the contract. A method lacking a hook cannot be built."""
 
     name: ClassVar[str]
     Params: ClassVar[type]
@@ -110,17 +111,20 @@ class Method(nn.Module):
     def setup(self, info: SetupInfo) -> None:
         """Training-set facts before the first step; the default needs none."""
 
+    @abc.abstractmethod
     def groups(self) -> dict[str, Group]:
-        raise NotImplementedError
+        """See the module docstring."""
 
+    @abc.abstractmethod
     def updates(self, step: int) -> list[Update]:
-        raise NotImplementedError
+        """See the module docstring."""
 
     def after_step(self, batch: Batch, step: int) -> None:
         """No-gradient state updates; the default has none."""
 
+    @abc.abstractmethod
     def predict(self, images: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """See the module docstring."""
 
 
 def masked_bce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
