@@ -58,7 +58,15 @@ class Tracker:
         check_uri(cfg.uri)
         self.client = MlflowClient(tracking_uri=cfg.uri)
         exp = self.client.get_experiment_by_name(cfg.experiment)  # creates/migrates the store
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(cfg.experiment)
+        if exp is None:
+            # With a SQLite store MLflow's default artifact root is ./mlruns under whatever directory the command
+            # runs in; keep artifacts beside the database instead (a server chooses its own location).
+            location = None
+            if cfg.uri.startswith("sqlite:///"):
+                location = (Path(cfg.uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+            self.experiment_id = self.client.create_experiment(cfg.experiment, artifact_location=location)
+        else:
+            self.experiment_id = exp.experiment_id
         self.uri = cfg.uri
         self.run_id: str | None = None
         self._mlflow = mlflow

@@ -109,6 +109,7 @@ def test_train_logs_metrics_params_tags_and_artifacts_to_mlflow(shards, tmp_path
     csv = Path(client.download_artifacts(run.info.run_id, "eval/per_au.csv", str(tmp_path))).read_text()
     assert csv.splitlines()[1].startswith("AU01,")
     assert run.info.status == "FINISHED"
+    assert (tmp_path / "mlartifacts").is_dir() and not Path("mlruns").exists()  # artifacts beside the store
 
 
 def test_resume_continues_at_the_saved_step_with_the_saved_state(shards, tmp_path, capsys):
