@@ -15,10 +15,8 @@ import sys
 import time
 import warnings
 from collections import defaultdict
-from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
