@@ -47,7 +47,8 @@ def _synth(args: argparse.Namespace) -> int:
     from ssau.synth import SynthSettings, render_corpus
 
     s = SynthSettings(subjects=args.subjects, tasks=args.tasks, frames=args.frames, size=args.size,
-                      expression_images=args.expression_images, unlabelled=args.unlabelled, seed=args.seed)
+                      expression_images=args.expression_images, unlabelled=args.unlabelled, seed=args.seed,
+                      ambiguous=args.ambiguous)
     summary = render_corpus(Path(args.out), s, workers=args.workers, progress=not args.quiet)
     print(summary)
     return 0
@@ -111,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--frames", type=int, default=40, help="frames per sequence")
     sy.add_argument("--size", type=int, default=96, help="image side in pixels")
     sy.add_argument("--expression-images", type=int, default=1000, help="RAF-DB-layout expression images")
+    sy.add_argument("--ambiguous", type=float, default=0.2,
+                    help="fraction of expression images whose face does not show their label")
     sy.add_argument("--unlabelled", type=int, default=2000, help="images in the unlabelled folder")
     sy.add_argument("--workers", type=int, default=1)
     sy.add_argument("--seed", type=int, default=0)

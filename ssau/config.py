@@ -47,6 +47,8 @@ class DataConfig:
     workers: int = 2
     shuffle_buffer: int = 500
     eval_batch: int = 64
+    validation: float = 0.0  # fraction of each subject's labelled training images reserved as the AU validation set
+    val_batch: int = 256  # AU validation images per step and rank (MAL's meta-test batch)
 
 
 @dataclass
@@ -236,6 +238,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.resume: {t.resume} is neither never, auto nor an existing checkpoint")
     if t.deepspeed and not Path(t.deepspeed).is_file():
         raise ConfigError(f"train.deepspeed: {t.deepspeed} does not exist")
+    if not 0.0 <= d.validation <= 0.5:
+        raise ConfigError(f"data.validation: {d.validation} is not a fraction in [0, 0.5]")
+    if d.val_batch < 1:
+        raise ConfigError(f"data.val_batch: must be at least 1, got {d.val_batch}")
+    from ssau.methods import METHODS
+
+    name, needs = cfg.method["name"], METHODS[cfg.method["name"]].needs
+    if "expression" in needs and not d.expression:
+        raise ConfigError(f"data.expression: method {name} needs an expression corpus (shard one with `ssau shard rafdb`)")
+    if "validation" in needs and d.validation <= 0:
+        raise ConfigError(f"data.validation: method {name} needs an AU validation fraction above 0 (the paper's: 0.02)")
 
 
 def to_dict(cfg: Any) -> dict:

@@ -144,6 +144,26 @@ def average_gradients(params: list[nn.Parameter], rt: Runtime) -> None:
         offset += n
 
 
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def sum_across_ranks(t: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
+    """The sum over ranks. ``differentiable=True`` uses the functional collective (what
+    ``torch.distributed.nn.functional.all_reduce`` now defers to), whose backward sums the incoming gradients over
+    ranks, so a loss on any rank reaches every rank's inputs (MAL's inner step); otherwise a plain all-reduce of a
+    detached copy."""
+    if world_size() == 1:
+        return t
+    if differentiable:
+        from torch.distributed._functional_collectives import all_reduce, wait_tensor
+
+        return wait_tensor(all_reduce(t, "sum", dist.group.WORLD))
+    out = t.detach().clone()
+    dist.all_reduce(out)
+    return out
+
+
 def average_buffers(module: nn.Module, rt: Runtime) -> None:
     """Floating buffers (BatchNorm statistics, centroids) averaged so that every rank holds the same state."""
     if rt.world == 1:

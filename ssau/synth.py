@@ -10,6 +10,8 @@ AU12 co-occur while AU12 and AU15 rarely do. Pose (roll, shift, scale) and light
 Written layouts, all read back through the real adapters:
   bp4d/<subject>/<task>/<frame>.jpg + bp4d/AUCoding/AU_OCC/<subject>_<task>.csv  (9 = not coded)
   rafdb/basic/EmoLabel/list_patition_label.txt + rafdb/basic/Image/aligned/<split>_<n>_aligned.jpg
+    (+ rafdb/ambiguous.txt: the images whose face does not show their label - a neutral face or another
+    expression's AUs - as RAF-DB images labelled from gaze, pose or gesture are; MAL should weigh them down)
   unlabelled/<identity>/<n>.jpg (+ MegaFace-style <image>.json sidecars for half of them)
 """
 
@@ -57,6 +59,7 @@ class SynthSettings:
     unlabelled: int = 2000
     seed: int = 0
     unknown_rate: float = 0.005  # coded cells written as 9, as real coding has gaps
+    ambiguous: float = 0.2  # expression images whose face does not show their label
 
 
 @dataclass(frozen=True)
@@ -211,17 +214,21 @@ def _render_sequence(job: tuple) -> list[str]:
     return lines
 
 
-def _render_expression(job: tuple) -> str:
+def _render_expression(job: tuple) -> tuple[str, bool]:
     out, i, s = job
     rng = random.Random(f"{s.seed}:raf:{i}")
     label = rng.randint(1, 7)
     expr = EXPRESSIONS[label - 1]
+    amb = random.Random(f"{s.seed}:raf-ambiguous:{i}")
+    ambiguous = amb.random() < s.ambiguous
+    if ambiguous:  # the label stays; the face shows neutral or another expression
+        expr = amb.choice([e for e in EXPRESSIONS if e != expr])
     au = _prototype_au(rng, expr, 1.0) if expr != "neutral" else {}
     split = "train" if i % 5 else "test"
     name = f"{split}_{i + 1:05d}"
     render_face(make_identity(rng), au, s.size, rng).save(out / "rafdb/basic/Image/aligned" / f"{name}_aligned.jpg",
                                                            quality=92)
-    return f"{name}.jpg {label}"
+    return f"{name}.jpg {label}", ambiguous
 
 
 def _render_unlabelled(job: tuple) -> None:
@@ -258,13 +265,17 @@ def render_corpus(out: Path, s: SynthSettings, workers: int = 1, progress: bool 
     with mp.get_context("fork").Pool(max(1, workers)) as pool:
         for _ in pool.imap_unordered(_render_sequence, seq_jobs):
             bar.update(s.frames)
-        raf_lines = []
-        for line in pool.imap(_render_expression, expr_jobs, chunksize=16):
+        raf_lines, ambiguous = [], []
+        for line, amb in pool.imap(_render_expression, expr_jobs, chunksize=16):
             raf_lines.append(line)
+            if amb:
+                ambiguous.append(line.split()[0])
             bar.update(1)
         for _ in pool.imap_unordered(_render_unlabelled, unl_jobs, chunksize=16):
             bar.update(1)
     bar.close()
     (out / "rafdb/basic/EmoLabel/list_patition_label.txt").write_text("\n".join(raf_lines) + "\n")
+    (out / "rafdb/ambiguous.txt").write_text("".join(f"{n}\n" for n in ambiguous))
     return (f"synthetic corpus in {out}: bp4d/ {len(seq_jobs)} sequences x {s.frames} frames, "
-            f"rafdb/ {len(expr_jobs)} expression images, unlabelled/ {len(unl_jobs)} faces, {s.size}px")
+            f"rafdb/ {len(expr_jobs)} expression images ({len(ambiguous)} ambiguous, listed in rafdb/ambiguous.txt), "
+            f"unlabelled/ {len(unl_jobs)} faces, {s.size}px")

@@ -152,5 +152,42 @@ def eval_artifacts(m: dict, aus_names: list[str], folder: Path) -> list[Path]:
     return [csv, bar, heat]
 
 
+def table_artifacts(name: str, table: dict[str, list], folder: Path) -> list[Path]:
+    """<name>.csv of a method's report table and, when it has a ``weight`` column, <name>.png: its histogram, one
+    layer per value of the ``group`` column (MAL: expression-sample weights per expression class)."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cols = list(table)
+    path = folder / f"{name}.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        w.writerows(zip(*(table[c] for c in cols)))
+    out = [path]
+    if "weight" in table and table["weight"]:
+        weights = np.asarray(table["weight"], dtype=float)
+        groups = np.asarray(table.get("group", ["all"] * len(weights)))
+        names = sorted(set(groups.tolist()))
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        bins = np.linspace(weights.min(), weights.max() + 1e-9, 31)
+        ax.hist([weights[groups == g] for g in names], bins=bins, stacked=True, label=names)
+        ax.set_xlabel(f"sample weight (mean {weights.mean():.3f})")
+        ax.set_ylabel("samples")
+        ax.set_title(name.replace("_", " "))
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        png = folder / f"{name}.png"
+        fig.savefig(png, dpi=100)
+        plt.close(fig)
+        out.append(png)
+    return out
+
+
 def temp_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="ssau-artifacts-"))

@@ -17,7 +17,6 @@ import warnings
 from collections import defaultdict
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 import yaml
@@ -25,8 +24,8 @@ from tqdm import tqdm
 
 from ssau.aus import au_name
 from ssau.config import Config, ConfigError, flatten, to_dict
-from ssau.data.stream import (SourceConfig, StreamConfig, TrainStream, eval_loader, hidden_aus, is_hidden,
-                              label_drop_report, read_dataset, resolve_aus)
+from ssau.data.stream import (SourceConfig, StreamConfig, TrainStream, eval_loader, label_drop_report,
+                              labelled_rows, read_dataset, resolve_aus, validation_split)
 from ssau.methods import Method, SetupInfo, Update, build_method
 from ssau.metrics import au_metrics
 from ssau.runtime import (Runtime, average_buffers, average_gradients, broadcast_module, deepspeed_engine,
@@ -42,31 +41,17 @@ def stream_config(cfg: Config, aus: tuple[int, ...]) -> StreamConfig:
                         expression=src(d.expression, None) if d.expression else None, aus=aus, m1=d.m1, m2=d.m2,
                         m_expr=d.m_expr, image_size=d.image_size, label_drop=d.label_drop,
                         label_drop_mode=d.label_drop_mode, seed=cfg.train.seed, workers=d.workers,
-                        shuffle_buffer=d.shuffle_buffer)
+                        shuffle_buffer=d.shuffle_buffer, validation=d.validation, val_batch=d.val_batch)
 
 
-def label_bank(s: StreamConfig) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def label_bank(s: StreamConfig, exclude: frozenset[str] = frozenset()) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """AU vectors of the labelled training samples, their masks and keys: never the evaluation fold, never hidden
-    labels (image mode drops the sample, AU mode masks the AU)."""
-    rows, masks, keys = [], [], []
-    for d in s.labelled.dirs:
-        names = pq.read_schema(Path(d) / "index.parquet").names
-        cols = [au_name(a) for a in s.aus]
-        present = [c for c in cols if c in names]
-        for b in pq.ParquetFile(Path(d) / "index.parquet").iter_batches(columns=["key", "fold"] + present):
-            t = b.to_pydict()
-            for i, key in enumerate(t["key"]):
-                if s.labelled.folds is not None and t["fold"][i] not in s.labelled.folds:
-                    continue
-                if s.label_drop_mode == "image" and is_hidden(key, s.label_drop, s.seed):
-                    continue
-                hid = hidden_aus(key, s.aus, s.label_drop, s.seed) if s.label_drop_mode == "au" else [False] * len(s.aus)
-                v = [t[c][i] if c in t else -1 for c in cols]
-                rows.append([max(x, 0) for x in v])
-                masks.append([float(x != -1 and not h) for x, h in zip(v, hid)])
-                keys.append(key)
+    labels (image mode drops the sample, AU mode masks the AU), never the keys in ``exclude`` (the AU validation
+    set)."""
+    rows = [(key, t, m) for _, key, _, t, m in labelled_rows(s) if key not in exclude]
     J = len(s.aus)
-    return torch.tensor(rows, dtype=torch.float32).reshape(-1, J), torch.tensor(masks).reshape(-1, J), keys
+    return (torch.tensor([r[1] for r in rows]).reshape(-1, J), torch.tensor([r[2] for r in rows]).reshape(-1, J),
+            [r[0] for r in rows])
 
 
 class Trainer:
@@ -83,9 +68,14 @@ class Trainer:
         self.method: Method = build_method(cfg.method, self.aus, cfg.model).to(rt.device)
         if rt.channels_last:
             self.method.to(memory_format=torch.channels_last)
-        bank, bank_mask, self.bank_keys = label_bank(self.stream_cfg)
+        self.validation = validation_split(self.stream_cfg)
+        bank, bank_mask, self.bank_keys = label_bank(self.stream_cfg, frozenset(self.validation.keys))
         self.drop = label_drop_report(self.stream_cfg)
-        self.method.setup(SetupInfo(self.aus, bank, bank_mask))
+        if self.validation.keys and rt.main and t.progress:
+            tqdm.write(f"AU validation set: {len(self.validation.keys)} images from {self.validation.subjects} "
+                       f"subjects, excluded from training ({len(bank)} training images remain)", file=sys.stderr)
+        self.method.setup(SetupInfo(self.aus, bank, bank_mask, validation_targets=self.validation.targets,
+                                    validation_mask=self.validation.mask))
         broadcast_module(self.method, rt)
         self.groups = self.method.groups()
         self._check_groups()
@@ -159,8 +149,8 @@ class Trainer:
                 break
             if engine is not None:
                 engine.backward(loss)  # DeepSpeed scales by accumulation itself
-            else:
-                (loss / accumulate).backward()
+            else:  # gradients for this group only: nothing else is stepped (MAL's inner-step copies need none)
+                (loss / accumulate).backward(inputs=params)
         for p in frozen:
             p.requires_grad_(True)
         if parts.get("nonfinite"):
@@ -225,6 +215,8 @@ class Trainer:
             if cfg.data.fold and ((t.eval_every and self.step % t.eval_every == 0) or last):
                 metrics = self.evaluate()
                 self.method.train()
+            if last or (cfg.data.fold and t.eval_every and self.step % t.eval_every == 0):
+                self._log_reports()
             if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or last:
                 self.save_checkpoint()
         bar.close()
@@ -274,6 +266,21 @@ class Trainer:
 
             self.tracker.log_metrics(eval_metric_dict(metrics), self.step)
         return metrics
+
+    def _log_reports(self) -> None:
+        """The method's tables since the last evaluation (MAL: sample weights) from every rank: CSV + histogram
+        under the run directory's eval/step-N/, and in MLflow."""
+        gathered = self.rt.gather_objects(self.method.report())
+        if not self.rt.main or not gathered[0]:
+            return
+        from ssau.tracking import table_artifacts
+
+        folder = f"eval/step-{self.step:07d}"
+        for name, cols in gathered[0].items():
+            table = {c: [v for g in gathered for v in g[name][c]] for c in cols}
+            for path in table_artifacts(name, table, self.run_dir / folder):
+                if self.tracker:
+                    self.tracker.log_artifact(path, folder)
 
     # ------------------------------------------------------------------------------------------------ state
     def save_checkpoint(self) -> Path:

@@ -60,3 +60,21 @@ def shard_bp4d(tmp: Path, frames: int = 6, shard_size: int = 4) -> Path:
     assert main(["shard", "bp4d", "--images", str(tmp / "BP4D"), "--labels", str(tmp / "BP4D"), "--out", str(out),
                  "--folds", "bp4d", "--shard-size", str(shard_size), "--quiet"]) == 0
     return out
+
+
+def shard_rafdb(tmp: Path, images: int = 24, shard_size: int = 8) -> Path:
+    """A RAF-DB look-alike (aligned images + list_patition_label.txt) sharded; returns the shard directory."""
+    from ssau.cli import main
+
+    root = tmp / "RAF" / "aligned"
+    root.mkdir(parents=True)
+    lines = []
+    for i in range(images):
+        name = f"{'train' if i % 4 else 'test'}_{i + 1:05d}"
+        (root / f"{name}_aligned.jpg").write_bytes(jpeg_bytes(10_000 + i))
+        lines.append(f"{name}.jpg {i % 7 + 1}")
+    (tmp / "RAF" / "labels.txt").write_text("\n".join(lines) + "\n")
+    out = tmp / "rafdb"
+    assert main(["shard", "rafdb", "--images", str(root), "--labels", str(tmp / "RAF" / "labels.txt"), "--out", str(out),
+                 "--shard-size", str(shard_size), "--quiet"]) == 0
+    return out

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from corpora import shard_bp4d
+from corpora import shard_bp4d, shard_rafdb
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,6 +24,18 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     return shard_bp4d(tmp_path_factory.mktemp("dist"), shard_size=3)
+
+
+@pytest.fixture(scope="module")
+def expression(tmp_path_factory) -> Path:
+    return shard_rafdb(tmp_path_factory.mktemp("dist-raf"), shard_size=4)
+
+
+def _method_args(method: str, expression: Path) -> list[str]:
+    if method == "mal":  # the expression stream and the AU validation set; no unlabelled images
+        return [f"data.expression=[{expression}]", "data.m_expr=4", "data.validation=0.1", "data.val_batch=4",
+                "data.m2=0"]
+    return ["data.label_drop=0.5", "data.m2=4"]
 
 
 def _port() -> int:
@@ -66,19 +78,20 @@ def _assert_data_parallel(reports: list[dict]) -> None:
     assert reports[0]["state_sha256"] == reports[1]["state_sha256"]  # equal parameters (and buffers) after
 
 
-@pytest.mark.parametrize("method", ["supervised", "adversarial"])
-def test_two_cpu_ranks_with_accelerate_launch_and_deepspeed_zero2(shards, tmp_path, method):
+@pytest.mark.parametrize("method", ["supervised", "adversarial", "mal"])
+def test_two_cpu_ranks_with_accelerate_launch_and_deepspeed_zero2(shards, expression, tmp_path, method):
     from mlflow.tracking import MlflowClient
 
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    extra = _method_args(method, expression)
     _finish([_launch("cpu-2ranks.yaml", _train_args(shards, tmp_path, "ddp", f"tracking.uri={db}",
-                                                    f"method.name={method}", "data.label_drop=0.5", "data.m2=4"))])
+                                                    f"method.name={method}", *extra))])
     ddp = _reports(tmp_path / "ddp")
     _assert_data_parallel(ddp)
     assert not any(r["deepspeed"] for r in ddp)
 
     _finish([_launch("cpu-2ranks.yaml", _train_args(shards, tmp_path, "zero2", "tracking.enabled=false",
-                                                     f"method.name={method}", "data.label_drop=0.5", "data.m2=4",
+                                                     f"method.name={method}", *extra,
                                                      f"train.deepspeed={ROOT / 'launch/deepspeed/zero2.json'}"))])
     zero2 = _reports(tmp_path / "zero2")
     _assert_data_parallel(zero2)
@@ -88,21 +101,31 @@ def test_two_cpu_ranks_with_accelerate_launch_and_deepspeed_zero2(shards, tmp_pa
     b = torch.load(tmp_path / "zero2" / "model.pt", weights_only=False)["method"]
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+    if method == "mal":  # the second-order step under ZeRO-1 as well
+        _finish([_launch("cpu-2ranks.yaml", _train_args(shards, tmp_path, "zero1", "tracking.enabled=false",
+                                                         f"method.name={method}", *extra,
+                                                         f"train.deepspeed={ROOT / 'launch/deepspeed/zero1.json'}"))])
+        _assert_data_parallel(_reports(tmp_path / "zero1"))
+        c = torch.load(tmp_path / "zero1" / "model.pt", weights_only=False)["method"]
+        for k in a:
+            assert torch.allclose(a[k].float(), c[k].float(), atol=1e-6), k
     # ... and training moved them: they differ from the seeded initialisation every rank starts from.
     from ssau.config import load_config
     from ssau.methods import build_method
     from ssau.runtime import seed_all
 
     seed_all(0)
-    cfg = load_config(None, ["data.labelled=[x]", "model.backbone=tiny", f"method.name={method}"])
+    cfg = load_config(None, ["data.labelled=[x]", "model.backbone=tiny", f"method.name={method}", *extra])
     init = build_method(cfg.method, tuple(range(12)), cfg.model).state_dict()
     assert any(not torch.equal(init[k], a[k]) for k in a if a[k].is_floating_point())
+    if method == "mal":  # psi left its zero initialisation, identically on both ranks (the digests above)
+        assert a["meta.weight"].abs().max() > 0
 
     # Rank 0 alone logged, after reducing across ranks: one run, world_size 2.
     client = MlflowClient(tracking_uri=db)
     (run,) = client.search_runs([client.get_experiment_by_name("ssau").experiment_id])
     assert run.data.tags["world_size"] == "2"
-    first_update = "supervised" if method == "supervised" else "discriminator"
+    first_update = {"supervised": "supervised", "adversarial": "discriminator", "mal": "meta"}[method]
     assert [m.step for m in client.get_metric_history(run.info.run_id, f"train/{first_update}/loss")] == [1, 2, 3]
 
 

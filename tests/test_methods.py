@@ -22,14 +22,17 @@ def make_batch(seed: int = 0, m1: int = 6, m2: int = 4, size: int = 32) -> Batch
                  targets=targets * mask, mask=mask, keys=[f"k{i}" for i in range(m1)],
                  unlabelled=torch.randint(0, 256, (m2, 3, size, size), dtype=torch.uint8, generator=g),
                  expr_images=torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8, generator=g),
-                 expr_labels=torch.randint(0, 7, (4,), generator=g))
+                 expr_labels=torch.randint(0, 7, (4,), generator=g), expr_keys=[f"e{i}" for i in range(4)],
+                 val_images=torch.randint(0, 256, (5, 3, size, size), dtype=torch.uint8, generator=g),
+                 val_targets=targets[:5], val_mask=mask[:5])
 
 
 def make_method(name: str):
     torch.manual_seed(0)
     m = build_method(resolve_params({"name": name}), AUS, ModelConfig(backbone="tiny"))
     bank = (torch.rand(50, len(AUS)) < 0.3).float()
-    m.setup(SetupInfo(AUS, bank, torch.ones_like(bank)))
+    m.setup(SetupInfo(AUS, bank, torch.ones_like(bank), validation_targets=bank[:10],
+                      validation_mask=torch.ones_like(bank[:10])))
     return m
 
 
@@ -62,6 +65,7 @@ def test_unknown_labels_never_change_a_loss(name):
     batch = make_batch()
     flipped = make_batch()
     flipped.targets = torch.where(batch.mask > 0, batch.targets, 1 - batch.targets)  # only unknown cells change
+    flipped.val_targets = torch.where(batch.val_mask > 0, batch.val_targets, 1 - batch.val_targets)
     for upd in method.updates(0):
         torch.manual_seed(1)
         a = upd.loss(batch, 0)["loss"].item()

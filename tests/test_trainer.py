@@ -30,7 +30,7 @@ def tiny_args(shards: Path, tmp: Path, *extra: str) -> list[str]:
     ("data.imgsize=3", "unknown key 'data.imgsize'; allowed: labelled"),
     ("model.backbone=vgg", "model.backbone: 'vgg' is not allowed; choose one of tiny, resnet18"),
     ("train.steps=ten", "train.steps: expected an integer, got 'ten'"),
-    ("method.name=nosuch", "method.name: 'nosuch' is not a method; choose one of supervised, adversarial"),
+    ("method.name=nosuch", "method.name: 'nosuch' is not a method; choose one of supervised, mtl, adversarial, mal"),
     ("method.alpha=0.1", "unknown key 'method.alpha'; allowed: pos_weight"),
     ("data.label_drop=1.5", "data.label_drop: 1.5 is not a fraction"),
     ("optim.lr=-1", "optim.lr: must be positive"),

@@ -13,6 +13,11 @@ number of batches (padding batches have ``valid`` all False), so collectives nev
 Label drop (the adversarial paper's T1/T2 split): ``label_drop=p`` hides the labels of a fraction p of the
 labelled training images - they stream as unlabelled - or, with ``label_drop_mode='au'``, hides single AU labels.
 Hiding is a hash of (seed, key[, AU]), so it is the same on every rank, worker and epoch.
+
+AU validation set (MAL, Li & Shan Sec. 4.1.4): ``validation=f`` reserves about a fraction f of every subject's
+labelled training images (at least one per subject; by a hash of (seed, key), so the same on every rank). They are
+excluded from the labelled training source and stream instead as ``val_batch`` images per step, read once into
+memory as encoded bytes when the stream starts (f is small) and decoded without augmentation.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import hashlib
 import json
 import random
 import warnings
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -58,6 +64,8 @@ class StreamConfig:
     seed: int = 0
     workers: int = 2  # DataLoader workers per source
     shuffle_buffer: int = 500
+    validation: float = 0.0  # fraction of each subject's labelled training images reserved as the AU validation set
+    val_batch: int = 256
 
 
 @dataclass
@@ -74,12 +82,16 @@ class Batch:
     expr_labels: torch.Tensor | None = None  # [m_expr] int64
     expr_keys: list[str] = field(default_factory=list)
     skipped: int = 0  # corrupt samples skipped by the workers since the previous batch
+    val_images: torch.Tensor | None = None  # [val_batch, 3, S, S] from the AU validation set
+    val_targets: torch.Tensor | None = None
+    val_mask: torch.Tensor | None = None
+    val_keys: list[str] = field(default_factory=list)
 
     def to(self, device: torch.device | str) -> "Batch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(move(self.images), move(self.targets), move(self.mask), self.keys, move(self.unlabelled),
                      self.unlabelled_keys, move(self.expr_images), move(self.expr_labels), self.expr_keys,
-                     self.skipped)
+                     self.skipped, move(self.val_images), move(self.val_targets), move(self.val_mask), self.val_keys)
 
 
 @dataclass
@@ -149,6 +161,55 @@ def label_drop_report(cfg: StreamConfig) -> dict:
             "hidden_images": hidden_images, "labels": labels, "hidden_labels": hidden_labels,
             "fraction": (hidden_images / max(images, 1)) if cfg.label_drop_mode == "image"
             else hidden_labels / max(labels, 1)}
+
+
+def labelled_rows(cfg: StreamConfig) -> Iterator[tuple[str, str, str, list[float], list[float]]]:
+    """(directory, key, subject, targets, mask) of every labelled training image whose labels are not hidden,
+    read from the indexes (training folds only; AU-mode label drop masks the hidden AUs)."""
+    aus = resolve_aus(cfg)
+    cols = [au_name(a) for a in aus]
+    for d in cfg.labelled.dirs:
+        names = pq.read_schema(Path(d) / "index.parquet").names
+        present = [c for c in cols if c in names]
+        for b in pq.ParquetFile(Path(d) / "index.parquet").iter_batches(columns=["key", "fold", "subject"] + present):
+            t = b.to_pydict()
+            for i, key in enumerate(t["key"]):
+                if cfg.labelled.folds is not None and t["fold"][i] not in cfg.labelled.folds:
+                    continue
+                if cfg.label_drop_mode == "image" and is_hidden(key, cfg.label_drop, cfg.seed):
+                    continue
+                hid = (hidden_aus(key, aus, cfg.label_drop, cfg.seed) if cfg.label_drop_mode == "au"
+                       else [False] * len(aus))
+                v = [t[c][i] if c in t else -1 for c in cols]
+                yield (d, key, t["subject"][i] or "", [float(max(x, 0)) for x in v],
+                       [float(x != -1 and not h) for x, h in zip(v, hid)])
+
+
+@dataclass
+class ValidationSplit:
+    keys: list[str]
+    targets: torch.Tensor  # [K, J]
+    mask: torch.Tensor  # [K, J]
+    subjects: int
+
+
+def validation_split(cfg: StreamConfig) -> ValidationSplit:
+    """The AU validation set: per (directory, subject), the ``max(1, round(f * n))`` images with the lowest
+    hash(seed, key) among its n labelled training images with at least one known label. Images without a subject
+    (EmotioNet) form one group per directory."""
+    J = len(resolve_aus(cfg))
+    if cfg.validation <= 0:
+        return ValidationSplit([], torch.zeros(0, J), torch.zeros(0, J), 0)
+    groups: dict[tuple[str, str], list] = defaultdict(list)
+    for d, key, subject, t, m in labelled_rows(cfg):
+        if any(m):
+            groups[(d, subject)].append((_unit_hash("validation", cfg.seed, key), key, t, m))
+    chosen = []
+    for rows in groups.values():
+        rows.sort()
+        chosen += rows[:max(1, round(cfg.validation * len(rows)))]
+    return ValidationSplit([r[1] for r in chosen], torch.tensor([r[2] for r in chosen]).reshape(-1, J),
+                           torch.tensor([r[3] for r in chosen]).reshape(-1, J), len(groups))
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -247,6 +308,44 @@ class _SourceDataset(IterableDataset):
                 images, targets, masks, keys, exprs = [], [], [], [], []
 
 
+class _ValidationDataset(IterableDataset):
+    """Batches of the AU validation set, from samples held in memory; shuffled passes seeded per rank/worker."""
+
+    def __init__(self, samples: list[dict], cfg: StreamConfig, aus: tuple[int, ...], rank: int):
+        self.samples, self.cfg, self.aus, self.rank = samples, cfg, aus, rank
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        rng = random.Random(f"validation:{self.cfg.seed}:{self.epoch}:{self.rank}:{info.id if info else 0}")
+        order: list[int] = []
+        bad = reported = 0
+        while True:
+            images, targets, masks, keys = [], [], [], []
+            while len(images) < self.cfg.val_batch:
+                if not order:
+                    order = list(range(len(self.samples)))
+                    rng.shuffle(order)
+                s = self.samples[order.pop()]
+                try:
+                    img, meta = decode_eval(s, self.cfg.image_size)
+                except (DecodeError, KeyError, ValueError):
+                    bad += 1
+                    if bad > 10 * len(self.samples):
+                        raise RuntimeError("the AU validation set has no readable image") from None
+                    continue
+                hidden = (hidden_aus(s["__key__"], self.aus, self.cfg.label_drop, self.cfg.seed)
+                          if self.cfg.label_drop_mode == "au" else None)
+                t, m = au_targets(meta, self.aus, hidden)
+                images.append(img)
+                targets.append(t)
+                masks.append(m)
+                keys.append(s["__key__"])
+            yield {"images": torch.stack(images), "targets": torch.tensor(targets), "mask": torch.tensor(masks),
+                   "keys": keys, "skipped": bad - reported}
+            reported = bad
+
+
 class TrainStream:
     """Infinite iterator of Batch for one rank; ``set_epoch`` reseeds (call it when the run resumes)."""
 
@@ -258,9 +357,14 @@ class TrainStream:
         self.cfg, self.rank, self.world = cfg, rank, world
         self.aus = resolve_aus(cfg)
         image_drop = cfg.label_drop > 0 and cfg.label_drop_mode == "image"
-        keep_labelled = (lambda s: not is_hidden(s["__key__"], cfg.label_drop, cfg.seed)) if image_drop else None
-        self.sources: dict[str, _SourceDataset] = {
-            "labelled": self._source("labelled", cfg.labelled, cfg.m1, keep_labelled)}
+        val_keys = frozenset(validation_split(cfg).keys)
+
+        def keep_labelled(s: dict) -> bool:
+            return s["__key__"] not in val_keys and not (image_drop and is_hidden(s["__key__"], cfg.label_drop, cfg.seed))
+
+        self.sources: dict[str, IterableDataset] = {
+            "labelled": self._source("labelled", cfg.labelled, cfg.m1,
+                                     keep_labelled if image_drop or val_keys else None)}
         # The unlabelled source: unlabelled corpora, plus the labelled images whose labels were dropped (T2).
         unl_lists, unl_weights = self._lists(cfg.unlabelled) if cfg.unlabelled else ([], [])
         if image_drop:
@@ -277,6 +381,18 @@ class TrainStream:
                 cfg.m2, cfg, self.aus, "unlabelled", keep)
         if cfg.expression is not None:
             self.sources["expression"] = self._source("expression", cfg.expression, cfg.m_expr, None)
+        if val_keys:
+            self.sources["validation"] = _ValidationDataset(self._read_validation(val_keys), cfg, self.aus, rank)
+
+    def _read_validation(self, keys: frozenset[str]) -> list[dict]:
+        """The validation samples' bytes, read from the labelled training shards once."""
+        samples, bad = [], _Counter()
+        for urls in self._lists(self.cfg.labelled)[0]:
+            for url in urls:
+                samples += [s for s in tar_samples(url, bad) if s["__key__"] in keys]
+        if not samples:
+            raise ValueError("the AU validation set is empty: no reserved key was found in the labelled shards")
+        return samples
 
     def _lists(self, src: SourceConfig) -> tuple[list[list[str]], list[float]]:
         lists = [shard_urls(d, src.folds) for d in src.dirs]
@@ -295,7 +411,10 @@ class TrainStream:
 
     def set_epoch(self, epoch: int) -> None:
         for s in self.sources.values():
-            s.shards.epoch = epoch
+            if isinstance(s, _ValidationDataset):
+                s.epoch = epoch
+            else:
+                s.shards.epoch = epoch
 
     def __iter__(self) -> Iterator[Batch]:
         loaders = {k: iter(DataLoader(s, batch_size=None, num_workers=self.cfg.workers,
@@ -303,12 +422,14 @@ class TrainStream:
                    for k, s in self.sources.items()}
         while True:
             parts = {k: next(it) for k, it in loaders.items()}
-            lab, unl, ex = parts["labelled"], parts.get("unlabelled"), parts.get("expression")
+            lab, unl, ex, val = (parts.get(k) for k in ("labelled", "unlabelled", "expression", "validation"))
             yield Batch(images=lab["images"], targets=lab["targets"], mask=lab["mask"], keys=lab["keys"],
                         unlabelled=unl["images"] if unl else None, unlabelled_keys=unl["keys"] if unl else [],
                         expr_images=ex["images"] if ex else None, expr_labels=ex["labels"] if ex else None,
                         expr_keys=ex["keys"] if ex else [],
-                        skipped=sum(p["skipped"] for p in parts.values()))
+                        skipped=sum(p["skipped"] for p in parts.values()),
+                        val_images=val["images"] if val else None, val_targets=val["targets"] if val else None,
+                        val_mask=val["mask"] if val else None, val_keys=val["keys"] if val else [])
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation

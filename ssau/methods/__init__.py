@@ -6,11 +6,15 @@ import dataclasses
 
 from ssau.methods.base import Group, Method, SetupInfo, Update
 from ssau.methods.adversarial import Adversarial
+from ssau.methods.mal import MAL
+from ssau.methods.mtl import MultiTask
 from ssau.methods.supervised import Supervised
 
 METHODS: dict[str, type[Method]] = {
     Supervised.name: Supervised,
+    MultiTask.name: MultiTask,
     Adversarial.name: Adversarial,
+    MAL.name: MAL,
 }
 
 

@@ -30,8 +30,7 @@ from torch import nn
 
 from ssau.config import ModelConfig
 from ssau.data.stream import Batch
-from ssau.methods.backbones import build_backbone
-from ssau.methods.base import Group, Method, SetupInfo, Update
+from ssau.methods.base import AUClassifier, Group, SetupInfo, Update
 
 _EPS = 1e-7  # keeps log() finite when D saturates
 
@@ -56,15 +55,12 @@ class Discriminator(nn.Module):
         return torch.sigmoid(self.net(y.float())).squeeze(1)
 
 
-class Adversarial(Method):
+class Adversarial(AUClassifier):
     name = "adversarial"
     Params = AdversarialParams
 
     def __init__(self, params: AdversarialParams, aus: tuple[int, ...], model: ModelConfig):
-        super().__init__(params, aus)
-        self.backbone, dim = build_backbone(model)
-        self.dropout = nn.Dropout(model.dropout)
-        self.head = nn.Linear(dim, len(aus))
+        super().__init__(params, aus, model)
         self.discriminator = Discriminator(len(aus), params.d_hidden)
         self.bank = torch.zeros(0, len(aus))  # not a buffer: rebuilt from the index, never checkpointed or averaged
 
@@ -76,10 +72,7 @@ class Adversarial(Method):
 
     # ------------------------------------------------------------------------------------------------ R
     def probs(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.head(self.dropout(self.backbone(self.normalise(images)))).float())
-
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        return self.probs(images)
+        return self.predict(images)
 
     def _images(self, batch: Batch) -> torch.Tensor:
         return batch.images if batch.unlabelled is None else torch.cat([batch.images, batch.unlabelled])
@@ -110,10 +103,7 @@ class Adversarial(Method):
 
     # ------------------------------------------------------------------------------------------------ contract
     def groups(self) -> dict[str, Group]:
-        d = list(self.discriminator.parameters())
-        ids = {id(p) for p in d}
-        return {"classifier": Group([p for p in self.parameters() if id(p) not in ids]),
-                "discriminator": Group(d, self.params.d_lr_scale)}
+        return self.split_groups("classifier", "discriminator", self.discriminator, self.params.d_lr_scale)
 
     def updates(self, step: int) -> list[Update]:
         return [Update("discriminator", "discriminator", self.discriminator_loss, repeat=self.params.h_d),

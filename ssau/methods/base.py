@@ -18,7 +18,11 @@ never touches loaders, devices, the accelerator, ranks or checkpoint files. It d
   the trainer then averages floating-point buffers across ranks so every rank holds the same state.
 - ``predict(images) -> [B, J]`` AU probabilities, for evaluation.
 - ``setup(info)``: called once before training with the training-set facts a method may need (the label bank of
-  known training AU vectors, AU list, expression classes).
+  known training AU vectors, AU list, expression classes, the AU validation set's labels).
+- ``report()``: tables of what training saw (MAL: per-sample weights), gathered from all ranks at each evaluation
+  and logged as CSV + histogram.
+- ``needs``: data a method cannot run without (``expression``, ``validation``); the config check names what is
+  missing before anything starts.
 
 How each paper's Algorithm 1 maps onto this:
 
@@ -35,11 +39,14 @@ co-regularisation; stage 2: updates on ``twins`` and ``gcn`` together (two group
 the orthogonality term. ``updates(step)`` returns one list or the other.
 
 MAL (Li & Shan, Alg. 1): groups ``meta`` (psi) and ``base`` (theta). Update 1 ``meta``: inside its loss, the
-meta-train step theta -> theta*(psi) is taken functionally (``torch.func.functional_call`` on the unwrapped base
-net, ``autograd.grad(create_graph=True)``, gradients averaged across ranks with a differentiable all-reduce) and
+meta-train step theta -> theta*(psi) is taken functionally (``torch.func.functional_call`` on detached copies of
+theta, ``autograd.grad(create_graph=True)``, gradients summed across ranks with a differentiable all-reduce) and
 the meta-test loss on an AU validation batch at theta* is returned, so its backward reaches psi through the inner
-step. Update 2 ``base`` with ``new_batch=False``: the same training batch re-weighted by the updated meta net
-(Eq. 9-11), updating theta from its original value.
+step (the trainer takes gradients for the update's group only, so the copies get none). Update 2 ``base`` with
+``new_batch=False``: the same training batch re-weighted by the updated meta net (Eq. 9-11), updating theta from
+its original value. MAL's losses are global sums (normalisers all-reduced), scaled by the world size so that the
+trainer's mean over ranks gives exactly what one process holding the global batch computes. ``mtl`` is the same
+base net with a fixed expression-loss weight (the paper's MTL ablation).
 
 Large margin (Racoviteanu et al., Eq. 2-7): group ``model``; one update with the supervised loss on labelled images
 plus the large-margin loss on embeddings of labelled and unlabelled images against pseudo-emotion centroids; the
@@ -88,6 +95,8 @@ class SetupInfo:
     label_bank: torch.Tensor  # [N, J] 0/1 known training AU vectors (labelled, not hidden, not the eval fold)
     label_bank_mask: torch.Tensor  # [N, J] 1 where known
     expressions: int = 7
+    validation_targets: torch.Tensor | None = None  # [K, J] the AU validation set's labels (data.validation > 0)
+    validation_mask: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -96,6 +105,7 @@ class Method(nn.Module, abc.ABC):
 
     name: ClassVar[str]
     Params: ClassVar[type]
+    needs: ClassVar[tuple[str, ...]] = ()  # data the method cannot run without: "expression", "validation"
 
     def __init__(self, params, aus: tuple[int, ...]):
         super().__init__()
@@ -111,6 +121,12 @@ class Method(nn.Module, abc.ABC):
     def setup(self, info: SetupInfo) -> None:
         """Training-set facts before the first step; the default needs none."""
 
+    def split_groups(self, rest: str, part: str, module: nn.Module, lr_scale: float = 1.0) -> dict[str, Group]:
+        """Two groups: ``part`` holds ``module``'s parameters, ``rest`` every other parameter."""
+        own = list(module.parameters())
+        ids = {id(p) for p in own}
+        return {rest: Group([p for p in self.parameters() if id(p) not in ids]), part: Group(own, lr_scale)}
+
     @abc.abstractmethod
     def groups(self) -> dict[str, Group]:
         """See the module docstring."""
@@ -125,6 +141,34 @@ class Method(nn.Module, abc.ABC):
     @abc.abstractmethod
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """See the module docstring."""
+
+    def report(self) -> dict[str, dict[str, list]]:
+        """Tables (name -> column -> values) of what this rank saw since the last call, logged at each
+        evaluation; the default has none."""
+        return {}
+
+
+class AUClassifier(Method):
+    """A method whose AU recogniser is a backbone + one linear AU layer (sigmoid outputs): every method here."""
+
+    def __init__(self, params, aus: tuple[int, ...], model):
+        super().__init__(params, aus)
+        from ssau.methods.backbones import build_backbone
+
+        self.backbone, dim = build_backbone(model)
+        self.dropout = nn.Dropout(model.dropout)
+        self.head = nn.Linear(dim, len(aus))
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.backbone(self.normalise(images))))
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(images).float())
+
+
+def full_precision(t: torch.Tensor) -> torch.Tensor:
+    """Half and bfloat16 (autocast outputs) up to float32; float32 and float64 as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def masked_bce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

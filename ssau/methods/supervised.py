@@ -15,8 +15,7 @@ from torch import nn
 
 from ssau.config import ModelConfig
 from ssau.data.stream import Batch
-from ssau.methods.backbones import build_backbone
-from ssau.methods.base import Group, Method, Update, masked_bce
+from ssau.methods.base import AUClassifier, Group, Update, masked_bce
 
 
 @dataclass
@@ -24,15 +23,12 @@ class SupervisedParams:
     pos_weight: bool = False  # weight positives by negatives/positives per AU (off in the papers' baseline)
 
 
-class Supervised(Method):
+class Supervised(AUClassifier):
     name = "supervised"
     Params = SupervisedParams
 
     def __init__(self, params: SupervisedParams, aus: tuple[int, ...], model: ModelConfig):
-        super().__init__(params, aus)
-        self.backbone, dim = build_backbone(model)
-        self.dropout = nn.Dropout(model.dropout)
-        self.head = nn.Linear(dim, len(aus))
+        super().__init__(params, aus, model)
         self.register_buffer("pos_w", torch.ones(len(aus)))
 
     def setup(self, info) -> None:
@@ -40,9 +36,6 @@ class Supervised(Method):
             pos = (info.label_bank * info.label_bank_mask).sum(0)
             neg = ((1 - info.label_bank) * info.label_bank_mask).sum(0)
             self.pos_w.copy_((neg / pos.clamp_min(1)).clamp(1, 50))
-
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.backbone(self.normalise(images))))
 
     def groups(self) -> dict[str, Group]:
         return {"model": Group(list(self.parameters()))}
@@ -59,6 +52,3 @@ class Supervised(Method):
         else:
             bce = masked_bce(z, batch.targets, batch.mask)
         return {"loss": bce, "bce": bce.detach()}
-
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.logits(images).float())

@@ -1,0 +1,174 @@
+"""MAL: meta auxiliary learning of AU detection from an expression corpus.
+
+Li & Shan, "Meta Auxiliary Learning for Facial Action Unit Detection" (../shared/papers/002_c7a603dcd9c42924.txt),
+Sec. 3 (Eq. 1-11, Algorithm 1) and Sec. 4.1.
+
+Networks (Sec. 4.1.1): the base net of ``mtl`` (backbone f, AU classifier, FE classifier; parameters theta) and a
+meta net g (parameters psi): one fully connected layer from the feature f(x) to a scalar, then a sigmoid, its
+weights and bias initialised to zero so that every sample weight starts at 0.5.
+
+One training step, in Algorithm 1's order (two updates of the method contract):
+1. Meta-train + meta-test (update ``meta``, group psi). Weights w_i = g(f(x_i); psi) for the m1 AU and m_expr FE
+   samples (Eq. 4), normalised (Sec. 4.1.2, below), the weighted loss of Eq. 5, one differentiable SGD step
+   theta*(psi) = theta - alpha * grad_theta L_total (Eq. 6), then the AU validation loss at theta* (Eq. 7-8),
+   whose gradient reaches psi through the inner step. The optimiser of group ``meta`` takes the step psi -> psi-hat
+   with beta = optim.lr * meta_lr_scale.
+2. Base-learning (update ``base``, group theta, the same batch): weights recomputed with psi-hat (Eq. 9) as
+   constants, the loss of Eq. 10, and theta updated from its original value (Eq. 11) by the ``base`` optimiser.
+
+Distributed: one step computes what one process holding the global batch (all ranks' samples) would. The weight
+normaliser is summed over ranks; each rank's inner gradient is summed over ranks with a differentiable all-reduce,
+so the meta-gradient on every rank flows through every rank's samples; losses are this rank's share of the global
+sum times the world size, so the trainer's gradient mean over ranks (or DeepSpeed's) is the global gradient.
+
+Choices where the paper is ambiguous (configurable where it matters):
+- Normalisation (Sec. 4.1.2). The formula divides each weight by w_ave^AU + w_ave^FE with w_ave = sum over the batch,
+  so all 2B weights sum to one (the "predefined step size" of Ren et al. [53]): ``normalise: sum`` (default). The
+  text's "average weights ... sum up to one" reads w_ave as a mean, which makes every weight B times larger (the
+  same as multiplying alpha by B): ``normalise: mean``. Either way the sums run over the global batch.
+- The meta net reads f(x) detached: the weights are a function of psi, and theta's gradient does not flow through
+  them (otherwise the base net could lower its loss by moving features to shrink its own weights).
+- Eq. 6 is plain SGD with step ``alpha`` whatever optimiser the outer updates use (the paper gives alpha = beta =
+  1e-3 and no optimiser; ssau's default outer optimiser is Adam at optim.lr = 1e-3).
+- The meta-test batch (``data.val_batch`` per rank, 256 in the paper) passes the base net in training mode
+  (BatchNorm batch statistics), like the meta-train batch; running statistics are only updated by base-learning.
+- Validation loss: Eq. 1 per sample (summed over known AUs), averaged over the validation batch, each term weighted
+  against class imbalance (Sec. 4.1.4) by the "balanced" rule over the whole reserved set: an AU's positives by
+  K_j / (2 P_j), its negatives by K_j / (2 (K_j - P_j)) (K_j known labels, P_j positives), capped at 50.
+  ``val_balance: false`` turns it off.
+- Per step the trainer logs the mean raw weight of AU and FE samples (before and after the meta step) and the FE
+  share of the normalised weight; per evaluation, every sample weight of base-learning since the last one
+  (``expression_weights`` and ``au_weights`` tables: CSV + histogram per expression class).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ssau.aus import EXPRESSIONS
+from ssau.config import ModelConfig
+from ssau.data.stream import Batch
+from ssau.methods.base import Group, SetupInfo, Update, full_precision
+from ssau.methods.mtl import MultiTask
+from ssau.runtime import sum_across_ranks, world_size
+
+CLASS_WEIGHT_CAP = 50.0
+
+
+@dataclass
+class MALParams:
+    alpha: float = 1e-3  # inner SGD step of Eq. 6 (paper: 0.001)
+    meta_lr_scale: float = 1.0  # beta = optim.lr * meta_lr_scale (paper: beta = alpha = 0.001)
+    normalise: Literal["sum", "mean"] = "sum"  # Sec. 4.1.2, see the module docstring
+    val_balance: bool = True  # reweight the validation loss against AU class imbalance (Sec. 4.1.4)
+    record: int = 100_000  # sample weights kept per rank between evaluations, for the histogram
+
+
+class MAL(MultiTask):
+    name = "mal"
+    Params = MALParams
+    needs = ("expression", "validation")
+
+    def __init__(self, params: MALParams, aus: tuple[int, ...], model: ModelConfig):
+        super().__init__(params, aus, model)
+        self.meta = nn.Linear(self.head.in_features, 1)
+        nn.init.zeros_(self.meta.weight)
+        nn.init.zeros_(self.meta.bias)
+        J = len(aus)
+        self.register_buffer("val_pos_w", torch.ones(J), persistent=False)
+        self.register_buffer("val_neg_w", torch.ones(J), persistent=False)
+        self._fe_rows: deque = deque(maxlen=params.record)
+        self._au_rows: deque = deque(maxlen=params.record)
+
+    def setup(self, info: SetupInfo) -> None:
+        if info.validation_targets is None or not len(info.validation_targets):
+            raise ValueError("mal: the AU validation set is empty (set data.validation, e.g. 0.02)")
+        if self.params.val_balance:
+            t, m = info.validation_targets, info.validation_mask
+            known, pos = m.sum(0), (t * m).sum(0)
+            self.val_pos_w.copy_((known / (2 * pos.clamp_min(1))).clamp(max=CLASS_WEIGHT_CAP))
+            self.val_neg_w.copy_((known / (2 * (known - pos).clamp_min(1))).clamp(max=CLASS_WEIGHT_CAP))
+
+    # ------------------------------------------------------------------------------------------------ weights
+    def weights(self, features: torch.Tensor) -> torch.Tensor:
+        """Eq. 4: w = g(f(x); psi) in [0, 1], from detached features -> [N]."""
+        return full_precision(torch.sigmoid(self.meta(features.detach()))).squeeze(1)
+
+    def normalise_weights(self, w: torch.Tensor, m_au: int, differentiable: bool) -> torch.Tensor:
+        """Sec. 4.1.2 over the global batch; ``w`` holds this rank's m_au AU weights, then its FE weights."""
+        sums = sum_across_ranks(torch.stack([w[:m_au].sum(), w[m_au:].sum()]), differentiable)
+        if self.params.normalise == "sum":
+            return w / sums.sum()
+        counts = sum_across_ranks(torch.tensor([float(m_au), float(len(w) - m_au)], device=w.device, dtype=w.dtype))
+        return w / (sums / counts).sum()
+
+    # ------------------------------------------------------------------------------------------------ losses
+    def validation_loss(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the global validation loss (Eq. 1 per sample, class-balanced), times world size."""
+        ce = nn.functional.binary_cross_entropy_with_logits(full_precision(logits), targets, reduction="none")
+        c = targets * self.val_pos_w + (1 - targets) * self.val_neg_w
+        n = sum_across_ranks(torch.tensor(float(len(targets)), device=logits.device, dtype=ce.dtype))
+        return world_size() * (c * ce * mask).sum() / n
+
+    def meta_loss(self, batch: Batch, step: int) -> dict:
+        """Meta-train (Eq. 4-6) and meta-test (Eq. 7-8): the validation loss at theta*(psi)."""
+        if batch.val_images is None:
+            raise ValueError("mal needs AU validation images in every batch (data.validation)")
+        m = batch.images.shape[0]
+        theta = {n: p.detach().requires_grad_() for n, p in self.named_parameters() if not n.startswith("meta.")}
+        buffers = {n: b.clone() for n, b in self.named_buffers()}  # BN statistics move only in base-learning
+        f, au, fe = functional_call(self, {**theta, **buffers}, (self.images(batch),))
+        w = self.weights(f)
+        wn = self.normalise_weights(w, m, differentiable=True)
+        losses = torch.cat([self.au_losses(au[:m], batch.targets, batch.mask), self.fe_losses(fe[m:], batch.expr_labels)])
+        inner = (wn * losses).sum()  # this rank's part of Eq. 5
+        grads = torch.autograd.grad(inner, list(theta.values()), create_graph=True, allow_unused=True)
+        flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, theta.values())])
+        flat = sum_across_ranks(flat, differentiable=True)  # the global batch's gradient, differentiable in psi
+        star, offset = {}, 0
+        for name, p in theta.items():
+            star[name] = p - self.params.alpha * flat[offset:offset + p.numel()].view_as(p)  # Eq. 6
+            offset += p.numel()
+        _, val_logits, _ = functional_call(self, {**star, **buffers}, (batch.val_images,))
+        val = self.validation_loss(val_logits, batch.val_targets, batch.val_mask)  # Eq. 7's L_val(theta*)
+        return {"loss": val, "inner_loss": world_size() * inner.detach(), "w_au": w[:m].mean().detach(),
+                "w_fe": w[m:].mean().detach()}
+
+    def base_loss(self, batch: Batch, step: int) -> dict:
+        """Base-learning (Eq. 9-11): the batch's loss under the weights of the updated meta net."""
+        m = batch.images.shape[0]
+        f, l_au, l_fe = self.sample_losses(batch)
+        with torch.no_grad():
+            w = self.weights(f)  # Eq. 9, psi-hat: constants here
+            wn = self.normalise_weights(w, m, differentiable=False)
+        self._record(batch, w, step)
+        total = (wn * torch.cat([l_au, l_fe])).sum()  # Eq. 10, this rank's part
+        return {"loss": world_size() * total, "au_loss": l_au.mean().detach(), "fe_loss": l_fe.mean().detach(),
+                "w_au": w[:m].mean(), "w_fe": w[m:].mean(), "fe_share": wn[m:].sum() / wn.sum()}
+
+    # ------------------------------------------------------------------------------------------------ contract
+    def groups(self) -> dict[str, Group]:
+        return self.split_groups("base", "meta", self.meta, self.params.meta_lr_scale)
+
+    def updates(self, step: int) -> list[Update]:
+        return [Update("meta", "meta", self.meta_loss), Update("base", "base", self.base_loss, new_batch=False)]
+
+    # ------------------------------------------------------------------------------------------------ report
+    def _record(self, batch: Batch, w: torch.Tensor, step: int) -> None:
+        m, ws = batch.images.shape[0], w.float().cpu().tolist()
+        self._au_rows.extend((step, k, x) for k, x in zip(batch.keys, ws[:m]))
+        self._fe_rows.extend((step, k, int(e), x) for k, e, x in zip(batch.expr_keys, batch.expr_labels.tolist(), ws[m:]))
+
+    def report(self) -> dict[str, dict[str, list]]:
+        fe, au = list(self._fe_rows), list(self._au_rows)
+        self._fe_rows.clear()
+        self._au_rows.clear()
+        return {"expression_weights": {"step": [r[0] for r in fe], "key": [r[1] for r in fe],
+                                       "group": [EXPRESSIONS[r[2]] for r in fe], "weight": [r[3] for r in fe]},
+                "au_weights": {"step": [r[0] for r in au], "key": [r[1] for r in au], "weight": [r[2] for r in au]}}
