@@ -83,7 +83,7 @@ class Trainer:
         for name, g in self.groups.items():
             opt = self._optimizer(g.params, cfg.optim.lr * g.lr_scale)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_lambda)
-            if t.deepspeed:
+            if t.deepspeed and g.deepspeed:
                 self.engines[name] = deepspeed_engine(g.params, opt, sched, t.deepspeed, cfg.data.m1,
                                                       cfg.optim.accumulate, cfg.optim.clip_grad)
                 opt, sched = self.engines[name].optimizer, self.engines[name].lr_scheduler
@@ -237,8 +237,8 @@ class Trainer:
         with torch.no_grad():
             self.method.after_step(batch, self.step)
         average_buffers(self.method, self.rt)
-        if not self.engines:  # DeepSpeed engines step their own schedules
-            for s in self.schedulers.values():
+        for name, s in self.schedulers.items():
+            if name not in self.engines:  # DeepSpeed engines step their own schedules
                 s.step()
         self.step += 1
         return batch, window
@@ -294,8 +294,8 @@ class Trainer:
         if rt.main:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             state = {"step": self.step, "starts": self.starts, "method": self.method.state_dict(),
-                     "optimizers": {} if self.engines else {k: o.state_dict() for k, o in self.optimizers.items()},
-                     "schedulers": {} if self.engines else {k: s.state_dict() for k, s in self.schedulers.items()},
+                     "optimizers": {k: o.state_dict() for k, o in self.optimizers.items() if k not in self.engines},
+                     "schedulers": {k: s.state_dict() for k, s in self.schedulers.items() if k not in self.engines},
                      "rng": rngs, "config": to_dict(self.cfg), "aus": list(self.aus), "run_id": self.run_id,
                      "skipped_updates": self.skipped_updates}
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

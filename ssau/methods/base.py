@@ -4,9 +4,9 @@ A method is an ``nn.Module`` holding its networks (backbone, AU head, discrimina
 generator, ...) and its hyper-parameters (a ``Params`` dataclass, the paper's defaults beside each field). It
 never touches loaders, devices, the accelerator, ranks or checkpoint files. It declares:
 
-- ``groups()``: its optimiser groups, name -> ``Group(params, lr_scale)``. The trainer builds one optimiser and one
-  LR schedule per group, and averages each group's gradients across ranks (or hands the group to a DeepSpeed
-  engine).
+- ``groups()``: its optimiser groups, name -> ``Group(params, lr_scale, deepspeed)``. The trainer builds one
+  optimiser and one LR schedule per group, and averages each group's gradients across ranks (or, under
+  ``train.deepspeed``, hands the group to a DeepSpeed engine unless ``deepspeed=False``).
 - ``updates(step)``: the ordered updates of one training step, each ``Update(name, group, loss, repeat,
   new_batch, freeze)``. ``loss(batch, step)`` returns a dict with a required ``loss`` tensor and named float parts
   for logging. The trainer runs every update the same way, in one visible place (``Trainer._run_update``):
@@ -77,6 +77,7 @@ STD = (0.229, 0.224, 0.225)
 class Group:
     params: list[nn.Parameter]
     lr_scale: float = 1.0
+    deepspeed: bool = True  # False: a plain optimiser with gradients averaged by hand even under train.deepspeed
 
 
 @dataclass(frozen=True)
@@ -121,11 +122,12 @@ class Method(nn.Module, abc.ABC):
     def setup(self, info: SetupInfo) -> None:
         """Training-set facts before the first step; the default needs none."""
 
-    def split_groups(self, rest: str, part: str, module: nn.Module, lr_scale: float = 1.0) -> dict[str, Group]:
+    def split_groups(self, rest: str, part: str, module: nn.Module, lr_scale: float = 1.0,
+                     deepspeed: bool = True) -> dict[str, Group]:
         """Two groups: ``part`` holds ``module``'s parameters, ``rest`` every other parameter."""
         own = list(module.parameters())
         ids = {id(p) for p in own}
-        return {rest: Group([p for p in self.parameters() if id(p) not in ids]), part: Group(own, lr_scale)}
+        return {rest: Group([p for p in self.parameters() if id(p) not in ids]), part: Group(own, lr_scale, deepspeed)}
 
     @abc.abstractmethod
     def groups(self) -> dict[str, Group]:

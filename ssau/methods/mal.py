@@ -36,6 +36,8 @@ Choices where the paper is ambiguous (configurable where it matters):
   against class imbalance (Sec. 4.1.4) by the "balanced" rule over the whole reserved set: an AU's positives by
   K_j / (2 P_j), its negatives by K_j / (2 (K_j - P_j)) (K_j known labels, P_j positives), capped at 50.
   ``val_balance: false`` turns it off.
+- Under ``train.deepspeed`` the base net is a DeepSpeed engine (ZeRO-1/2); psi keeps a plain optimiser with its
+  gradient averaged by hand (``Group(deepspeed=False)``), since the inner step happens outside any engine anyway.
 - Per step the trainer logs the mean raw weight of AU and FE samples (before and after the meta step) and the FE
   share of the normalised weight; per evaluation, every sample weight of base-learning since the last one
   (``expression_weights`` and ``au_weights`` tables: CSV + histogram per expression class).
@@ -154,7 +156,10 @@ class MAL(MultiTask):
 
     # ------------------------------------------------------------------------------------------------ contract
     def groups(self) -> dict[str, Group]:
-        return self.split_groups("base", "meta", self.meta, self.params.meta_lr_scale)
+        # psi stays out of DeepSpeed: its dim + 1 parameters have no optimiser state worth partitioning, and a plain
+        # group lets the trainer take the meta-gradient for psi alone (an engine's backward would also compute the
+        # second-order terms of the inner step's theta copies, which nothing uses).
+        return self.split_groups("base", "meta", self.meta, self.params.meta_lr_scale, deepspeed=False)
 
     def updates(self, step: int) -> list[Update]:
         return [Update("meta", "meta", self.meta_loss), Update("base", "base", self.base_loss, new_batch=False)]
