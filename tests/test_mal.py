@@ -250,3 +250,20 @@ def test_config_names_what_mal_lacks(corpora):
         load_config(None, [f"data.labelled=[{bp4d}]", "method.name=mal", "data.validation=0.02"])
     with pytest.raises(ConfigError, match="data.validation: method mal needs"):
         load_config(None, [f"data.labelled=[{bp4d}]", f"data.expression=[{rafdb}]", "method.name=mal"])
+
+
+def test_unreadable_validation_samples_are_skipped_and_counted_once():
+    import json
+
+    from corpora import jpeg_bytes
+    from ssau.data.stream import _ValidationDataset
+
+    meta = json.dumps({"aus": [1], "occurrence": [1], "mask": [1]}).encode()
+    samples = [{"__key__": f"k{i}", "jpg": jpeg_bytes(i), "json": meta} for i in range(3)]
+    samples.append({"__key__": "broken", "jpg": b"not a jpeg", "json": meta})
+    cfg = StreamConfig(labelled=SourceConfig(("x",)), aus=(1,), image_size=16, val_batch=3)
+    it = iter(_ValidationDataset(samples, cfg, (1,), rank=0))
+    batches = [next(it) for _ in range(6)]
+    assert all("broken" not in b["keys"] and len(b["keys"]) == 3 for b in batches)
+    assert sum(b["skipped"] for b in batches) == 1
+    assert all(b["targets"].tolist() == [[1.0]] * 3 for b in batches)

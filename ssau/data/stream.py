@@ -319,20 +319,22 @@ class _ValidationDataset(IterableDataset):
         info = get_worker_info()
         rng = random.Random(f"validation:{self.cfg.seed}:{self.epoch}:{self.rank}:{info.id if info else 0}")
         order: list[int] = []
-        bad = reported = 0
+        bad: set[int] = set()  # unreadable samples, skipped (and counted) once
+        reported = 0
         while True:
             images, targets, masks, keys = [], [], [], []
             while len(images) < self.cfg.val_batch:
                 if not order:
-                    order = list(range(len(self.samples)))
+                    order = [i for i in range(len(self.samples)) if i not in bad]
+                    if not order:
+                        raise RuntimeError("the AU validation set has no readable image")
                     rng.shuffle(order)
-                s = self.samples[order.pop()]
+                i = order.pop()
+                s = self.samples[i]
                 try:
                     img, meta = decode_eval(s, self.cfg.image_size)
                 except (DecodeError, KeyError, ValueError):
-                    bad += 1
-                    if bad > 10 * len(self.samples):
-                        raise RuntimeError("the AU validation set has no readable image") from None
+                    bad.add(i)
                     continue
                 hidden = (hidden_aus(s["__key__"], self.aus, self.cfg.label_drop, self.cfg.seed)
                           if self.cfg.label_drop_mode == "au" else None)
@@ -342,8 +344,8 @@ class _ValidationDataset(IterableDataset):
                 masks.append(m)
                 keys.append(s["__key__"])
             yield {"images": torch.stack(images), "targets": torch.tensor(targets), "mask": torch.tensor(masks),
-                   "keys": keys, "skipped": bad - reported}
-            reported = bad
+                   "keys": keys, "skipped": len(bad) - reported}
+            reported = len(bad)
 
 
 class TrainStream:
