@@ -191,7 +191,7 @@ class Trainer:
         cfg, rt, t = self.cfg, self.rt, self.cfg.train
         self._resume()
         self._start_tracking()
-        stream = TrainStream(self.stream_cfg, rt.rank, rt.world)
+        stream = TrainStream(self.stream_cfg, rt.rank, rt.world, self.validation)
         stream.set_epoch(self.starts)  # a resumed run draws fresh shard orders (no loader position exists)
         batches = iter(stream)
         bar = tqdm(total=t.steps, initial=self.step, desc=f"train {cfg.method['name']}", unit="step",

@@ -351,7 +351,7 @@ class _ValidationDataset(IterableDataset):
 class TrainStream:
     """Infinite iterator of Batch for one rank; ``set_epoch`` reseeds (call it when the run resumes)."""
 
-    def __init__(self, cfg: StreamConfig, rank: int = 0, world: int = 1):
+    def __init__(self, cfg: StreamConfig, rank: int = 0, world: int = 1, validation: ValidationSplit | None = None):
         if cfg.label_drop_mode not in ("image", "au"):
             raise ValueError(f"label_drop_mode {cfg.label_drop_mode!r}: use 'image' or 'au'")
         if not 0.0 <= cfg.label_drop < 1.0:
@@ -359,7 +359,7 @@ class TrainStream:
         self.cfg, self.rank, self.world = cfg, rank, world
         self.aus = resolve_aus(cfg)
         image_drop = cfg.label_drop > 0 and cfg.label_drop_mode == "image"
-        val_keys = frozenset(validation_split(cfg).keys)
+        val_keys = frozenset((validation or validation_split(cfg)).keys)  # pass it to skip a second index scan
 
         def keep_labelled(s: dict) -> bool:
             return s["__key__"] not in val_keys and not (image_drop and is_hidden(s["__key__"], cfg.label_drop, cfg.seed))
