@@ -32,14 +32,15 @@ def main(argv: list[str] | None = None) -> int:
         key = ", ".join(f"{k.removeprefix('method.')}={v}" for k, v in sorted(p.items()) if k.startswith("method."))
         key += f", label_drop={p.get('data.label_drop')}, steps={p.get('train.steps')}"
         groups.setdefault(key, []).append(run)
-    print(f"{'configuration':<70}{'n':>3}" + "".join(f"{m.split('/')[-1]:>22}" for m in METRICS))
+    width = max(map(len, groups), default=13) + 2
+    print(f"{'configuration':<{width}}{'n':>3}" + "".join(f"{m.split('/')[-1]:>22}" for m in METRICS))
     for key, runs in sorted(groups.items()):
         cells = []
         for m in METRICS:
             xs = [r.data.metrics[m] for r in runs]
             sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
             cells.append(f"{statistics.fmean(xs):>13.4f} +- {sd:.4f}")
-        print(f"{key:<70}{len(runs):>3}" + "".join(f"{c:>22}" for c in cells))
+        print(f"{key:<{width}}{len(runs):>3}" + "".join(f"{c:>22}" for c in cells))
     return 0
 
 
