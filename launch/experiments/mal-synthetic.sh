@@ -13,7 +13,9 @@ for seed in 0 1 2; do
   $SSAU train --config $R method.name=mtl data.validation=0 train.seed=$seed train.name=mtl-s$seed
   $SSAU train --config $R method.name=supervised data.validation=0 train.seed=$seed train.name=supervised-s$seed
 done
+# The other reading of Sec. 4.1.2 (mean weights sum to one: a B times larger inner step), one seed.
+$SSAU train --config $R method.normalise=mean train.seed=0 train.name=mal-mean-s0
 $PY -m ssau.bench.compare --uri sqlite:///mlflow.db --experiment mal-synthetic
-for seed in 0 1 2; do
-  $PY -m ssau.bench.mal_weights runs/mal-synthetic/mal-s$seed --ambiguous demo/corpus/rafdb/ambiguous.txt
+for run in mal-s0 mal-s1 mal-s2 mal-mean-s0; do
+  $PY -m ssau.bench.mal_weights runs/mal-synthetic/$run --ambiguous demo/corpus/rafdb/ambiguous.txt
 done

@@ -36,10 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'configuration':<{width}}{'n':>3}" + "".join(f"{m.split('/')[-1]:>22}" for m in METRICS))
     for key, runs in sorted(groups.items()):
         cells = []
-        for m in METRICS:
-            xs = [r.data.metrics[m] for r in runs]
+        for m in METRICS:  # a gap is not logged when it is undefined (no positive prediction for some AU)
+            xs = [r.data.metrics[m] for r in runs if m in r.data.metrics]
             sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-            cells.append(f"{statistics.fmean(xs):>13.4f} +- {sd:.4f}")
+            cells.append(f"{statistics.fmean(xs):>9.4f} +- {sd:.4f}" + (f" ({len(xs)})" if len(xs) < len(runs) else "    ")
+                         if xs else "n/a")
         print(f"{key:<{width}}{len(runs):>3}" + "".join(f"{c:>22}" for c in cells))
     return 0
 
