@@ -267,3 +267,25 @@ def test_unreadable_validation_samples_are_skipped_and_counted_once():
     assert all("broken" not in b["keys"] and len(b["keys"]) == 3 for b in batches)
     assert sum(b["skipped"] for b in batches) == 1
     assert all(b["targets"].tolist() == [[1.0]] * 3 for b in batches)
+
+
+def test_mtl_loss_is_au_plus_rho_times_expression_loss():
+    from ssau.methods.mtl import MTLParams, MultiTask
+
+    m = MultiTask(MTLParams(rho=0.25), AUS, ModelConfig(backbone="tiny"))
+    m.backbone, m.head, m.expr_head = PixelNet(), nn.Linear(5, J), nn.Linear(5, 7)
+    m.double()
+    batch = make_batch()
+    f, au, fe = m(torch.cat([batch.images, batch.expr_images]))
+    l_au = (nn.functional.binary_cross_entropy_with_logits(au[:6], batch.targets, reduction="none") * batch.mask).sum(1)
+    want = l_au.mean() + 0.25 * nn.functional.cross_entropy(fe[6:], batch.expr_labels)
+    assert m.loss(batch, 0)["loss"].item() == pytest.approx(want.item(), rel=1e-12)
+
+
+def test_weight_separation_statistic():
+    from ssau.bench.mal_weights import separation
+
+    assert separation(np.array([0.9, 0.8]), np.array([0.1, 0.2])) == 1.0
+    assert separation(np.array([0.1]), np.array([0.9])) == 0.0
+    assert separation(np.array([0.5, 0.5]), np.array([0.5])) == 0.5  # ties count half
+    assert separation(np.array([0.3, 0.7]), np.array([0.5])) == 0.5

@@ -322,6 +322,9 @@ def test_synthetic_corpus_goes_through_the_real_adapters(tmp_path):
     assert shard("rafdb", "--images", str(syn / "rafdb/basic/Image/aligned"), "--labels",
                  str(syn / "rafdb/basic/EmoLabel/list_patition_label.txt"), "--out", str(tmp_path / "r")) == 0
     assert shard("folder", "--images", str(syn / "unlabelled"), "--out", str(tmp_path / "u")) == 0
+    labelled = {line.split()[0] for line in (syn / "rafdb/basic/EmoLabel/list_patition_label.txt").read_text().splitlines()}
+    ambiguous = (syn / "rafdb/ambiguous.txt").read_text().split()
+    assert 0 < len(ambiguous) < 15 and set(ambiguous) <= labelled  # about 20 % of the 30, all labelled images
     doc = json.loads((tmp_path / "b" / "dataset.json").read_text())
     assert doc["samples"] == 6 * 3 * 24 and {s["fold"] for s in doc["shards"]} == {1, 2, 3}
     idx = pq.read_table(tmp_path / "b" / "index.parquet").to_pylist()
