@@ -149,8 +149,8 @@ def world_size() -> int:
 
 
 def sum_across_ranks(t: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
-    """The sum over ranks. ``differentiable=True`` uses the functional collective (what
-    ``torch.distributed.nn.functional.all_reduce`` now defers to), whose backward sums the incoming gradients over
+    """The sum over ranks. ``differentiable=True`` uses the functional collective (the replacement torch names when
+    it deprecates ``torch.distributed.nn.functional.all_reduce``), whose backward sums the incoming gradients over
     ranks, so a loss on any rank reaches every rank's inputs (MAL's inner step); otherwise a plain all-reduce of a
     detached copy."""
     if world_size() == 1:
