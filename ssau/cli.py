@@ -46,6 +46,8 @@ def _shard(args: argparse.Namespace) -> int:
 def _synth(args: argparse.Namespace) -> int:
     from ssau.synth import SynthSettings, render_corpus
 
+    if not 0.0 <= args.ambiguous <= 1.0:
+        raise UserError(f"--ambiguous: {args.ambiguous} is not a fraction in [0, 1]")
     s = SynthSettings(subjects=args.subjects, tasks=args.tasks, frames=args.frames, size=args.size,
                       expression_images=args.expression_images, unlabelled=args.unlabelled, seed=args.seed,
                       ambiguous=args.ambiguous)

@@ -289,3 +289,12 @@ def test_weight_separation_statistic():
     assert separation(np.array([0.1]), np.array([0.9])) == 0.0
     assert separation(np.array([0.5, 0.5]), np.array([0.5])) == 0.5  # ties count half
     assert separation(np.array([0.3, 0.7]), np.array([0.5])) == 0.5
+
+
+def test_bad_ambiguous_fraction_is_one_line(tmp_path, capsys):
+    from ssau.cli import main
+
+    assert main(["synth", "--out", str(tmp_path / "syn"), "--ambiguous", "1.5", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["ssau: error: --ambiguous: 1.5 is not a fraction in [0, 1]"]
+    assert not (tmp_path / "syn").exists()  # nothing written

@@ -54,7 +54,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ssau.aus import EXPRESSIONS
-from ssau.config import ModelConfig
+from ssau.config import ConfigError, ModelConfig
 from ssau.data.stream import Batch
 from ssau.methods.base import Group, SetupInfo, Update, full_precision
 from ssau.methods.mtl import MultiTask
@@ -90,7 +90,7 @@ class MAL(MultiTask):
 
     def setup(self, info: SetupInfo) -> None:
         if info.validation_targets is None or not len(info.validation_targets):
-            raise ValueError("mal: the AU validation set is empty (set data.validation, e.g. 0.02)")
+            raise ConfigError("data.validation: the AU validation set is empty (no training image has a known AU label)")
         if self.params.val_balance:
             t, m = info.validation_targets, info.validation_mask
             known, pos = m.sum(0), (t * m).sum(0)
