@@ -49,6 +49,8 @@ class DataConfig:
     eval_batch: int = 64
     validation: float = 0.0  # fraction of each subject's labelled training images reserved as the AU validation set
     val_batch: int = 256  # AU validation images per step and rank (MAL's meta-test batch)
+    source_timeout: float = 600.0  # seconds a training source may yield no readable sample before the run stops
+    eval_incomplete: Literal["fail", "warn"] = "fail"  # evaluation scored fewer samples than the index holds
 
 
 @dataclass
@@ -80,6 +82,7 @@ class TrainConfig:
     deepspeed: str = ""  # a DeepSpeed JSON config (launch/deepspeed/zero2.json); empty: plain data parallel
     rank_report: bool = False  # each rank writes ranks/rank<r>.json (world size, keys seen, parameter digest)
     progress: bool = True
+    keep_checkpoints: int = 3  # the newest N step checkpoints are kept; older ones are pruned (0 = keep all)
 
 
 @dataclass
@@ -89,6 +92,7 @@ class TrackingConfig:
     experiment: str = "ssau"
     run_name: str = ""
     parent_run_id: str = ""  # set by `ssau cv` for fold runs
+    flush_timeout: float = 60.0  # seconds the end of a run waits for an unreachable server before leaving the journal
 
 
 @dataclass
