@@ -73,7 +73,7 @@ def _cv(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from ssau.run import evaluate
 
-    evaluate(args.checkpoint, args.shards, args.folds, args.batch, args.workers)
+    evaluate(args.checkpoint, args.shards, args.folds, args.batch, args.workers, args.incomplete)
     return 0
 
 
@@ -81,6 +81,16 @@ def _demo(args: argparse.Namespace) -> int:
     from ssau.run import demo
 
     demo(args.out, args.steps, args.backbone, args.size, args.subjects, args.frames, args.workers)
+    return 0
+
+
+def _upload(args: argparse.Namespace) -> int:
+    from ssau.journal import JournalError, upload
+
+    try:
+        print(upload(Path(args.run_dir), args.uri, args.experiment))
+    except JournalError as e:
+        raise UserError(str(e)) from None
     return 0
 
 
@@ -135,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--folds", type=int, nargs="*", help="folds to evaluate (default: all)")
     ev.add_argument("--batch", type=int, default=64)
     ev.add_argument("--workers", type=int, default=2)
+    ev.add_argument("--incomplete", choices=("fail", "warn"), default="fail",
+                    help="when fewer samples are scored than the index lists: stop (default) or warn and score the rest")
     ev.set_defaults(run=_eval)
 
     de = sub.add_parser("demo", help="synthetic corpus -> shards -> supervised training -> evaluation -> MLflow")
@@ -146,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--frames", type=int, default=40, help="frames per sequence (4 sequences per subject)")
     de.add_argument("--workers", type=int, default=2)
     de.set_defaults(run=_demo)
+
+    up = sub.add_parser("upload", help="send a run directory's tracking journal to MLflow: what its run misses, or "
+                                       "everything to a new run on another server (running it twice sends nothing)")
+    up.add_argument("run_dir", help="the run directory (holds tracking.jsonl)")
+    up.add_argument("--uri", help="tracking server or database (default: the one the run logged to)")
+    up.add_argument("--experiment", help="experiment for a run created on another server (default: the run's)")
+    up.set_defaults(run=_upload)
     return p
 
 
@@ -154,11 +173,15 @@ def main(argv: list[str] | None = None) -> int:
     from ssau.config import ConfigError
     from ssau.data.adapters import LabelError
     from ssau.data.shard import ShardError
+    from ssau.errors import STOPS
 
     try:
         return args.run(args)
-    except (UserError, LabelError, ShardError, ConfigError) as e:
+    except (UserError, LabelError, ShardError, ConfigError, *STOPS) as e:
         print(f"ssau: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path the system refuses (missing, read-only, disk full): the path and why, one line
+        print(f"ssau: error: {f'{e.filename}: ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ssau: interrupted", file=sys.stderr)

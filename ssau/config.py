@@ -8,6 +8,8 @@ The ``method`` section holds ``name`` plus the chosen method's own hyper-paramet
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -140,6 +142,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # inf/nan (also 1e39, which YAML reads as inf) never make sense in a config
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -232,12 +236,32 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.fold: {d.fold} is not in 0..{d.folds}")
     if not 0.0 <= d.label_drop < 1.0:
         raise ConfigError(f"data.label_drop: {d.label_drop} is not a fraction in [0, 1)")
-    for key, v in (("train.steps", t.steps), ("data.m1", d.m1), ("data.image_size", d.image_size),
-                   ("optim.accumulate", o.accumulate), ("data.eval_batch", d.eval_batch)):
+    for key, v in (("train.steps", t.steps), ("data.m1", d.m1), ("optim.accumulate", o.accumulate),
+                   ("data.eval_batch", d.eval_batch), ("train.log_every", t.log_every)):
         if v < 1:
             raise ConfigError(f"{key}: must be at least 1, got {v}")
+    for key, v in (("data.m2", d.m2), ("data.m_expr", d.m_expr), ("data.workers", d.workers),
+                   ("data.shuffle_buffer", d.shuffle_buffer), ("train.eval_every", t.eval_every),
+                   ("train.checkpoint_every", t.checkpoint_every), ("train.keep_checkpoints", t.keep_checkpoints),
+                   ("optim.warmup_steps", o.warmup_steps)):
+        if v < 0:
+            raise ConfigError(f"{key}: must be 0 or more, got {v}")
+    if not 16 <= d.image_size <= 1024:
+        raise ConfigError(f"data.image_size: {d.image_size} px is outside 16..1024")
+    # Ranges outside which a run can only diverge or do nothing: refused here rather than found at step 1.
     if o.lr <= 0:
         raise ConfigError(f"optim.lr: must be positive, got {o.lr}")
+    for key, v, lo, hi in (("optim.lr", o.lr, 0.0, 10.0), ("optim.weight_decay", o.weight_decay, 0.0, 1.0),
+                           ("optim.momentum", o.momentum, 0.0, 1.0), ("model.dropout", cfg.model.dropout, 0.0, 0.99),
+                           ("optim.clip_grad", o.clip_grad, 0.0, 1e6)):
+        if not lo <= v <= hi:
+            raise ConfigError(f"{key}: {v:g} is outside {lo:g}..{hi:g}")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError(f"optim.betas: {o.betas} must be two numbers in [0, 1)")
+    if d.source_timeout <= 0:
+        raise ConfigError(f"data.source_timeout: must be positive, got {d.source_timeout:g}")
+    if cfg.tracking.flush_timeout < 0:
+        raise ConfigError(f"tracking.flush_timeout: must be 0 or more, got {cfg.tracking.flush_timeout:g}")
     if t.resume not in ("never", "auto") and not Path(t.resume).exists():
         raise ConfigError(f"train.resume: {t.resume} is neither never, auto nor an existing checkpoint")
     if t.deepspeed and not Path(t.deepspeed).is_file():
@@ -253,6 +277,35 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.expression: method {name} needs an expression corpus (shard one with `ssau shard rafdb`)")
     if "validation" in needs and d.validation <= 0:
         raise ConfigError(f"data.validation: method {name} needs an AU validation fraction above 0 (the paper's: 0.02)")
+
+
+def _shard_folds(key: str, directory: str) -> set[int]:
+    """The folds of a shard directory's shards, read from its dataset.json (one line if it is not one)."""
+    path = Path(directory) / "dataset.json"
+    if not Path(directory).is_dir():
+        raise ConfigError(f"{key}: {directory} is not a directory (shard a corpus there with `ssau shard`)")
+    try:
+        doc = json.loads(path.read_text())
+        return {int(s["fold"]) for s in doc["shards"]}
+    except FileNotFoundError:
+        raise ConfigError(f"{key}: {directory} has no dataset.json; it is not a shard directory") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{key}: {path} is unreadable or damaged ({type(e).__name__}: {e})") from None
+
+
+def check_shards(d: DataConfig) -> None:
+    """The data section against the disk, before anything is built: every directory is a shard directory, and
+    data.folds is the labelled shards' fold count (else a held-out fold could be absent and nothing evaluated)."""
+    for key, dirs in (("data.labelled", d.labelled), ("data.unlabelled", d.unlabelled),
+                      ("data.expression", d.expression)):
+        for x in dirs:
+            _shard_folds(key, x)
+    for x in d.labelled:
+        folds = _shard_folds("data.labelled", x) - {0}
+        if not folds and d.fold:
+            raise ConfigError(f"data.fold={d.fold}: {x} has no folds (shard it with --folds, or set data.fold=0)")
+        if folds and max(folds) != d.folds:
+            raise ConfigError(f"data.folds={d.folds}: {x} is sharded into {max(folds)} folds")
 
 
 def to_dict(cfg: Any) -> dict:

@@ -7,13 +7,13 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
-
+from ssau.checkpoints import safe_load
 from ssau.config import Config, ConfigError, TrainConfig, build, load_config
 from ssau.methods import build_method, resolve_params
 from ssau.metrics import format_table
 from ssau.runtime import init_runtime
-from ssau.trainer import Trainer, evaluate_method
+from ssau.evaluate import evaluate_method
+from ssau.trainer import Trainer
 
 
 def train(config: str | None, overrides: list[str]) -> dict:
@@ -26,15 +26,19 @@ def train(config: str | None, overrides: list[str]) -> dict:
     return metrics
 
 
-def evaluate(checkpoint: str, shards: list[str], folds: list[int] | None, batch: int, workers: int) -> dict:
+def evaluate(checkpoint: str, shards: list[str], folds: list[int] | None, batch: int, workers: int,
+             incomplete: str = "fail") -> dict:
     path = Path(checkpoint)
     if not path.is_file():
         raise ConfigError(f"--checkpoint {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = safe_load(path)  # weights only: a crafted checkpoint runs nothing
+    if not isinstance(state, dict) or not {"config", "aus", "method"} <= set(state):
+        raise ConfigError(f"--checkpoint {path} is not an ssau model.pt or step checkpoint")
     tree = state["config"]
     tree["method"] = resolve_params(tree["method"])
     cfg: Config = build(Config, tree)
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_batch=batch, workers=workers))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_batch=batch, workers=workers,
+                                                                eval_incomplete=incomplete))
     aus = tuple(state["aus"])
     rt = init_runtime(TrainConfig(device="auto", precision="fp32"))
     method = build_method(cfg.method, aus, cfg.model)
@@ -56,7 +60,9 @@ def cross_validate(config: str | None, overrides: list[str]) -> dict:
     if rt.main and cfg.tracking.enabled:
         from ssau.tracking import Tracker, git_commit
 
-        parent = Tracker(cfg.tracking)
+        from ssau.journal import JOURNAL
+
+        parent = Tracker(cfg.tracking, Path(cfg.train.out) / base / JOURNAL)  # a local copy, for `ssau upload`
         parent.start(cfg.tracking.run_name or base, {"method": cfg.method["name"], "cv_folds": cfg.data.folds,
                                                      "label_drop": cfg.data.label_drop, "git_commit": git_commit(),
                                                      "world_size": rt.world})

@@ -18,11 +18,13 @@ optimiser, its gradient reduction and partitioning, and its clipping.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -85,7 +87,8 @@ def init_runtime(cfg: TrainConfig) -> Runtime:
     cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device == "cuda"
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda: no CUDA device is visible")
-    state = PartialState(cpu=not cuda)
+    _init_elastic_group(cuda)
+    state = PartialState(cpu=not cuda)  # adopts a group that is already initialised
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     device = state.device if cuda else torch.device("cpu")
@@ -96,6 +99,24 @@ def init_runtime(cfg: TrainConfig) -> Runtime:
     return Runtime(rank, world, device, bf16, channels_last)
 
 
+def _init_elastic_group(cuda: bool) -> None:
+    """Under torchrun's elastic agent (``--max-restarts``), join the process group through a store prefix of this
+    restart attempt. The agent keeps one store across attempts, so the peers' addresses of the attempt that died are
+    still in it, and a restarted rank can read those before the new ones are written: gloo then fails with
+    "connectFullMesh ... Connection refused" (seen on about half of the restarts here). A fresh prefix per attempt
+    leaves nothing stale to read."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or int(os.environ.get("WORLD_SIZE", "1")) < 2 or dist.is_initialized():
+        return
+    from datetime import timedelta
+
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    store, rank, world = next(dist.rendezvous("env://", timeout=timedelta(minutes=10)))
+    dist.init_process_group("nccl" if cuda else "gloo", store=dist.PrefixStore(f"ssau/attempt-{attempt}", store),
+                            rank=rank, world_size=world)
+
+
 def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -103,15 +124,24 @@ def seed_all(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors, ints and lists only, so a checkpoint loads with ``weights_only=True``."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(words), gauss],
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -207,4 +237,31 @@ def deepspeed_engine(params: list[nn.Parameter], optimizer, scheduler, path: str
     os.environ.setdefault("LOCAL_RANK", os.environ.get("LOCAL_RANK", "0"))
     engine, _, _, _ = deepspeed.initialize(model=_Params(params), optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds, dist_init_required=False)
+    engine.checkpoint_engine.load = _deepspeed_safe_load  # DeepSpeed's own loader unpickles anything
     return engine
+
+
+def _deepspeed_safe_load(path: str, map_location=None):
+    """DeepSpeed checkpoint files through ``safe_load``: weights only, plus the three DeepSpeed classes its ZeRO
+    optimiser state holds (checked with ``torch.serialization.get_unsafe_globals_in_checkpoint``)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from ssau.checkpoints import safe_load
+
+    return safe_load(path, map_location, allow=(ZeroStageEnum, LossScaler, fragment_address))
+
+
+def write_rank_report(path: Path, module: nn.Module, first_keys: list[str] | None, step: int, deepspeed: bool) -> None:
+    """What one rank saw, read back by the distributed tests: world size, rank and backend from torch.distributed
+    itself, the keys of its first batch, and a digest of its full state (equal on every rank after training)."""
+    digest = hashlib.sha256()
+    for name, p in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+    up = dist.is_available() and dist.is_initialized()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"rank": dist.get_rank() if up else 0, "world_size": dist.get_world_size() if up else 1,
+                                "first_keys": first_keys, "state_sha256": digest.hexdigest(), "step": step,
+                                "backend": dist.get_backend() if up else "", "deepspeed": deepspeed}))

@@ -7,56 +7,35 @@ no-gradient state, the LR schedules, logging, evaluation and checkpoints, in tha
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-import os
 import sys
 import time
-import warnings
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
 from ssau.aus import au_name
-from ssau.config import Config, ConfigError, flatten, to_dict
-from ssau.data.stream import (SourceConfig, StreamConfig, TrainStream, eval_loader, label_drop_report,
-                              labelled_rows, read_dataset, resolve_aus, validation_split)
+from ssau.checkpoints import (CheckpointError, atomic_save, clean_partial, last_checkpoint, nonfinite_tensors, prune,
+                              safe_load, writable_dir, write_pointer)
+from ssau.config import Config, ConfigError, check_shards, flatten, to_dict
+from ssau.errors import RunStopped
+from ssau.data.sources import (SourceConfig, StreamConfig, label_bank, label_drop_report, read_dataset, resolve_aus,
+                               stream_config, validation_split)
+from ssau.data.stream import TrainStream
 from ssau.methods import Method, SetupInfo, Update, build_method
-from ssau.metrics import au_metrics
+from ssau.evaluate import evaluate_method
+from ssau.optim import build_optimizer, lr_factor
 from ssau.runtime import (Runtime, average_buffers, average_gradients, broadcast_module, deepspeed_engine,
-                          init_runtime, rng_state, seed_all, set_rng_state)
-
-
-def stream_config(cfg: Config, aus: tuple[int, ...]) -> StreamConfig:
-    d = cfg.data
-    train_folds = None if d.fold == 0 else tuple(k for k in range(1, d.folds + 1) if k != d.fold)
-    src = lambda dirs, w, folds=None: SourceConfig(tuple(dirs), tuple(w) if w else None, folds)  # noqa: E731
-    return StreamConfig(labelled=src(d.labelled, d.labelled_weights, train_folds),
-                        unlabelled=src(d.unlabelled, d.unlabelled_weights) if d.unlabelled else None,
-                        expression=src(d.expression, None) if d.expression else None, aus=aus, m1=d.m1, m2=d.m2,
-                        m_expr=d.m_expr, image_size=d.image_size, label_drop=d.label_drop,
-                        label_drop_mode=d.label_drop_mode, seed=cfg.train.seed, workers=d.workers,
-                        shuffle_buffer=d.shuffle_buffer, validation=d.validation, val_batch=d.val_batch)
-
-
-def label_bank(s: StreamConfig, exclude: frozenset[str] = frozenset()) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """AU vectors of the labelled training samples, their masks and keys: never the evaluation fold, never hidden
-    labels (image mode drops the sample, AU mode masks the AU), never the keys in ``exclude`` (the AU validation
-    set)."""
-    rows = [(key, t, m) for _, key, _, t, m in labelled_rows(s) if key not in exclude]
-    J = len(s.aus)
-    return (torch.tensor([r[1] for r in rows]).reshape(-1, J), torch.tensor([r[2] for r in rows]).reshape(-1, J),
-            [r[0] for r in rows])
+                          init_runtime, rng_state, seed_all, set_rng_state, write_rank_report)
 
 
 class Trainer:
     def __init__(self, cfg: Config, rt: Runtime | None = None):
         self.cfg = cfg
+        check_shards(cfg.data)  # one line for a missing or mismatched shard directory, before any rank builds
         self.rt = rt or init_runtime(cfg.train)
         rt = self.rt
         t = cfg.train
@@ -81,8 +60,8 @@ class Trainer:
         self._check_groups()
         self.optimizers, self.schedulers, self.engines = {}, {}, {}
         for name, g in self.groups.items():
-            opt = self._optimizer(g.params, cfg.optim.lr * g.lr_scale)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_lambda)
+            opt = build_optimizer(cfg.optim, g.params, cfg.optim.lr * g.lr_scale)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, cfg.optim, t.steps))
             if t.deepspeed and g.deepspeed:
                 self.engines[name] = deepspeed_engine(g.params, opt, sched, t.deepspeed, cfg.data.m1,
                                                       cfg.optim.accumulate, cfg.optim.clip_grad)
@@ -90,6 +69,7 @@ class Trainer:
             self.optimizers[name], self.schedulers[name] = opt, sched
         self.step, self.starts, self.skipped_updates, self.skipped_samples, self.run_id = 0, 0, 0, 0, ""
         self.tracker = None
+        self._last_good = ""  # the newest checkpoint known complete (named when a run has to stop)
 
     # ------------------------------------------------------------------------------------------------ building
     def _run_dir(self) -> Path:
@@ -97,7 +77,12 @@ class Trainer:
         if t.resume == "auto" and not t.name:
             raise ConfigError("train.resume=auto needs train.name (the run directory to continue)")
         name = t.name or f"{self.cfg.method['name']}-fold{self.cfg.data.fold}-{time.strftime('%Y%m%d-%H%M%S')}"
-        return Path(t.out) / self.rt.broadcast_object(name)
+        run_dir = Path(t.out) / self.rt.broadcast_object(name)
+        # A read-only or full train.out fails now, not at the first checkpoint hours later.
+        error = self.rt.broadcast_object(writable_dir(run_dir, "train.out") if self.rt.main else None)
+        if error:
+            raise ConfigError(error)
+        return run_dir
 
     def _check_groups(self) -> None:
         seen = {}
@@ -106,22 +91,6 @@ class Trainer:
                 if id(p) in seen:
                     raise ValueError(f"{self.cfg.method['name']}: a parameter is in groups {seen[id(p)]} and {name}")
                 seen[id(p)] = name
-
-    def _optimizer(self, params, lr: float) -> torch.optim.Optimizer:
-        o = self.cfg.optim
-        if o.name == "sgd":
-            return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
-        cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
-        return cls(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-
-    def _lr_lambda(self, step: int) -> float:
-        o, total = self.cfg.optim, self.cfg.train.steps
-        if step < o.warmup_steps:
-            return (step + 1) / o.warmup_steps
-        if o.schedule == "constant":
-            return 1.0
-        progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     # ------------------------------------------------------------------------------------------------ one update
     def _run_update(self, upd: Update, batches, previous):
@@ -160,6 +129,7 @@ class Trainer:
             return batch, parts
         if engine is not None:
             engine.step()  # reduce, clip, step, zero_grad (ZeRO)
+            self._check_params(upd, params)
             return batch, parts
         average_gradients(params, rt)
         clip = self.cfg.optim.clip_grad or float("inf")
@@ -169,8 +139,18 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
             return batch, parts
         opt.step()
+        self._check_params(upd, params)
         parts["grad_norm"] = float(norm)
         return batch, parts
+
+    def _check_params(self, upd: Update, params: list) -> None:
+        """A finite loss and gradient can still step into inf (optim.lr far too large): check what the step made,
+        with one fused norm per update, and stop before anything non-finite is logged or saved."""
+        norms = torch._foreach_norm([p.detach() for p in params])
+        if self.rt.any_true(not bool(torch.isfinite(torch.stack(norms)).all())):
+            raise RunStopped(f"step {self.step + 1}: update {upd.name!r} left NaN or inf in the parameters "
+                             f"(optim.lr={self.cfg.optim.lr:g}); stopped without saving them; "
+                             f"the last good checkpoint is {self._last_good or 'none'}")
 
     def _refuse(self, upd: Update, why: str) -> None:
         self.skipped_updates += 1
@@ -188,6 +168,16 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ the loop
     def fit(self) -> dict:
+        """Train to ``train.steps``. Whatever stops a run on rank 0 also ends its MLflow run (FAILED, or KILLED on
+        Ctrl-C), so no run is left RUNNING by an error."""
+        try:
+            return self._fit()
+        except BaseException as e:
+            if self.tracker:
+                self.tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            raise
+
+    def _fit(self) -> dict:
         cfg, rt, t = self.cfg, self.rt, self.cfg.train
         self._resume()
         self._start_tracking()
@@ -221,7 +211,8 @@ class Trainer:
                 self.save_checkpoint()
         bar.close()
         if t.rank_report:
-            self._rank_report(first_keys)
+            write_rank_report(self.run_dir / "ranks" / f"rank{rt.rank}.json", self.method, first_keys, self.step,
+                              bool(self.engines))
         if rt.main:
             self._finish(metrics)
         return metrics
@@ -284,93 +275,107 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ state
     def save_checkpoint(self) -> Path:
+        """Every rank's part, then rank 0's step file, then the ``last`` pointer, then pruning. A failure on any
+        rank (a full disk, non-finite state) stops every rank with one line; the previous checkpoint stays."""
         rt = self.rt
         ckpt_dir = self.run_dir / "checkpoints"
         rngs = rt.gather_objects(rng_state())
         path = ckpt_dir / f"step-{self.step:07d}.pt"
-        if self.engines:  # ZeRO partitions optimiser state: every rank saves its part
-            for name, e in self.engines.items():
-                e.save_checkpoint(str(ckpt_dir / "deepspeed" / name), tag=f"step-{self.step:07d}")
-        if rt.main:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
+        error = None
+        bad = nonfinite_tensors(self.method.state_dict())
+        if rt.any_true(bool(bad)):  # every rank refuses together (states are equal, but never hang on a maybe)
+            error = f"step {self.step}: not saving a checkpoint with NaN or inf in {bad[0] if bad else 'the model'}"
+        try:
+            if error is None:
+                for name, e in self.engines.items():  # ZeRO partitions optimiser state: every rank saves its part
+                    e.save_checkpoint(str(ckpt_dir / "deepspeed" / name), tag=path.stem)
+        except (OSError, RuntimeError) as e:
+            error = f"cannot write the DeepSpeed checkpoint under {ckpt_dir} ({e})"
+        if rt.any_true(error is not None) and error is None:
+            error = "another rank could not write its part of the checkpoint"
+        if error is None and rt.main:
             state = {"step": self.step, "starts": self.starts, "method": self.method.state_dict(),
                      "optimizers": {k: o.state_dict() for k, o in self.optimizers.items() if k not in self.engines},
                      "schedulers": {k: s.state_dict() for k, s in self.schedulers.items() if k not in self.engines},
                      "rng": rngs, "config": to_dict(self.cfg), "aus": list(self.aus), "run_id": self.run_id,
                      "skipped_updates": self.skipped_updates}
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            torch.save(state, tmp)
-            os.replace(tmp, path)  # atomic: a killed save never leaves a half checkpoint
-            last = ckpt_dir / ".last.tmp"
-            last.write_text(path.name + "\n")
-            os.replace(last, ckpt_dir / "last")
-        rt.barrier()
+            try:
+                atomic_save(state, path)
+                write_pointer(ckpt_dir, path.name)  # only now is step N the one a resume continues from
+                prune(ckpt_dir, self.cfg.train.keep_checkpoints)
+            except CheckpointError as e:
+                error = str(e)
+        if rt.any_true(error is not None):
+            previous = self._last_good or "none"
+            raise RunStopped(f"{error or 'rank 0 could not write the checkpoint'}; "
+                             f"the last good checkpoint is {previous}")
+        self._last_good = str(path)
         return path
 
     def _resume(self) -> None:
         t = self.cfg.train
+        ckpt_dir = self.run_dir / "checkpoints"
+        if self.rt.main:  # what a killed save left behind, before anyone writes or reads here
+            for name in clean_partial(ckpt_dir):
+                tqdm.write(f"removed {name}, left by an interrupted checkpoint write", file=sys.stderr)
+        self.rt.barrier()
         if t.resume == "never":
             return
-        if t.resume == "auto":
-            pointer = self.run_dir / "checkpoints" / "last"
-            if not pointer.is_file():
-                return  # nothing to continue: a fresh run under this name
-            path = self.run_dir / "checkpoints" / pointer.read_text().strip()
-        else:
-            path = Path(t.resume)
-        state = torch.load(path, map_location=self.rt.device, weights_only=False)
+        path = last_checkpoint(ckpt_dir) if t.resume == "auto" else Path(t.resume)
+        if path is None:
+            return  # nothing to continue: a fresh run under this name
+        state = safe_load(path, map_location=self.rt.device)  # weights only: a crafted file runs nothing
+        if not isinstance(state, dict) or not {"method", "step", "rng", "optimizers"} <= set(state):
+            raise CheckpointError(f"{path}: not an ssau training checkpoint")
         self.method.load_state_dict(state["method"])
         for k, o in state["optimizers"].items():
             self.optimizers[k].load_state_dict(o)
         for k, s in state["schedulers"].items():
             self.schedulers[k].load_state_dict(s)
         for name, e in self.engines.items():
-            e.load_checkpoint(str(path.parent / "deepspeed" / name), tag=path.stem)
+            loaded, _ = e.load_checkpoint(str(path.parent / "deepspeed" / name), tag=path.stem)
+            if loaded is None:
+                raise CheckpointError(f"{path.parent / 'deepspeed' / name / path.stem}: DeepSpeed state missing")
         self.step, self.starts = state["step"], state["starts"] + 1
         self.skipped_updates, self.run_id = state["skipped_updates"], state["run_id"]
+        self._last_good = str(path)
         if len(state["rng"]) == self.rt.world:
             set_rng_state(state["rng"][self.rt.rank])
         if self.rt.main:
             tqdm.write(f"resumed {self.run_dir.name} at step {self.step} from {path}", file=sys.stderr)
 
-    def _rank_report(self, first_keys) -> None:
-        digest = hashlib.sha256()
-        for name, p in sorted(self.method.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(p.detach().cpu().contiguous().numpy().tobytes())
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        out = self.run_dir / "ranks" / f"rank{self.rt.rank}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"rank": dist.get_rank() if dist.is_initialized() else 0, "world_size": world,
-                                   "first_keys": first_keys, "state_sha256": digest.hexdigest(),
-                                   "step": self.step, "backend": dist.get_backend() if dist.is_initialized() else "",
-                                   "deepspeed": bool(self.engines)}))
-
     # ------------------------------------------------------------------------------------------------ tracking
     def _start_tracking(self) -> None:
+        """Rank 0 starts the MLflow run (the server must answer), or continues the checkpoint's run (no server
+        needed: records wait in the run directory's journal); a failure stops every rank at once with one line."""
         tr = self.cfg.tracking
-        error = None
+        error, fresh = None, not self.run_id
         if self.rt.main and tr.enabled:
+            from ssau.journal import JOURNAL, journal_run_id
             from ssau.tracking import Tracker, git_commit
 
+            if fresh and self.cfg.train.resume == "auto" and (earlier := journal_run_id(self.run_dir / JOURNAL)):
+                self.run_id, fresh = earlier, False  # restarted before its first checkpoint: the same MLflow run
             try:
-                self.tracker = Tracker(tr)
-            except ConfigError as e:
-                error = str(e)
+                self.tracker = Tracker(tr, self.run_dir / JOURNAL)
+                if fresh:
+                    tags = {"method": self.cfg.method["name"], "fold": self.cfg.data.fold,
+                            "corpus": ",".join(read_dataset(d)["corpus"] for d in self.cfg.data.labelled),
+                            "label_drop": self.cfg.data.label_drop, "world_size": self.rt.world,
+                            "git_commit": git_commit(),
+                            "deepspeed": Path(self.cfg.train.deepspeed).name if self.cfg.train.deepspeed else "off"}
+                    self.run_id = self.tracker.start(tr.run_name or self.run_dir.name, tags, tr.parent_run_id)
+                else:
+                    self.tracker.resume(self.run_id)
+            except Exception as e:  # noqa: BLE001 - rank 0 must not fail alone while the others wait
+                self.tracker = None
+                why = (str(e) or type(e).__name__).splitlines()[0][:200]
+                error = str(e) if isinstance(e, ConfigError) else \
+                    f"tracking.uri: cannot start the MLflow run at {tr.uri} ({why})"
         error = self.rt.broadcast_object(error)  # every rank fails together, at once
         if error:
             raise ConfigError(error)
-        if not self.tracker:
-            return
-        tags = {"method": self.cfg.method["name"], "corpus": ",".join(read_dataset(d)["corpus"] for d in self.cfg.data.labelled),
-                "fold": self.cfg.data.fold, "label_drop": self.cfg.data.label_drop, "world_size": self.rt.world,
-                "git_commit": git_commit(), "deepspeed": Path(self.cfg.train.deepspeed).name if self.cfg.train.deepspeed else "off"}
-        if self.run_id:
-            self.tracker.run_id = self.run_id
-            self.tracker.client.update_run(self.run_id, status="RUNNING")
-        else:
-            self.run_id = self.tracker.start(self.cfg.tracking.run_name or self.run_dir.name, tags,
-                                             self.cfg.tracking.parent_run_id)
+        if self.tracker and fresh:  # a resumed run logged its params and config when it started
             self.tracker.log_params(flatten(to_dict(self.cfg)))
             self.tracker.log_metrics({"data/label_drop_fraction": self.drop["fraction"],
                                       "data/hidden_images": self.drop["hidden_images"]}, 0)
@@ -381,7 +386,7 @@ class Trainer:
 
     def _finish(self, metrics: dict) -> None:
         model = self.run_dir / "model.pt"
-        torch.save({"method": self.method.state_dict(), "config": to_dict(self.cfg), "aus": list(self.aus)}, model)
+        atomic_save({"method": self.method.state_dict(), "config": to_dict(self.cfg), "aus": list(self.aus)}, model)
         if not self.tracker:
             return
         from ssau.tracking import eval_artifacts
@@ -392,35 +397,3 @@ class Trainer:
         self.tracker.log_artifact(model, "model")
         self.tracker.log_metrics({"train/refused_updates": self.skipped_updates}, self.step)
         self.tracker.end()
-
-
-@torch.no_grad()
-def evaluate_method(method: Method, cfg: Config, aus: tuple[int, ...], rt: Runtime,
-                    dirs: tuple[str, ...] | None = None, folds: tuple[int, ...] | None = None) -> dict:
-    method.eval()
-    d = cfg.data
-    dirs = dirs or tuple(d.labelled)
-    folds = folds if folds is not None else ((d.fold,) if d.fold else None)
-    probs, targets, masks = [], [], []
-    for b in eval_loader(dirs, folds, aus, d.eval_batch, d.image_size, rt.rank, rt.world, min(d.workers, 2)):
-        images = b.images.to(rt.device)
-        if rt.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with rt.autocast():
-            p = method.predict(images).float()
-        rows = torch.cat([p, b.targets.to(rt.device), b.mask.to(rt.device), b.valid.to(rt.device).float()[:, None]], 1)
-        if rt.world > 1:  # every rank yields the same number of equally sized batches
-            gathered = [torch.empty_like(rows) for _ in range(rt.world)]
-            dist.all_gather(gathered, rows)
-            rows = torch.cat(gathered)
-        rows = rows[rows[:, -1] > 0].cpu()
-        J = len(aus)
-        probs.append(rows[:, :J])
-        targets.append(rows[:, J:2 * J])
-        masks.append(rows[:, 2 * J:3 * J])
-    if not rt.main:
-        return {}
-    if not probs:
-        warnings.warn("evaluation fold is empty", stacklevel=2)
-        return {}
-    return au_metrics(torch.cat(probs).numpy(), torch.cat(targets).numpy(), torch.cat(masks).numpy(), aus)

@@ -10,7 +10,8 @@ import torch
 
 from corpora import shard_bp4d
 from ssau.config import ModelConfig, load_config
-from ssau.data.stream import Batch, is_hidden
+from ssau.data.sources import is_hidden
+from ssau.data.stream import Batch
 from ssau.methods.adversarial import Adversarial, AdversarialParams
 from ssau.methods.base import SetupInfo
 from ssau.trainer import Trainer

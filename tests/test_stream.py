@@ -14,8 +14,9 @@ from corpora import jpeg_bytes, write_bp4d, write_tar
 from ranks import run_ranks
 from ssau.aus import STANDARD_AUS
 from ssau.cli import main
-from ssau.data.stream import (SourceConfig, StreamConfig, TrainStream, eval_batches_per_rank, eval_loader,
-                              is_hidden, label_drop_report)
+from ssau.data.evaluation import eval_batches_per_rank, eval_loader
+from ssau.data.sources import SourceConfig, StreamConfig, is_hidden, label_drop_report
+from ssau.data.stream import TrainStream
 
 AUS = STANDARD_AUS["bp4d"]
 

@@ -73,7 +73,8 @@ def bench_stream(shards: Path, src: Path, image_size: int, n: int, rounds: int =
     from torchvision import datasets, transforms
 
     from ssau.data.decode import JITTER, RESIZE_RATIO, decode_train
-    from ssau.data.stream import SourceConfig, StreamConfig, TrainStream
+    from ssau.data.sources import SourceConfig, StreamConfig
+    from ssau.data.stream import TrainStream
 
     cfg = StreamConfig(labelled=SourceConfig((str(shards),)), m1=32, m2=0, image_size=image_size, workers=0,
                        shuffle_buffer=500)
@@ -120,7 +121,8 @@ def bench_stream(shards: Path, src: Path, image_size: int, n: int, rounds: int =
 
 def _rss_child(shards: str, batches: int) -> None:
     """Run in a subprocess: stream ``batches`` batches with 2 workers."""
-    from ssau.data.stream import SourceConfig, StreamConfig, TrainStream
+    from ssau.data.sources import SourceConfig, StreamConfig
+    from ssau.data.stream import TrainStream
 
     cfg = StreamConfig(labelled=SourceConfig((shards,)), m1=32, m2=0, image_size=64, workers=2,
                        shuffle_buffer=1000)

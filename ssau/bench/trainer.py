@@ -16,6 +16,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from ssau.data.shard import ShardSettings, run_shard
     from ssau.data.stream import Batch
     from ssau.methods.base import masked_bce
+    from ssau.optim import lr_factor
     from ssau.synth import SynthSettings, render_corpus
     from ssau.trainer import Trainer
 
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bare_model = copy.deepcopy(trainer.method)
     opt = torch.optim.Adam(bare_model.parameters(), lr=cfg.optim.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, trainer._lr_lambda)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, cfg.optim, cfg.train.steps))
 
     def bare(n: int) -> None:
         for b in itertools.islice(itertools.cycle(batches), n):

@@ -3,6 +3,13 @@
 An adapter only reads labels and lists images; it never decodes pixels (the shard workers do, in parallel).
 Layouts and unknown markers are those of ../shared/AU-DATA.md. A malformed label file raises LabelError naming
 the file and line; mismatches between labels and images are reported as skips, never fatal.
+
+``screen`` then vets every adapter's records alike. A source that resolves (``..``, an absolute path, a symlink)
+outside the resolved ``--images`` root is skipped as ``outside-images``: a manifest never makes ssau read other
+files (link the whole root elsewhere if need be, not files or folders inside it). An image listed more than once
+(two rows, one URL twice, two URLs with one basename, two names of one file) is one sample when the labels agree,
+the other listings skipped as ``duplicate-row``; when they disagree there is no telling which is right, so every
+listing is skipped as ``conflicting-labels``, naming the others: the run goes on, and dataset.json says why.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from ssau.aus import EXPRESSIONS, STANDARD_AUS, parse_au
+from ssau.data.video import split_source
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -40,6 +48,7 @@ class Record:
     expression: int = -1
     split: str = ""
     meta: dict = field(default_factory=dict)  # landmarks, bbox
+    origin: str = ""  # the label line that listed it ("file:line"), for skip reports; not stored in shards
 
 
 @dataclass
@@ -103,7 +112,7 @@ def scan_bp4d(a: AdapterArgs) -> Scan:
             for img in sorted(task.iterdir()):
                 if img.suffix.lower() in IMAGE_EXTS and img.stem.isdigit():
                     seq[int(img.stem)] = img
-    records, skipped, seen = [], [], set()
+    records, skipped, seen, listed = [], [], set(), set()
     for csv_path in sorted(labels.glob("*.csv")):
         m = re.fullmatch(r"(.+)_([^_]+)", csv_path.stem)
         if m is None:
@@ -136,14 +145,16 @@ def scan_bp4d(a: AdapterArgs) -> Scan:
                         raise LabelError(f"{where}: AU{au:02d} value {v} is not 0, 1 or 9")
                     occ.append(1 if v == 1 else 0)
                     mask.append(0 if v == 9 else 1)  # 9 = not coded: masked, never positive
-                img = seq.pop(frame, None)
+                img = seq.get(frame)
                 if img is None:
                     skipped.append({"input": f"{where}", "reason": "label-without-image"})
                     continue
+                listed.add(img)
                 records.append(Record(key=f"{_safe(subject)}_{_safe(task)}_{frame:06d}", source=str(img),
-                                      subject=subject, sequence=task, frame=frame, occurrence=occ, mask=mask))
+                                      subject=subject, sequence=task, frame=frame, occurrence=occ, mask=mask,
+                                      origin=where))
     for (subject, task), seq in sorted(frames.items()):
-        skipped.extend({"input": str(p), "reason": "image-without-label"} for p in seq.values())
+        skipped.extend({"input": str(p), "reason": "image-without-label"} for p in seq.values() if p not in listed)
     return Scan("bp4d", aus, records, skipped, labelled=True)
 
 
@@ -158,6 +169,7 @@ def scan_disfa(a: AdapterArgs) -> Scan:
     for sub in sorted(p for p in labels.iterdir() if p.is_dir()):
         subject = sub.name
         per_au: dict[int, dict[int, float]] = {}
+        conflicts: dict[int, str] = {}  # frame -> the AU file line that contradicts an earlier one
         for txt in sorted(sub.glob(f"{subject}_au*.txt")):
             au = _int(txt.stem.split("_au")[-1], f"{txt}:0")
             table = per_au[au] = {}
@@ -172,6 +184,12 @@ def scan_disfa(a: AdapterArgs) -> Scan:
                     frame, value = _int(parts[0], where), _int(parts[1], where)
                     if not 0 <= value <= 5 or frame < 1:
                         raise LabelError(f"{where}: frame {frame} intensity {value} (frames from 1, intensity 0-5)")
+                    if frame in table:
+                        if table[frame] != value:
+                            conflicts.setdefault(frame, where)
+                        else:
+                            skipped.append({"input": where, "reason": "duplicate-row"})
+                        continue
                     table[frame] = float(value)
         if not per_au:
             continue
@@ -183,6 +201,10 @@ def scan_disfa(a: AdapterArgs) -> Scan:
                 skipped.append({"input": str(video), "reason": "video-missing", "count": n})
                 continue
         for frame in sorted(set().union(*per_au.values())):
+            if frame in conflicts:
+                skipped.append({"input": f"{subject} frame {frame}", "reason": "conflicting-labels",
+                                "detail": f"{conflicts[frame]} contradicts an earlier line"})
+                continue
             inten = [per_au.get(au, {}).get(frame, -1.0) for au in aus]
             mask = [int(v >= 0) for v in inten]
             occ = [int(v >= a.active_threshold) for v in inten]
@@ -196,7 +218,7 @@ def scan_disfa(a: AdapterArgs) -> Scan:
                 source = str(path)
             records.append(Record(key=f"{_safe(subject)}_{frame:06d}", source=source, subject=subject,
                                   sequence=subject, frame=frame, occurrence=occ, mask=mask,
-                                  intensity=[max(v, 0.0) for v in inten]))
+                                  intensity=[max(v, 0.0) for v in inten], origin=f"{subject} frame {frame}"))
     return Scan("disfa", aus, records, skipped, labelled=True)
 
 
@@ -237,7 +259,7 @@ def scan_emotionet(a: AdapterArgs) -> Scan:
                     skipped.append({"input": f"{where} {name}", "reason": "label-without-image"})
                     continue
                 records.append(Record(key=_safe(Path(name).stem), source=str(img), occurrence=list(occ),
-                                      mask=list(mask)))
+                                      mask=list(mask), origin=where))
     return Scan("emotionet", aus, records, skipped, labelled=True)
 
 
@@ -245,7 +267,7 @@ def scan_emotionet(a: AdapterArgs) -> Scan:
 def scan_csv(a: AdapterArgs) -> Scan:
     if a.labels is None or not a.labels.is_file():
         raise LabelError(f"--labels {a.labels} is not a file (the csv manifest)")
-    images = a.images if a.images is not None else a.labels.parent
+    images = _require_dir(a.images if a.images is not None else a.labels.parent, "--images")
     records, skipped = [], []
     with open(a.labels, newline="") as f:
         rows = csv.reader(f)
@@ -279,7 +301,7 @@ def scan_csv(a: AdapterArgs) -> Scan:
             frame = _int(row[opt["frame"]], where) if opt["frame"] is not None else -1
             stem = Path(row[col].strip()).with_suffix("").as_posix()
             records.append(Record(key=_safe(stem), source=str(path), subject=subject, sequence=sequence, frame=frame,
-                                  occurrence=list(occ), mask=list(mask), expression=expr))
+                                  occurrence=list(occ), mask=list(mask), expression=expr, origin=where))
     return Scan("csv", tuple(aus), records, skipped, labelled=True)
 
 
@@ -317,7 +339,7 @@ def scan_rafdb(a: AdapterArgs) -> Scan:
                 skipped.append({"input": f"{where} {parts[0]}", "reason": "label-without-image"})
                 continue
             records.append(Record(key=_safe(stem), source=str(path), expression=label - 1,
-                                  split=stem.split("_", 1)[0]))
+                                  split=stem.split("_", 1)[0], origin=where))
     skipped.extend({"input": str(p), "reason": "image-without-label"}
                    for p in _list_images(images) if p.name not in named)
     return Scan("rafdb", (), records, skipped, labelled=False)
@@ -353,6 +375,52 @@ def scan_folder(a: AdapterArgs) -> Scan:
             skipped.append({"input": problem, "reason": "bad-sidecar-ignored"})
         records.append(Record(key=_safe(rel), source=str(img), meta=meta))
     return Scan("folder", (), records, skipped, labelled=False)
+
+
+# ---------------------------------------------------------------------------------------------------- screen
+def screen(scan: Scan, images: Path) -> None:
+    """Skip, in place, records that resolve outside ``images`` and images listed more than once (module doc)."""
+    root = os.path.realpath(images)
+    real_dirs: dict[str, str] = {}  # a corpus has few folders and many files: one realpath per folder
+
+    def real(path: str) -> str:
+        parent, name = os.path.split(path)
+        if parent not in real_dirs:
+            real_dirs[parent] = os.path.realpath(parent)
+        full = os.path.join(real_dirs[parent], name)
+        return os.path.realpath(full) if os.path.islink(full) else full
+
+    def where(r: Record) -> str:
+        return f"{r.origin} {r.source}" if r.origin else r.source
+
+    first: dict[tuple[str, str], Record] = {}  # (real path, frame) -> the first listing, in listing order
+    more: dict[tuple[str, str], list[Record]] = {}  # the later listings of the few images listed twice
+    for r in scan.records:
+        path, frame = split_source(r.source)
+        full = real(path)
+        if os.path.commonpath((root, full)) != root:
+            scan.skipped.append({"input": where(r), "reason": "outside-images", "detail": f"resolves to {full}"})
+        elif (full, frame) in first:
+            more.setdefault((full, frame), []).append(r)
+        else:
+            first[(full, frame)] = r
+    for ident, later in more.items():
+        head = first[ident]
+        if all(_labels(r) == _labels(head) for r in later):
+            scan.skipped.extend({"input": where(r), "reason": "duplicate-row", "detail": f"repeats {where(head)}"}
+                                for r in later)
+        else:
+            del first[ident]
+            listed = [head, *later]
+            scan.skipped.extend({"input": where(r), "reason": "conflicting-labels",
+                                 "detail": "labels differ from " + "; ".join(where(o) for o in listed if o is not r)}
+                                for r in listed)
+    scan.records = list(first.values())
+
+
+def _labels(r: Record) -> tuple:
+    # Everything a sample says about the image; key, source and origin only say where the listing came from.
+    return (r.subject, r.sequence, r.frame, r.occurrence, r.mask, r.intensity, r.expression, r.split, r.meta)
 
 
 ADAPTERS: dict[str, Callable[[AdapterArgs], Scan]] = {

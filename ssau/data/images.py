@@ -4,11 +4,17 @@ A shard sample is always ``.jpg``. Valid RGB JPEGs are passed through byte for b
 fastest path); everything else that decodes (grayscale, CMYK, alpha, palette, PNG, 16-bit) is converted to RGB and
 encoded once at ``JPEG_QUALITY``. Every image is fully decoded first, because a truncated JPEG only shows itself
 when its last scan is read.
+
+Memory stays bounded: ``check_header`` compares the size the header declares (``Image.open`` reads only the
+header) with ``MAX_PIXELS`` before a single pixel is decoded, so a crafted 30000x30000 JPEG or a 121-megapixel PNG
+costs a few bytes of header, not gigabytes. No image can end a run: whatever goes wrong while preparing one image
+becomes a reason to skip it.
 """
 
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -16,11 +22,45 @@ from PIL import Image
 
 JPEG_QUALITY = 95
 # Decompression-bomb guard: far above any face image, far below what would exhaust a worker's memory.
-Image.MAX_IMAGE_PIXELS = 64_000_000
+MAX_PIXELS = 64_000_000
+# Below this the image cannot hold a face, and libjpeg's 1/8 draft scale would round a side to 0 pixels.
+MIN_SIDE = 8
+# PIL's own guard stays as a backstop for code that opens images without check_header (it warns above the limit
+# and raises above twice it).
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+# The formats a corpus ships (adapters.IMAGE_EXTS, plus GIF under a wrong name); the contents decide, not the name.
+# PIL's other plugins include EPS, whose load hands the bytes to Ghostscript: never run a program on a file read.
+FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF", "GIF")
 
 
 class SkipImage(Exception):
-    """The image cannot enter a shard; ``str(e)`` is the reason code written to dataset.json."""
+    """The image cannot enter a shard; ``str(e)`` is the reason code written to dataset.json, ``detail`` what
+    was seen (a declared size, an exception message), or None."""
+
+    def __init__(self, reason: str, detail: str | None = None) -> None:
+        super().__init__(reason)
+        self.detail = detail
+
+    def __reduce__(self):  # survives a trip between processes with its detail
+        return SkipImage, (str(self), self.detail)
+
+
+def exception_detail(e: BaseException) -> str:
+    """A short, reproducible description of ``e`` for a skip entry (dataset.json is byte-identical across runs, so
+    no object addresses)."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", f"{e}")[:200] or type(e).__name__
+
+
+def check_header(img: Image.Image) -> None:
+    """Raise SkipImage('too-large' / 'too-small') from the size ``img``'s header declares; decodes nothing.
+
+    Call it right after ``Image.open`` and before ``draft``/``load``/``convert``.
+    """
+    w, h = img.size
+    if w * h > MAX_PIXELS:
+        raise SkipImage("too-large", f"{w}x{h} declared, limit {MAX_PIXELS} pixels")
+    if w < MIN_SIDE or h < MIN_SIDE:
+        raise SkipImage("too-small", f"{w}x{h}, sides under {MIN_SIDE} px")
 
 
 @dataclass(frozen=True)
@@ -60,23 +100,34 @@ def prepare_image(data: bytes, resize: int | None = None, quality: int = JPEG_QU
     if len(data) == 0:
         raise SkipImage("empty-file")
     try:
+        return _prepare(data, resize, quality)
+    except SkipImage:
+        raise
+    except Exception as e:  # one image's bytes must never end a run, whatever they make PIL raise
+        raise SkipImage(f"error-{type(e).__name__}", exception_detail(e)) from e
+
+
+def _prepare(data: bytes, resize: int | None, quality: int) -> Prepared:
+    try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            fmt, mode, size = img.format, img.mode, img.size
-            if fmt == "JPEG" and (resize or mode == "RGB"):
-                # libjpeg's DCT scaling: every scan is still read (so truncation is still caught), at a fraction
-                # of the IDCT cost. Pass-through only validates; a resize needs no more than its target.
-                img.draft(None, _target(size, resize) if resize else (size[0] // 8, size[1] // 8))
-            img.load()
-    except Image.DecompressionBombError as e:
-        raise SkipImage("too-large") from e
+            # PIL warns between 1x and 2x its limit; check_header makes the decision, with the declared size.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
+        fmt, mode, size = img.format, img.mode, img.size
+        check_header(img)
+        if fmt == "JPEG" and (resize or mode == "RGB"):
+            # libjpeg's DCT scaling: every scan is still read (so truncation is still caught), at a fraction
+            # of the IDCT cost. Pass-through only validates; a resize needs no more than its target.
+            img.draft(None, _target(size, resize) if resize else (size[0] // 8, size[1] // 8))
+        img.load()
+    except Image.DecompressionBombError as e:  # over twice the limit: PIL refuses in open, before check_header
+        declared = re.search(r"\((\d+) pixels\)", str(e))
+        raise SkipImage("too-large", f"{declared[1] if declared else 'over 2x that'} pixels declared, "
+                                     f"limit {MAX_PIXELS} pixels") from e
     except Image.UnidentifiedImageError as e:
         raise SkipImage("not-an-image") from e
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as e:
-        raise SkipImage("truncated" if "truncated" in str(e) else "corrupt") from e
-    if size[0] < 8 or size[1] < 8:
-        raise SkipImage("too-small")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise SkipImage("truncated" if "truncated" in str(e) else "corrupt", exception_detail(e)) from e
 
     converted = None
     if mode != "RGB":

@@ -6,18 +6,21 @@ Guarantees, and how they are kept:
 - Kill -9 safe and resumable: every file is written under a temporary name and renamed. A shard counts as done
   only when its stats file (``.ssau/<shard>.json``) exists, names the same plan hash, and the tar's sha256 matches;
   anything else is rewritten. The index and dataset.json are rebuilt from the per-shard parts at the end.
-- Bad images are skipped or converted and listed with their reason; they never end a run.
+- Bad images are skipped or converted and listed with their reason; they never end a run. Records are screened
+  first (``adapters.screen``: files outside ``--images``, images listed twice); every key is unique.
+- Otherwise a run stops with one line (ShardError): an unusable ``--out`` (a file in the way, read-only, disk
+  full), a worker that raised or died. No temporary file is left; finished shards are kept for the resume.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import shutil
 import sys
 import time
+import traceback
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,8 +31,9 @@ import webdataset as wds
 from tqdm import tqdm
 
 from ssau.aus import EXPRESSIONS, STANDARD_FOLDS, au_name
-from ssau.data.adapters import ADAPTERS, AdapterArgs, Record, Scan
-from ssau.data.images import JPEG_QUALITY, SkipImage, prepare_image
+from ssau.data.adapters import ADAPTERS, AdapterArgs, Record, Scan, screen
+from ssau.data.images import JPEG_QUALITY, MIN_SIDE, Prepared, SkipImage, exception_detail, prepare_image
+from ssau.data.pool import WorkerDied, run_tasks
 from ssau.data.video import read_source
 
 FORMAT_VERSION = 1
@@ -64,11 +68,15 @@ class ShardSettings:
 # ---------------------------------------------------------------------------------------------------- planning
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not also leave a partial file behind
+        raise
 
 
 def _json_bytes(obj) -> bytes:
@@ -105,11 +113,25 @@ def _assign_folds(scan: Scan, spec: str | None, seed: int) -> tuple[list[tuple[i
 
 
 def _dedupe_keys(records: list[Record]) -> None:
-    seen: Counter[str] = Counter()
+    """Make every key unique, in list order (the adapters' sorted order, so the same for any --workers).
+
+    The first record with a key keeps it; a later one becomes ``<key>-dup<n>`` with the smallest n that no record
+    uses, counting keys that only appear later in the list (``x``, ``x``, ``x-dup2`` must not give two x-dup2).
+    """
+    used = {r.key for r in records}
+    kept: set[str] = set()
+    next_n: Counter[str] = Counter()
     for r in records:
-        seen[r.key] += 1
-        if seen[r.key] > 1:
-            r.key = f"{r.key}-dup{seen[r.key]}"
+        if r.key not in kept:
+            kept.add(r.key)
+            continue
+        base, n = r.key, max(2, next_n[r.key])
+        while f"{base}-dup{n}" in used:
+            n += 1
+        next_n[base] = n + 1
+        r.key = f"{base}-dup{n}"
+        used.add(r.key)
+        kept.add(r.key)
 
 
 def plan_shards(scan: Scan, s: ShardSettings) -> tuple[list[dict], list[dict]]:
@@ -152,21 +174,45 @@ def _init_worker(scan_meta: Scan, settings: ShardSettings, out: Path) -> None:
 
 
 def _write_shard(task: dict) -> dict:
+    tmp = _OUT / f".{task['name']}.tmp-{os.getpid()}"
+    try:
+        return _write_shard_to(task, tmp)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) or not isinstance(e, Exception):
+            raise  # --out's (inputs are guarded per image: run_shard names it), or Ctrl-C
+        log = _OUT / STATE_DIR / "error.txt"  # anything else is a bug: one line, and its traceback for the report
+        try:
+            _atomic_write(log, "".join(traceback.format_exception(e)).encode())
+        except OSError:
+            pass
+        raise ShardError(f"writing {task['name']} failed: {type(e).__name__}: {exception_detail(e)}; "
+                         f"traceback in {log}") from None
+
+
+def _prepared(r: Record, s: ShardSettings) -> tuple[Prepared | None, dict | None]:
+    """-> (Prepared, None) or (None, skip entry). Nothing one input holds can raise out of here."""
+    try:
+        return prepare_image(read_source(r.source), s.resize, s.quality), None
+    except SkipImage as e:
+        return None, {"input": r.source, "reason": str(e)} | ({"detail": e.detail} if e.detail else {})
+    except OSError as e:
+        return None, {"input": r.source, "reason": f"unreadable: {e.strerror or e}"}
+    except Exception as e:  # a reader bug on one input must cost that input, not the run
+        return None, {"input": r.source, "reason": f"error-{type(e).__name__}", "detail": exception_detail(e)}
+
+
+def _write_shard_to(task: dict, tmp: Path) -> dict:
     scan, s, out = _SCAN, _SETTINGS, _OUT
-    tmp = out / f".{task['name']}.tmp-{os.getpid()}"
     rows, skipped, converted = [], [], Counter()
     with open(tmp, "wb") as f:
         # Fixed metadata: byte-identical shards. The mtime is an int on purpose: a float makes tarfile add a pax
         # header to every member, which readers then have to parse.
         sink = wds.TarWriter(f, user="", group="", mtime=0)
         for r in task["records"]:
-            try:
-                prep = prepare_image(read_source(r.source), s.resize, s.quality)
-            except SkipImage as e:
-                skipped.append({"input": r.source, "reason": str(e)})
-                continue
-            except OSError as e:
-                skipped.append({"input": r.source, "reason": f"unreadable: {e.strerror or e}"})
+            prep, skip = _prepared(r, s)
+            if skip is not None:
+                skipped.append(skip)
                 continue
             doc = _record_doc(r, scan, task["fold"]) | {"width": prep.width, "height": prep.height}
             sink.write({"__key__": r.key, "jpg": prep.jpeg,
@@ -231,11 +277,33 @@ def _verified(out: Path, task: dict) -> dict | None:
 
 
 # ---------------------------------------------------------------------------------------------------- driver
+def _check_out(out: Path) -> None:
+    """Refuse an ``--out`` that cannot be written before the scan (which can take long), creating nothing."""
+    if out.exists() and not out.is_dir():
+        raise ShardError(f"--out {out} exists and is not a directory")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ShardError(f"--out {out}: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):  # catches a read-only file system even for root
+        raise ShardError(f"--out {out}: {probe} is not writable (permissions or a read-only file system)")
+
+
+def _out_error(out: Path, e: OSError, started: bool) -> ShardError:
+    path = str(e.filename) if e.filename is not None and str(e.filename) != str(out) else ""
+    return ShardError(f"--out {out}: {e.strerror or e}" + (f" ({path})" if path else "")
+                      + ("; finished shards are kept and the same command resumes" if started else ""))
+
+
+def _remove_tmp(out: Path) -> None:
+    for p in list(out.glob(".*.tmp-*")) + list((out / STATE_DIR).glob(".*.tmp-*")):
+        p.unlink(missing_ok=True)  # left by a killed run or a killed worker
+
+
 def _prepare_out(out: Path, s: ShardSettings, overwrite: bool) -> None:
     state = out / STATE_DIR
     settings_path = state / "settings.json"
-    if out.exists() and not out.is_dir():
-        raise ShardError(f"--out {out} exists and is not a directory")
     if settings_path.is_file():
         old = json.loads(settings_path.read_text())
         if old != s.fingerprint() and not overwrite:
@@ -251,46 +319,67 @@ def _prepare_out(out: Path, s: ShardSettings, overwrite: bool) -> None:
             p.unlink(missing_ok=True)
         shutil.rmtree(state, ignore_errors=True)
     state.mkdir(parents=True, exist_ok=True)
-    for p in list(out.glob(".*.tmp-*")) + list(state.glob(".*.tmp-*")):
-        p.unlink()  # left by a killed run
+    _remove_tmp(out)
     _atomic_write(settings_path, _json_bytes(s.fingerprint()))
+
+
+def _run_tasks(todo: list[dict], meta: Scan, s: ShardSettings, out: Path, workers: int, done: dict, bar) -> None:
+    def finished(task: dict, stats: dict) -> None:
+        done[task["name"]] = stats
+        bar.update(len(task["records"]))
+
+    try:
+        run_tasks(_write_shard, todo, workers, _init_worker, (meta, s, out), finished)
+    except WorkerDied as e:
+        raise ShardError(f"{e} while writing {out}; finished shards are kept and the same command resumes") from None
+    finally:
+        _remove_tmp(out)  # of the workers stopped mid-shard
 
 
 def run_shard(s: ShardSettings, out: Path, workers: int = 1, overwrite: bool = False, progress: bool = True) -> dict:
     """Shard one corpus into ``out``; returns the dataset.json document. Raises ShardError / LabelError."""
     if s.format not in ADAPTERS:
         raise ShardError(f"unknown format {s.format!r}; choose one of {', '.join(ADAPTERS)}")
-    if s.shard_size < 1:
-        raise ShardError("--shard-size must be at least 1")
+    if s.shard_size < 1 or workers < 1:
+        raise ShardError(f"--shard-size {s.shard_size} and --workers {workers}: both must be at least 1")
+    if s.resize is not None and s.resize < MIN_SIDE:
+        raise ShardError(f"--resize {s.resize}: the shorter side must be at least {MIN_SIDE} px")
+    if not 1 <= s.quality <= 100:
+        raise ShardError(f"--quality {s.quality}: JPEG quality is 1-100")
+    if not 0 < s.active_threshold <= 5:  # also refuses nan: DISFA intensities are 0-5
+        raise ShardError(f"--active-threshold {s.active_threshold}: an intensity in (0, 5]")
+    _check_out(out)
     t0 = time.time()
     scan = ADAPTERS[s.format](AdapterArgs(images=Path(s.images), labels=Path(s.labels) if s.labels else None,
                                           aus=s.aus, unknown=s.unknown, frame_template=s.frame_template,
                                           active_threshold=s.active_threshold))
+    screen(scan, Path(s.images))
     _dedupe_keys(scan.records)
     tasks, plan_skipped = plan_shards(scan, s)
     if not tasks:
         raise ShardError(f"no samples found under {s.images}" + (f" with labels {s.labels}" if s.labels else ""))
-    _prepare_out(out, s, overwrite)
+    try:
+        _prepare_out(out, s, overwrite)
+    except OSError as e:
+        raise _out_error(out, e, started=False) from None
+    try:
+        return _write_all(scan, s, tasks, plan_skipped, out, workers, progress, t0)
+    except OSError as e:
+        raise _out_error(out, e, started=True) from None
 
+
+def _write_all(scan: Scan, s: ShardSettings, tasks: list[dict], plan_skipped: list[dict], out: Path, workers: int,
+               progress: bool, t0: float) -> dict:
     done = {t["name"]: st for t in tasks if (st := _verified(out, t)) is not None}
     todo = [t for t in tasks if t["name"] not in done]
     meta = Scan(scan.corpus, scan.aus, [], [], scan.labelled)  # workers need no record list of their own
     bar = tqdm(total=sum(len(t["records"]) for t in tasks), unit="img", desc=f"shard {scan.corpus}",
                disable=not progress, initial=sum(len(t["records"]) for t in tasks if t["name"] in done),
                file=sys.stderr, dynamic_ncols=True)
-    if todo:
-        if workers > 1:
-            with mp.get_context("fork").Pool(workers, _init_worker, (meta, s, out)) as pool:
-                sizes = {t["name"]: len(t["records"]) for t in todo}
-                for stats in pool.imap_unordered(_write_shard, todo):
-                    done[stats["name"]] = stats
-                    bar.update(sizes[stats["name"]])
-        else:
-            _init_worker(meta, s, out)
-            for t in todo:
-                done[t["name"]] = _write_shard(t)
-                bar.update(len(t["records"]))
-    bar.close()
+    try:
+        _run_tasks(todo, meta, s, out, workers, done, bar)
+    finally:
+        bar.close()
 
     planned = {t["name"] for t in tasks}
     for stale in out.glob("*.tar"):  # shards of an earlier, larger plan with the same settings
@@ -300,10 +389,14 @@ def run_shard(s: ShardSettings, out: Path, workers: int = 1, overwrite: bool = F
             (out / STATE_DIR / f"{stale.name}.parquet").unlink(missing_ok=True)
     shards = [done[t["name"]] for t in tasks]
     index_tmp = out / f".index.parquet.tmp-{os.getpid()}"
-    with pq.ParquetWriter(index_tmp, _schema(scan)) as writer:  # streamed: memory stays flat
-        for st in shards:
-            writer.write_table(pq.read_table(out / STATE_DIR / f"{st['name']}.parquet", schema=_schema(scan)))
-    os.replace(index_tmp, out / "index.parquet")
+    try:
+        with pq.ParquetWriter(index_tmp, _schema(scan)) as writer:  # streamed: memory stays flat
+            for st in shards:
+                writer.write_table(pq.read_table(out / STATE_DIR / f"{st['name']}.parquet", schema=_schema(scan)))
+        os.replace(index_tmp, out / "index.parquet")
+    except BaseException:
+        index_tmp.unlink(missing_ok=True)
+        raise
     doc = _dataset_doc(scan, s, shards, plan_skipped, out)
     _atomic_write(out / "dataset.json", _json_bytes(doc))
     # Run facts differ between runs, so they stay out of dataset.json (which is byte-identical across runs).

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ssau.data.images import SkipImage, encode_jpeg
+from ssau.data.images import SkipImage, encode_jpeg, exception_detail
 
 
 class _ForwardDecoder:
@@ -43,7 +43,13 @@ class _ForwardDecoder:
         except av.error.FFmpegError as e:
             self._open(path)  # a broken packet: the next request starts from a fresh decoder
             raise SkipImage("video-decode-error") from e
-        return encode_jpeg(self.last.to_image())
+        except Exception as e:  # anything else confined to this frame: skip it, reopen on the next request
+            self.close()
+            raise SkipImage(f"error-{type(e).__name__}", exception_detail(e)) from e
+        try:
+            return encode_jpeg(self.last.to_image())
+        except Exception as e:
+            raise SkipImage(f"error-{type(e).__name__}", exception_detail(e)) from e
 
     def close(self) -> None:
         if self.container is not None:
@@ -54,9 +60,17 @@ class _ForwardDecoder:
 _DECODER = _ForwardDecoder()
 
 
-def read_source(source: str) -> bytes:
-    """The bytes of an image file, or a video frame encoded as JPEG."""
+def split_source(source: str) -> tuple[str, str]:
+    """-> (file path, frame index as text, or "" for an image file)."""
     path, sep, frame = source.rpartition("#")
     if sep and frame.isdigit() and path.lower().endswith((".avi", ".mp4", ".mkv", ".mov")):
+        return path, frame
+    return source, ""
+
+
+def read_source(source: str) -> bytes:
+    """The bytes of an image file, or a video frame encoded as JPEG."""
+    path, frame = split_source(source)
+    if frame:
         return _DECODER.frame(path, int(frame))
-    return Path(source).read_bytes()
+    return Path(path).read_bytes()

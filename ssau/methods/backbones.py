@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torchvision import models
 
+from ssau.checkpoints import CheckpointError, safe_load
 from ssau.config import ConfigError, ModelConfig
 
 _RESNETS = {
@@ -59,7 +60,12 @@ def build_backbone(cfg: ModelConfig) -> tuple[nn.Module, int]:
         path = Path(cfg.pretrained)
         if not path.is_file():
             raise ConfigError(f"model.pretrained: {path} is not a file")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            state = safe_load(path)  # weights only: a pickled file runs nothing
+        except CheckpointError as e:
+            raise ConfigError(f"model.pretrained: {e}") from None
+        if not isinstance(state, dict):
+            raise ConfigError(f"model.pretrained: {path} holds a {type(state).__name__}, not a state_dict")
         if "method" in state:  # an ssau model.pt or checkpoint: take its backbone
             state = {k.removeprefix("backbone."): v for k, v in state["method"].items() if k.startswith("backbone.")}
         state = state.get("state_dict", state)

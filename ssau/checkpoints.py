@@ -1,0 +1,159 @@
+"""Checkpoint files: written atomically and only when finite, read without executing anything, pruned.
+
+- Reading: ``safe_load`` is ``torch.load(..., weights_only=True)``: tensors, numbers, strings and plain containers
+  only, so a crafted (pickled) file cannot run code. What ssau writes is exactly that: RNG states are stored as
+  lists and tensors (``runtime.rng_state``), never as numpy objects. A file that needs anything else is refused with
+  one line. DeepSpeed's own loader is replaced by the same function (``runtime.deepspeed_engine``), with three
+  DeepSpeed classes allowed by name (its ZeRO stage enum, loss scaler and fragment address).
+- Writing: ``atomic_save`` writes ``.<name>.tmp-<pid>``, fsyncs and renames, so a kill -9 or a full disk never leaves
+  a half file under the real name; on failure the temporary file is removed and the previous checkpoint stays the
+  newest. Non-finite floating tensors are refused before anything is written.
+- Housekeeping: ``clean_partial`` removes what a killed save left (temporary files, step files and DeepSpeed tag
+  folders newer than the ``last`` pointer); ``prune`` keeps the newest ``keep`` step checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from ssau.errors import CheckpointError
+
+STEP_FILE = re.compile(r"step-(\d{7})\.pt")
+
+
+def safe_load(path: str | Path, map_location: Any = "cpu", allow: Iterable[type] = ()) -> Any:
+    """``torch.load`` that executes nothing: weights only (plus the classes in ``allow``)."""
+    try:
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        what = str(e).split("Unsupported global: ")[-1].split(" was not")[0].strip()[:120]
+        raise CheckpointError(f"{path}: refused, it holds objects other than tensors and plain containers "
+                              f"({what}); loading it could execute code") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:160]})") from None
+
+
+def nonfinite_tensors(state: Any, prefix: str = "") -> list[str]:
+    """Names of the floating tensors in a nested state that hold NaN or inf."""
+    bad = []
+    if torch.is_tensor(state):
+        if state.is_floating_point() and not bool(torch.isfinite(state).all()):
+            bad.append(prefix or "<tensor>")
+    elif isinstance(state, dict):
+        for k, v in state.items():
+            bad += nonfinite_tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(state, (list, tuple)):
+        for i, v in enumerate(state):
+            bad += nonfinite_tensors(v, f"{prefix}[{i}]")
+    return bad
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """Write ``obj`` to ``path`` through a temporary name; raises CheckpointError (and leaves nothing) on failure."""
+    bad = nonfinite_tensors(obj)
+    if bad:
+        raise CheckpointError(f"{path.name}: not written, {len(bad)} tensors hold NaN or inf (e.g. {bad[0]})")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        tmp.unlink(missing_ok=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:160]
+        raise CheckpointError(f"cannot write {path} ({reason})") from None
+
+
+def writable_dir(path: Path, key: str) -> str | None:
+    """Create ``path`` and write a probe file in it: None, or one line saying why not (root ignores permission
+    bits, so only a real write tells)."""
+    probe = path / f".write-test-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        return f"{key}: cannot write the run directory {path} ({e.strerror or e})"
+    return None
+
+
+def write_pointer(ckpt_dir: Path, name: str) -> None:
+    """Point ``last`` at ``name`` atomically (the step file must already be complete)."""
+    tmp = ckpt_dir / f".last.tmp-{os.getpid()}"
+    try:
+        tmp.write_text(name + "\n")
+        os.replace(tmp, ckpt_dir / "last")
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write {ckpt_dir / 'last'} ({e.strerror or e})") from None
+
+
+def last_checkpoint(ckpt_dir: Path) -> Path | None:
+    pointer = ckpt_dir / "last"
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    if not STEP_FILE.fullmatch(name) or not (ckpt_dir / name).is_file():
+        raise CheckpointError(f"{pointer} names {name!r}, which is not a checkpoint in {ckpt_dir}")
+    return ckpt_dir / name
+
+
+def _step(name: str) -> int | None:
+    m = re.fullmatch(r"step-(\d{7})(\.pt)?", name)
+    return int(m.group(1)) if m else None
+
+
+def _deepspeed_tags(ckpt_dir: Path) -> list[Path]:
+    root = ckpt_dir / "deepspeed"
+    return [tag for group in root.iterdir() if group.is_dir() for tag in group.iterdir()
+            if tag.is_dir() and _step(tag.name) is not None] if root.is_dir() else []
+
+
+def clean_partial(ckpt_dir: Path) -> list[str]:
+    """Remove what an interrupted save left behind; returns the names removed. Rank 0, before any save."""
+    if not ckpt_dir.is_dir():
+        return []
+    last = last_checkpoint(ckpt_dir)
+    newest = _step(last.name) if last else -1
+    removed = []
+    for p in list(ckpt_dir.glob(".*.tmp-*")) + list(ckpt_dir.glob(".last.tmp*")):
+        p.unlink(missing_ok=True)
+        removed.append(p.name)
+    for p in ckpt_dir.glob("step-*.pt"):  # written, but the pointer never moved to it: its DeepSpeed part may be partial
+        if (_step(p.name) or -1) > newest:
+            p.unlink()
+            removed.append(p.name)
+    for tag in _deepspeed_tags(ckpt_dir):
+        if (_step(tag.name) or -1) > newest:
+            shutil.rmtree(tag, ignore_errors=True)
+            removed.append(f"deepspeed/{tag.parent.name}/{tag.name}")
+    return removed
+
+
+def prune(ckpt_dir: Path, keep: int) -> list[str]:
+    """Keep the newest ``keep`` step checkpoints (and their DeepSpeed tags); 0 keeps all. Never the current one."""
+    if keep <= 0:
+        return []
+    last = last_checkpoint(ckpt_dir)
+    steps = sorted({s for p in ckpt_dir.glob("step-*.pt") if (s := _step(p.name)) is not None}, reverse=True)
+    keep_steps = set(steps[:keep]) | ({_step(last.name)} if last else set())
+    removed = []
+    for s in steps:
+        if s not in keep_steps:
+            (ckpt_dir / f"step-{s:07d}.pt").unlink(missing_ok=True)
+            removed.append(f"step-{s:07d}.pt")
+    for tag in _deepspeed_tags(ckpt_dir):
+        if _step(tag.name) not in keep_steps:
+            shutil.rmtree(tag, ignore_errors=True)
+    return removed

@@ -1,0 +1,53 @@
+"""Scoring a method on the held-out fold: exact-once evaluation over all ranks, the papers' per-AU metrics, and a
+check that every sample the index lists was scored (``data.eval_incomplete``)."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from ssau.config import Config
+from ssau.data.evaluation import eval_loader
+from ssau.methods import Method
+from ssau.metrics import au_metrics
+from ssau.runtime import Runtime
+
+
+@torch.no_grad()
+def evaluate_method(method: Method, cfg: Config, aus: tuple[int, ...], rt: Runtime,
+                    dirs: tuple[str, ...] | None = None, folds: tuple[int, ...] | None = None) -> dict:
+    method.eval()
+    d = cfg.data
+    dirs = dirs or tuple(d.labelled)
+    folds = folds if folds is not None else ((d.fold,) if d.fold else None)
+    probs, targets, masks = [], [], []
+    loader = eval_loader(dirs, folds, aus, d.eval_batch, d.image_size, rt.rank, rt.world, min(d.workers, 2))
+    for b in loader:
+        images = b.images.to(rt.device)
+        if rt.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with rt.autocast():
+            p = method.predict(images).float()
+        rows = torch.cat([p, b.targets.to(rt.device), b.mask.to(rt.device), b.valid.to(rt.device).float()[:, None]], 1)
+        if rt.world > 1:  # every rank yields the same number of equally sized batches
+            gathered = [torch.empty_like(rows) for _ in range(rt.world)]
+            dist.all_gather(gathered, rows)
+            rows = torch.cat(gathered)
+        rows = rows[rows[:, -1] > 0].cpu()
+        J = len(aus)
+        probs.append(rows[:, :J])
+        targets.append(rows[:, J:2 * J])
+        masks.append(rows[:, 2 * J:3 * J])
+    scored = sum(len(p) for p in probs)  # valid rows of every rank: each rank counts the same and decides the same
+    problems = loader.problems[:1]
+    if scored != loader.expected:  # every rank is here: name the first problem any rank found
+        problems = [p for ps in rt.gather_objects(problems) for p in ps]
+    counts = loader.finish(scored, problems, d.eval_incomplete, rt.main)
+    if not rt.main:
+        return {}
+    if not probs:
+        warnings.warn("evaluation fold is empty", stacklevel=2)
+        return {}
+    return au_metrics(torch.cat(probs).numpy(), torch.cat(targets).numpy(), torch.cat(masks).numpy(), aus) | counts

@@ -1,0 +1,374 @@
+"""The run directory's tracking journal, and the replay behind ``ssau upload``.
+
+``<run_dir>/tracking.jsonl`` holds everything a run logs to MLflow, one JSON object a line, appended (one write,
+then flushed to the OS) before the record is queued for the server, so a crash, an outage or ``kill -9`` never loses
+logged work. A record is self-describing::
+
+    {"seq": 7, "kind": "metrics", "run_id": "3f2a...", "payload": {"step": 12, "timestamp": 1718000000000,
+                                                                    "values": {"train/supervised/loss": 0.41}}}
+
+``kind`` is one of run (the run's creation: uri, experiment, name, tags, start time), params, metrics, tags,
+artifact (a file path, relative to the run directory when inside it, and the artifact folder) or status. ``seq``
+counts the run's records; one journal may hold several runs (a run directory restarted from scratch). A kill can
+leave the last line torn: readers skip it and count it, and a resumed run cuts it off before appending.
+
+``tracking.delivered.json`` (written atomically) says, per run id, how many of the run's records reached its server
+(``upto``: every seq below it, except those in ``dropped``: records the server refused). Records past ``upto`` may or
+may not have arrived (a kill between delivery and the sidecar write), so they are re-sent with de-duplication:
+metric steps the server already holds (``get_metric_history``) are left out, and params, tags, artifacts and status
+are compared first. ``upload`` always de-duplicates, so running it twice sends nothing the second time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from array import array
+from bisect import bisect_left, insort
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+JOURNAL = "tracking.jsonl"
+SIDECAR = "tracking.delivered.json"
+KINDS = ("run", "params", "metrics", "tags", "artifact", "status")
+MAX_METRICS, MAX_PARAMS = 1000, 100  # what one MLflow log_batch request may carry
+_TRANSIENT = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"}
+
+
+class JournalError(Exception):
+    """A run directory whose journal cannot be read or replayed (one line)."""
+
+
+class Undeliverable(Exception):
+    """A record that no retry can deliver (its artifact file is gone)."""
+
+
+# ---------------------------------------------------------------------------------------------------- the file
+def _parse(line: bytes) -> dict | None:
+    try:
+        rec = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    ok = (isinstance(rec, dict) and rec.get("kind") in KINDS and isinstance(rec.get("run_id"), str)
+          and isinstance(rec.get("seq"), int) and isinstance(rec.get("payload"), dict))
+    return rec if ok else None
+
+
+def read_journal(path: Path) -> tuple[list[dict], int]:
+    """The records, and how many torn last lines were skipped (0 or 1). A bad line elsewhere is a JournalError."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise JournalError(f"{path}: cannot be read ({e.strerror or e})") from None
+    lines = data.split(b"\n")
+    tail = lines.pop()  # b"" when the file ends with a newline, else the line a kill tore
+    records = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        rec = _parse(line)
+        if rec is None:
+            raise JournalError(f"{path}: line {i} is not a journal record: {line[:60]!r}")
+        records.append(rec)
+    torn = 0
+    if tail.strip():
+        rec = _parse(tail)
+        if rec is None:
+            torn = 1
+        else:
+            records.append(rec)
+    return records, torn
+
+
+def journal_run_id(path: Path) -> str:
+    """The run id of the journal's newest run ("" when there is none): a run directory restarted before its first
+    checkpoint (a rank killed early, under an elastic launcher) continues that MLflow run instead of opening another."""
+    try:
+        records, _ = read_journal(path)
+    except JournalError:
+        return ""
+    runs = [r["run_id"] for r in records if r["kind"] == "run"]
+    return runs[-1] if runs else ""
+
+
+class Journal:
+    """Append-only writer of one run directory's journal (rank 0 only), plus its delivery sidecar."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.dir = self.path.parent
+        self._fd: int | None = None  # opened at the first record: a run that fails at start leaves no file
+
+    def records(self) -> list[dict]:
+        return read_journal(self.path)[0] if self.path.is_file() else []
+
+    def append(self, rec: dict) -> None:
+        if self._fd is None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if self.path.is_file():
+                data = self.path.read_bytes()
+                if data and not data.endswith(b"\n"):  # a torn record from a killed process: it was never queued
+                    os.truncate(self.path, data.rfind(b"\n") + 1)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        data = (json.dumps(rec, separators=(",", ":"), allow_nan=False) + "\n").encode()
+        while data:  # one write in practice; the loop only covers a short write
+            data = data[os.write(self._fd, data):]
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def relative(self, path: Path) -> str:
+        path = Path(path).resolve()
+        return str(path.relative_to(self.dir.resolve())) if path.is_relative_to(self.dir.resolve()) else str(path)
+
+    def delivered(self) -> dict:
+        return read_delivered(self.dir)
+
+    def mark_delivered(self, run_id: str, upto: int, dropped: Iterable[int]) -> None:
+        write_delivered(self.dir, run_id, upto, dropped)
+
+
+def read_delivered(run_dir: Path) -> dict:
+    try:
+        doc = json.loads((run_dir / SIDECAR).read_text())
+        return doc if isinstance(doc, dict) else {}
+    except (OSError, ValueError):
+        return {}  # no sidecar (or a damaged one): nothing is known delivered, so everything is de-duplicated
+
+
+def write_delivered(run_dir: Path, run_id: str, upto: int, dropped: Iterable[int]) -> None:
+    doc = read_delivered(run_dir)
+    doc[run_id] = {"upto": upto, "dropped": sorted(set(dropped))}
+    tmp = run_dir / f".{SIDECAR}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, run_dir / SIDECAR)
+
+
+def pending(records: list[dict], state: dict | None) -> list[dict]:
+    """The records of one run not known to have reached its server."""
+    upto, dropped = (state or {}).get("upto", 0), set((state or {}).get("dropped", ()))
+    return [r for r in records if r["seq"] >= upto or r["seq"] in dropped]
+
+
+def groups(records: list[dict]) -> Iterator[list[dict]]:
+    """Consecutive metrics records merged up to one request's worth; every other record alone."""
+    group, n = [], 0
+    for r in records:
+        size = len(r["payload"]["values"]) if r["kind"] == "metrics" else 0
+        if group and (r["kind"] != "metrics" or n + size > MAX_METRICS):
+            yield group
+            group, n = [], 0
+        group.append(r)
+        n += size
+        if r["kind"] != "metrics":
+            yield group
+            group, n = [], 0
+    if group:
+        yield group
+
+
+# ---------------------------------------------------------------------------------------------------- sending
+class Sender:
+    """Delivers journal records to one MLflow run. With ``dedupe`` it first reads what the run holds and sends only
+    what is missing; a metric's history is read once per key and then kept up to date."""
+
+    def __init__(self, client, run_id: str, base: Path | None):
+        self.client, self.run_id, self.base = client, run_id, base
+        self.history: dict[str, set[int]] = {}
+        self.sent = {"metrics": 0, "params": 0, "tags": 0, "artifacts": 0, "status": 0}
+
+    def send(self, group: list[dict], dedupe: bool) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        if not dedupe:
+            self.history.clear()  # only needed after a failure; a long outage must not keep it forever
+        kind, run = group[0]["kind"], None
+        if dedupe and kind in ("params", "tags", "status"):
+            run = self.client.get_run(self.run_id)
+        if kind == "metrics":
+            items = []
+            for r in group:
+                p = r["payload"]
+                for k, v in p["values"].items():
+                    if dedupe and k not in self.history:
+                        self.history[k] = {m.step for m in self.client.get_metric_history(self.run_id, k)}
+                    if k in self.history:
+                        if p["step"] in self.history[k]:
+                            continue
+                        self.history[k].add(p["step"])
+                    items.append(Metric(k, float(v), int(p["timestamp"]), int(p["step"])))
+            if items:
+                self.client.log_batch(self.run_id, metrics=items)
+            self.sent["metrics"] += len(items)
+        elif kind == "params":
+            have = run.data.params if run else {}
+            items = [Param(k, v) for k, v in group[0]["payload"]["params"].items() if have.get(k) != v]
+            for i in range(0, len(items), MAX_PARAMS):
+                self.client.log_batch(self.run_id, params=items[i:i + MAX_PARAMS])
+            self.sent["params"] += len(items)
+        elif kind == "tags":
+            have = run.data.tags if run else {}
+            items = [RunTag(k, v) for k, v in group[0]["payload"]["tags"].items() if have.get(k) != v]
+            if items:
+                self.client.log_batch(self.run_id, tags=items)
+            self.sent["tags"] += len(items)
+        elif kind == "artifact":
+            self._artifact(group[0]["payload"], dedupe)
+        elif kind == "status":
+            p = group[0]["payload"]
+            if run and run.info.status == p["status"]:
+                return
+            if p["status"] == "RUNNING":
+                self.client.update_run(self.run_id, status="RUNNING")
+            else:
+                self.client.set_terminated(self.run_id, p["status"], p.get("end_time"))
+            self.sent["status"] += 1
+        # "run": the run's creation is the caller's business (Tracker.start, or upload to another server)
+
+    def _artifact(self, p: dict, dedupe: bool) -> None:
+        path = Path(p["path"])
+        if not path.is_absolute() and self.base is not None:
+            path = self.base / path
+        if not path.is_file():
+            raise Undeliverable(f"artifact {path} no longer exists")
+        if dedupe:
+            name = f"{p['folder']}/{path.name}" if p.get("folder") else path.name
+            listed = {a.path: a.file_size for a in self.client.list_artifacts(self.run_id, p.get("folder"))}
+            if listed.get(name) == path.stat().st_size:
+                return
+        self.client.log_artifact(self.run_id, str(path), p.get("folder"))
+        self.sent["artifacts"] += 1
+
+
+def verdict(e: Exception) -> str:
+    """wait: the server is away, retry until it answers; refused: it answered with an error, retry a few times;
+    drop: no retry can help."""
+    from mlflow.exceptions import MlflowException, RestException
+
+    if isinstance(e, Undeliverable):
+        return "drop"
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return "wait"
+    if isinstance(e, MlflowException):
+        if e.error_code not in _TRANSIENT:
+            return "drop"  # INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST, ...
+        if isinstance(e, RestException) and e.error_code == "INTERNAL_ERROR":
+            return "refused"
+        return "wait"  # no answer (connection refused, timeout) or "come back later"
+    return "refused"  # a local failure (artifact copy, disk): bounded retries
+
+
+def reason(e: Exception) -> str:
+    """A short why for one line: MLflow wraps a refused connection in a few hundred characters of urllib3 repr."""
+    text = str(e) or type(e).__name__
+    for needle, short in (("Connection refused", "connection refused"), ("timed out", "timed out"),
+                          ("Name or service not known", "unknown host"), ("Connection reset", "connection reset")):
+        if needle in text:
+            return short
+    return text.splitlines()[0][:160]
+
+
+class Steps:
+    """The steps a metric holds: a sorted int64 array (8 bytes a step, where a set would take ~60)."""
+
+    def __init__(self):
+        self.a = array("q")
+
+    def __contains__(self, step: int) -> bool:
+        i = bisect_left(self.a, step)
+        return i < len(self.a) and self.a[i] == step
+
+    def add(self, step: int) -> None:
+        if not self.a or step > self.a[-1]:
+            self.a.append(step)
+        elif step not in self:
+            insort(self.a, step)
+
+
+# ---------------------------------------------------------------------------------------------------- upload
+def _target_run(client, uri: str, run: dict, experiment: str | None) -> tuple[str, bool]:
+    """The run on ``uri`` that receives ``run``'s records, and whether it is the original run (same server)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run["run_id"])
+        return run["run_id"], True
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+    p = run["payload"]
+    name = experiment or p.get("experiment") or "ssau"
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        location = None
+        if uri.startswith("sqlite:///"):  # as Tracker.start: artifacts beside the database, not ./mlruns
+            location = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+        exp_id = client.create_experiment(name, artifact_location=location)
+    else:
+        exp_id = exp.experiment_id
+    found = client.search_runs([exp_id], f"tags.`ssau.source_run_id` = '{run['run_id']}'", max_results=1)
+    if found:  # an earlier upload created it: idempotent
+        return found[0].info.run_id, False
+    # The parent run id names a run on the original server; keep it as a plain tag.
+    tags = {k: v for k, v in p.get("tags", {}).items() if k != "mlflow.parentRunId"}
+    if "mlflow.parentRunId" in p.get("tags", {}):
+        tags["ssau.source_parent_run_id"] = p["tags"]["mlflow.parentRunId"]
+    tags["ssau.source_run_id"] = run["run_id"]
+    created = client.create_run(exp_id, start_time=p.get("start_time"), tags=tags, run_name=p.get("name") or None)
+    return created.info.run_id, False
+
+
+def upload(run_dir: Path, uri: str | None = None, experiment: str | None = None) -> str:
+    """Replay ``run_dir``'s journal to its server (only what is missing) or to ``uri`` (a new run there, found again
+    by its ``ssau.source_run_id`` tag on a second upload). Returns the one line to print."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from ssau.tracking import check_uri, quiet_http
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise JournalError(f"{run_dir} is not a directory")
+    path = run_dir / JOURNAL
+    if not path.is_file():
+        raise JournalError(f"{run_dir} has no {JOURNAL} (not an ssau run directory, or tracking was off)")
+    records, torn = read_journal(path)
+    runs: dict[str, list[dict]] = {}
+    for r in records:
+        runs.setdefault(r["run_id"], []).append(r)
+    if not runs:
+        raise JournalError(f"{path} holds no records")
+    lines, missing = [], 0
+    for run_id, recs in runs.items():
+        created = [r for r in recs if r["kind"] == "run"]
+        if not created:
+            raise JournalError(f"{path}: run {run_id} has no 'run' record (where it was created)")
+        target_uri = uri or created[0]["payload"].get("uri") or "sqlite:///mlflow.db"
+        check_uri(target_uri)
+        quiet_http(retries=2)
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # our one line is the output
+        client = MlflowClient(tracking_uri=target_uri)
+        try:
+            target, same = _target_run(client, target_uri, created[0], experiment)
+            todo = pending(recs, read_delivered(run_dir).get(run_id)) if same else recs
+            final = [r for r in recs if r["kind"] == "status"][-1:]  # only the last status matters (compared first)
+            todo = [r for r in todo if r["kind"] != "status"] + final
+            sender = Sender(client, target, run_dir)
+            for group in groups(todo):
+                try:
+                    sender.send(group, dedupe=True)
+                except Undeliverable:
+                    missing += 1
+        except (MlflowException, OSError) as e:
+            raise JournalError(f"upload of {run_id} to {target_uri} stopped ({reason(e)}); "
+                               "what was sent stays there, run the command again") from None
+        if same:
+            write_delivered(run_dir, run_id, max(r["seq"] for r in recs) + 1, ())
+        s = sender.sent
+        lines.append(f"{'run' if same else 'new run'} {target} at {target_uri}: sent {s['metrics']} metric values, "
+                     f"{s['params']} params, {s['tags']} tags, {s['artifacts']} artifacts, {s['status']} status")
+    notes = [f"{missing} artifact file(s) no longer exist"] * bool(missing)
+    notes += [f"{torn} torn last line skipped"] * bool(torn)
+    return "; ".join(lines) + (f" ({', '.join(notes)})" if notes else "")
