@@ -34,11 +34,48 @@ def safe_load(path: str | Path, map_location: Any = "cpu", allow: Iterable[type]
         with torch.serialization.safe_globals(list(allow)):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        what = str(e).split("Unsupported global: ")[-1].split(" was not")[0].strip()[:120]
+        found = re.search(r"(?:[Uu]nsupported (?:global: )?GLOBAL|Trying to call reduce for) ?([\w.]*)",
+                          str(e))
+        if found is None:  # not a pickle ssau could have written at all
+            raise CheckpointError(f"{path}: not a readable checkpoint (the unpickler stopped: "
+                                  f"{str(e).strip().splitlines()[-1][:120]})") from None
         raise CheckpointError(f"{path}: refused, it holds objects other than tensors and plain containers "
-                              f"({what}); loading it could execute code") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:160]})") from None
+                              f"({found.group(1) or 'a call'}); loading it could execute code") from None
+    except Exception as e:  # noqa: BLE001 - whatever a damaged file makes the unpickler raise (KeyError on text)
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first})") from None
+
+
+_TRAINING = {"method": dict, "step": int, "starts": int, "rng": list, "optimizers": dict, "schedulers": dict,
+             "config": dict, "aus": list, "run_id": str, "skipped_updates": int}
+_MODEL = {"method": dict, "config": dict, "aus": list}
+
+
+def check_training_state(state: Any, path: Path, model_only: bool = False) -> dict:
+    """``state`` if it has the keys and types ssau writes (a model.pt with ``model_only``), else CheckpointError:
+    a damaged or foreign file fails with one line, not with whatever its first use would raise."""
+    want = _MODEL if model_only else _TRAINING
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not an ssau checkpoint (it holds a {type(state).__name__})")
+    for key, tp in want.items():
+        if key not in state:
+            raise CheckpointError(f"{path}: not an ssau checkpoint (no {key!r})")
+        if not isinstance(state[key], tp) or (tp is int and not 0 <= state[key] < 2**62):
+            raise CheckpointError(f"{path}: {key!r} is a {type(state[key]).__name__}, not a valid {tp.__name__}")
+    if not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state["method"].items()):
+        raise CheckpointError(f"{path}: 'method' is not a state_dict of named tensors")
+    if not all(type(a) is int and 1 <= a <= 99 for a in state["aus"]) or not state["aus"]:
+        raise CheckpointError(f"{path}: 'aus' is not a list of AU numbers")
+    return state
+
+
+def load_into(target: Any, state: Any, what: str, path: Path) -> None:
+    """``target.load_state_dict(state)`` with a mismatch (shapes, keys, types) as one CheckpointError line."""
+    try:
+        target.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: its {what} does not fit this run ({first})") from None
 
 
 def nonfinite_tensors(state: Any, prefix: str = "") -> list[str]:
@@ -100,13 +137,25 @@ def write_pointer(ckpt_dir: Path, name: str) -> None:
 
 
 def last_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The checkpoint ``last`` points at; None when there is no pointer. A pointer that names no checkpoint is a
+    CheckpointError (it is never guessed around: the user decides)."""
     pointer = ckpt_dir / "last"
-    if not pointer.is_file():
+    if not pointer.exists():
         return None
-    name = pointer.read_text().strip()
+    try:
+        name = pointer.read_bytes()[:64].decode("ascii").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{pointer} is unreadable ({type(e).__name__}); remove it to resume from the newest "
+                              f"step file") from None
     if not STEP_FILE.fullmatch(name) or not (ckpt_dir / name).is_file():
         raise CheckpointError(f"{pointer} names {name!r}, which is not a checkpoint in {ckpt_dir}")
     return ckpt_dir / name
+
+
+def newest_step_file(ckpt_dir: Path) -> Path | None:
+    """The highest-numbered complete step file (the pointer was lost): what resume falls back to."""
+    steps = sorted(p for p in ckpt_dir.glob("step-*.pt") if STEP_FILE.fullmatch(p.name)) if ckpt_dir.is_dir() else []
+    return steps[-1] if steps else None
 
 
 def _step(name: str) -> int | None:
@@ -125,11 +174,13 @@ def clean_partial(ckpt_dir: Path) -> list[str]:
     if not ckpt_dir.is_dir():
         return []
     last = last_checkpoint(ckpt_dir)
-    newest = _step(last.name) if last else -1
     removed = []
     for p in list(ckpt_dir.glob(".*.tmp-*")) + list(ckpt_dir.glob(".last.tmp*")):
         p.unlink(missing_ok=True)
         removed.append(p.name)
+    if last is None:  # no pointer (lost, or deleted by hand): complete step files stay, resume takes the newest
+        return removed
+    newest = _step(last.name)
     for p in ckpt_dir.glob("step-*.pt"):  # written, but the pointer never moved to it: its DeepSpeed part may be partial
         if (_step(p.name) or -1) > newest:
             p.unlink()

@@ -140,6 +140,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _looks_float(value):  # YAML 1.1 reads `lr: 1e-3` in a file as a string
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         if not math.isfinite(value):  # inf/nan (also 1e39, which YAML reads as inf) never make sense in a config
@@ -246,6 +248,23 @@ def validate(cfg: Config) -> None:
                    ("optim.warmup_steps", o.warmup_steps)):
         if v < 0:
             raise ConfigError(f"{key}: must be 0 or more, got {v}")
+    # Upper bounds: far beyond any real run, far below what overflows or asks the allocator for terabytes.
+    for key, v, hi in (("data.m1", d.m1, 65536), ("data.m2", d.m2, 65536), ("data.m_expr", d.m_expr, 65536),
+                       ("data.eval_batch", d.eval_batch, 65536), ("data.val_batch", d.val_batch, 65536),
+                       ("data.workers", d.workers, 256), ("data.shuffle_buffer", d.shuffle_buffer, 1_000_000),
+                       ("train.steps", t.steps, 10**9), ("train.seed", t.seed, 2**32 - 1),
+                       ("optim.accumulate", o.accumulate, 4096), ("data.folds", d.folds, 100)):
+        if v > hi:
+            raise ConfigError(f"{key}: {v} is above the limit of {hi}")
+    if t.seed < 0:
+        raise ConfigError(f"train.seed: must be 0 or more, got {t.seed}")
+    if d.source_timeout > 10**6:
+        raise ConfigError(f"data.source_timeout: {d.source_timeout:g} s is above the limit of 1e6 s (11 days)")
+    for key, ws in (("data.labelled_weights", d.labelled_weights), ("data.unlabelled_weights", d.unlabelled_weights)):
+        if ws is not None and not all(w > 0 for w in ws):
+            raise ConfigError(f"{key}: every mixing weight must be positive, got {ws}")
+    if d.aus is not None and not all(1 <= a <= 99 for a in d.aus):
+        raise ConfigError(f"data.aus: {d.aus} holds a number that is no AU (1..99)")
     if not 16 <= d.image_size <= 1024:
         raise ConfigError(f"data.image_size: {d.image_size} px is outside 16..1024")
     # Ranges outside which a run can only diverge or do nothing: refused here rather than found at step 1.
@@ -286,7 +305,7 @@ def _shard_folds(key: str, directory: str) -> set[int]:
         raise ConfigError(f"{key}: {directory} is not a directory (shard a corpus there with `ssau shard`)")
     try:
         doc = json.loads(path.read_text())
-        return {int(s["fold"]) for s in doc["shards"]}
+        return {int(s["fold"]) for s in doc["shards"] if int(s["samples"]) > 0}
     except FileNotFoundError:
         raise ConfigError(f"{key}: {directory} has no dataset.json; it is not a shard directory") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -305,7 +324,10 @@ def check_shards(d: DataConfig) -> None:
         if not folds and d.fold:
             raise ConfigError(f"data.fold={d.fold}: {x} has no folds (shard it with --folds, or set data.fold=0)")
         if folds and max(folds) != d.folds:
-            raise ConfigError(f"data.folds={d.folds}: {x} is sharded into {max(folds)} folds")
+            raise ConfigError(f"data.folds={d.folds}: {x} has samples in folds {sorted(folds)}")
+        if d.fold and d.fold not in folds:
+            raise ConfigError(f"data.fold={d.fold}: {x} has no sample in fold {d.fold} (folds with samples: "
+                              f"{sorted(folds)})")
 
 
 def to_dict(cfg: Any) -> dict:

@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from ssau.config import Config
 from ssau.data.evaluation import eval_loader
+from ssau.errors import SourceError
 from ssau.methods import Method
 from ssau.metrics import au_metrics
 from ssau.runtime import Runtime
@@ -24,6 +25,9 @@ def evaluate_method(method: Method, cfg: Config, aus: tuple[int, ...], rt: Runti
     folds = folds if folds is not None else ((d.fold,) if d.fold else None)
     probs, targets, masks = [], [], []
     loader = eval_loader(dirs, folds, aus, d.eval_batch, d.image_size, rt.rank, rt.world, min(d.workers, 2))
+    if loader.expected == 0:  # the same on every rank (from dataset.json): nothing to score is not a result
+        what = f"folds {', '.join(map(str, folds))}" if folds else "all folds"
+        raise SourceError(f"evaluation: {what} of {', '.join(dirs)} hold no sample (dataset.json)")
     for b in loader:
         images = b.images.to(rt.device)
         if rt.channels_last:

@@ -10,7 +10,7 @@ logged work. A record is self-describing::
 ``kind`` is one of run (the run's creation: uri, experiment, name, tags, start time), params, metrics, tags,
 artifact (a file path, relative to the run directory when inside it, and the artifact folder) or status. ``seq``
 counts the run's records; one journal may hold several runs (a run directory restarted from scratch). A kill can
-leave the last line torn: readers skip it and count it, and a resumed run cuts it off before appending.
+leave the last line torn (a full disk, a line cut short): readers skip and count such lines, and a resumed run cuts it off before appending.
 
 ``tracking.delivered.json`` (written atomically) says, per run id, how many of the run's records reached its server
 (``upto``: every seq below it, except those in ``dropped``: records the server refused). Records past ``upto`` may or
@@ -51,30 +51,49 @@ def _parse(line: bytes) -> dict | None:
         return None
     ok = (isinstance(rec, dict) and rec.get("kind") in KINDS and isinstance(rec.get("run_id"), str)
           and isinstance(rec.get("seq"), int) and isinstance(rec.get("payload"), dict))
-    return rec if ok else None
+    return rec if ok and _payload_ok(rec["kind"], rec["payload"]) else None
+
+
+def _payload_ok(kind: str, p: dict) -> bool:
+    """Each kind's payload has the fields and types the replay uses (a hand-edited or damaged line is skipped)."""
+    flat = lambda d: isinstance(d, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in d.items())  # noqa: E731
+    if kind == "metrics":
+        v = p.get("values")
+        return (type(p.get("step")) is int and type(p.get("timestamp", 0)) is int and isinstance(v, dict)
+                and all(isinstance(k, str) and type(x) in (int, float) for k, x in v.items()))
+    if kind in ("params", "tags"):
+        return flat(p.get(kind))
+    if kind == "artifact":
+        return isinstance(p.get("path"), str) and (p.get("folder") is None or isinstance(p.get("folder"), str))
+    if kind == "status":
+        return p.get("status") in ("RUNNING", "FINISHED", "FAILED", "KILLED")
+    return isinstance(p.get("uri"), str) and flat(p.get("tags", {})) and isinstance(p.get("name", ""), str)
 
 
 def read_journal(path: Path) -> tuple[list[dict], int]:
-    """The records, and how many torn last lines were skipped (0 or 1). A bad line elsewhere is a JournalError."""
+    """The records, and how many damaged lines were skipped: the last one a kill tore, or one a full disk cut short
+    mid-file (the writer truncates after a failed append, but a crash in between can leave one)."""
     try:
         data = path.read_bytes()
     except OSError as e:
         raise JournalError(f"{path}: cannot be read ({e.strerror or e})") from None
     lines = data.split(b"\n")
     tail = lines.pop()  # b"" when the file ends with a newline, else the line a kill tore
-    records = []
-    for i, line in enumerate(lines, 1):
+    records, torn = [], 0
+    for line in lines:
         if not line.strip():
             continue
         rec = _parse(line)
         if rec is None:
-            raise JournalError(f"{path}: line {i} is not a journal record: {line[:60]!r}")
+            torn += 1
+            continue
         records.append(rec)
-    torn = 0
+    if torn and not records:
+        raise JournalError(f"{path}: no line of it is a journal record")
     if tail.strip():
         rec = _parse(tail)
         if rec is None:
-            torn = 1
+            torn += 1
         else:
             records.append(rec)
     return records, torn
@@ -88,7 +107,10 @@ def journal_run_id(path: Path) -> str:
     except JournalError:
         return ""
     runs = [r["run_id"] for r in records if r["kind"] == "run"]
-    return runs[-1] if runs else ""
+    if not runs:
+        return ""
+    status = [r["payload"].get("status") for r in records if r["kind"] == "status" and r["run_id"] == runs[-1]]
+    return "" if status and status[-1] == "FINISHED" else runs[-1]  # a finished run is never reopened
 
 
 class Journal:
@@ -111,8 +133,16 @@ class Journal:
                     os.truncate(self.path, data.rfind(b"\n") + 1)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         data = (json.dumps(rec, separators=(",", ":"), allow_nan=False) + "\n").encode()
-        while data:  # one write in practice; the loop only covers a short write
-            data = data[os.write(self._fd, data):]
+        start = os.lseek(self._fd, 0, os.SEEK_END)
+        try:
+            while data:  # one write in practice; the loop only covers a short write
+                data = data[os.write(self._fd, data):]
+        except OSError:
+            try:  # a full disk: cut the partial line off, so the next record does not run into it
+                os.ftruncate(self._fd, start)
+            except OSError:
+                pass
+            raise
 
     def close(self) -> None:
         if self._fd is not None:
@@ -142,8 +172,12 @@ def write_delivered(run_dir: Path, run_id: str, upto: int, dropped: Iterable[int
     doc = read_delivered(run_dir)
     doc[run_id] = {"upto": upto, "dropped": sorted(set(dropped))}
     tmp = run_dir / f".{SIDECAR}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(doc))
-    os.replace(tmp, run_dir / SIDECAR)
+    try:
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, run_dir / SIDECAR)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def pending(records: list[dict], state: dict | None) -> list[dict]:
@@ -231,6 +265,8 @@ class Sender:
         path = Path(p["path"])
         if not path.is_absolute() and self.base is not None:
             path = self.base / path
+        if self.base is not None and not path.resolve().is_relative_to(self.base.resolve()):
+            raise Undeliverable(f"artifact {path} is outside the run directory {self.base}: not sent")
         if not path.is_file():
             raise Undeliverable(f"artifact {path} no longer exists")
         if dedupe:
@@ -370,5 +406,5 @@ def upload(run_dir: Path, uri: str | None = None, experiment: str | None = None)
         lines.append(f"{'run' if same else 'new run'} {target} at {target_uri}: sent {s['metrics']} metric values, "
                      f"{s['params']} params, {s['tags']} tags, {s['artifacts']} artifacts, {s['status']} status")
     notes = [f"{missing} artifact file(s) no longer exist"] * bool(missing)
-    notes += [f"{torn} torn last line skipped"] * bool(torn)
+    notes += [f"{torn} damaged line{'s' * (torn > 1)} skipped"] * bool(torn)
     return "; ".join(lines) + (f" ({', '.join(notes)})" if notes else "")

@@ -7,8 +7,9 @@ import statistics
 import time
 from pathlib import Path
 
-from ssau.checkpoints import safe_load
-from ssau.config import Config, ConfigError, TrainConfig, build, load_config
+from ssau.errors import CheckpointError
+from ssau.checkpoints import check_training_state, load_into, safe_load
+from ssau.config import Config, ConfigError, TrainConfig, build, load_config, validate
 from ssau.methods import build_method, resolve_params
 from ssau.metrics import format_table
 from ssau.runtime import init_runtime
@@ -31,18 +32,22 @@ def evaluate(checkpoint: str, shards: list[str], folds: list[int] | None, batch:
     path = Path(checkpoint)
     if not path.is_file():
         raise ConfigError(f"--checkpoint {path} does not exist")
-    state = safe_load(path)  # weights only: a crafted checkpoint runs nothing
-    if not isinstance(state, dict) or not {"config", "aus", "method"} <= set(state):
-        raise ConfigError(f"--checkpoint {path} is not an ssau model.pt or step checkpoint")
-    tree = state["config"]
-    tree["method"] = resolve_params(tree["method"])
-    cfg: Config = build(Config, tree)
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_batch=batch, workers=workers,
+    if batch < 1 or workers < 0:
+        raise ConfigError(f"--batch {batch} / --workers {workers}: need a batch of at least 1 and 0 or more workers")
+    state = check_training_state(safe_load(path), path, model_only=True)  # weights only: a crafted file runs nothing
+    try:
+        tree = dict(state["config"])
+        tree["method"] = resolve_params(tree.get("method") if isinstance(tree.get("method"), dict) else {})
+        cfg: Config = build(Config, tree)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_batch=batch, workers=workers,
                                                                 eval_incomplete=incomplete))
+        validate(cfg)  # a damaged config (image_size=100000) fails here, not in the allocator
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: its config is not valid ({e})") from None
     aus = tuple(state["aus"])
     rt = init_runtime(TrainConfig(device="auto", precision="fp32"))
     method = build_method(cfg.method, aus, cfg.model)
-    method.load_state_dict(state["method"])
+    load_into(method, state["method"], "model", path)
     method.to(rt.device)
     metrics = evaluate_method(method, cfg, aus, rt, dirs=tuple(shards), folds=tuple(folds) if folds else None)
     if rt.main:

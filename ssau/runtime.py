@@ -22,7 +22,9 @@ import hashlib
 import json
 import os
 import random
-from contextlib import nullcontext
+import signal
+import threading
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,6 +117,24 @@ def _init_elastic_group(cuda: bool) -> None:
     store, rank, world = next(dist.rendezvous("env://", timeout=timedelta(minutes=10)))
     dist.init_process_group("nccl" if cuda else "gloo", store=dist.PrefixStore(f"ssau/attempt-{attempt}", store),
                             rank=rank, world_size=world)
+
+
+@contextmanager
+def sigterm_as_exit():
+    """SIGTERM (scancel, an elastic agent stopping its group) raises SystemExit in the main thread, so the code
+    that ends an MLflow run as KILLED gets to run; elsewhere, and afterwards, the previous handler stands."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def seed_all(seed: int) -> None:

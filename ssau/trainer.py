@@ -18,18 +18,18 @@ import yaml
 from tqdm import tqdm
 
 from ssau.aus import au_name
-from ssau.checkpoints import (CheckpointError, atomic_save, clean_partial, last_checkpoint, nonfinite_tensors, prune,
-                              safe_load, writable_dir, write_pointer)
+from ssau.checkpoints import (CheckpointError, atomic_save, check_training_state, clean_partial, last_checkpoint,
+                              load_into, newest_step_file, nonfinite_tensors, prune, safe_load, writable_dir, write_pointer)
 from ssau.config import Config, ConfigError, check_shards, flatten, to_dict
-from ssau.errors import RunStopped
+from ssau.errors import RunStopped, SourceError
 from ssau.data.sources import (SourceConfig, StreamConfig, label_bank, label_drop_report, read_dataset, resolve_aus,
                                stream_config, validation_split)
 from ssau.data.stream import TrainStream
-from ssau.methods import Method, SetupInfo, Update, build_method
+from ssau.methods import Method, SetupInfo, Update, build_method, check_groups
 from ssau.evaluate import evaluate_method
 from ssau.optim import build_optimizer, lr_factor
 from ssau.runtime import (Runtime, average_buffers, average_gradients, broadcast_module, deepspeed_engine,
-                          init_runtime, rng_state, seed_all, set_rng_state, write_rank_report)
+                          init_runtime, rng_state, seed_all, set_rng_state, sigterm_as_exit, write_rank_report)
 
 
 class Trainer:
@@ -57,7 +57,7 @@ class Trainer:
                                     validation_mask=self.validation.mask))
         broadcast_module(self.method, rt)
         self.groups = self.method.groups()
-        self._check_groups()
+        check_groups(cfg.method["name"], self.groups)
         self.optimizers, self.schedulers, self.engines = {}, {}, {}
         for name, g in self.groups.items():
             opt = build_optimizer(cfg.optim, g.params, cfg.optim.lr * g.lr_scale)
@@ -84,14 +84,6 @@ class Trainer:
             raise ConfigError(error)
         return run_dir
 
-    def _check_groups(self) -> None:
-        seen = {}
-        for name, g in self.groups.items():
-            for p in g.params:
-                if id(p) in seen:
-                    raise ValueError(f"{self.cfg.method['name']}: a parameter is in groups {seen[id(p)]} and {name}")
-                seen[id(p)] = name
-
     # ------------------------------------------------------------------------------------------------ one update
     def _run_update(self, upd: Update, batches, previous):
         """Freeze, zero_grad, forward/backward over micro-batches, average, clip, finite check, step."""
@@ -106,7 +98,7 @@ class Trainer:
         parts, batch, accumulate = defaultdict(float), previous, self.cfg.optim.accumulate
         for micro in range(accumulate):
             if upd.new_batch or batch is None or micro > 0:
-                batch = self._to_device(next(batches))
+                batch = self._next_batch(batches)
                 self.skipped_samples += batch.skipped
             with rt.autocast():
                 out = upd.loss(batch, self.step)
@@ -152,6 +144,18 @@ class Trainer:
                              f"(optim.lr={self.cfg.optim.lr:g}); stopped without saving them; "
                              f"the last good checkpoint is {self._last_good or 'none'}")
 
+    def _next_batch(self, batches):
+        """The next batch, or SourceError on every rank together: a source that fails on one rank (nothing readable,
+        stalled) must not leave the others waiting in the step's collectives. One scalar all-reduce per batch."""
+        error = None
+        try:
+            batch = next(batches)
+        except SourceError as e:
+            error = str(e)
+        if self.rt.any_true(error is not None):
+            raise SourceError(error or "a data source failed on another rank (its line is printed there)")
+        return self._to_device(batch)
+
     def _refuse(self, upd: Update, why: str) -> None:
         self.skipped_updates += 1
         if self.rt.main:
@@ -169,12 +173,13 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ the loop
     def fit(self) -> dict:
         """Train to ``train.steps``. Whatever stops a run on rank 0 also ends its MLflow run (FAILED, or KILLED on
-        Ctrl-C), so no run is left RUNNING by an error."""
+        Ctrl-C or SIGTERM), so no run is left RUNNING by an error."""
         try:
-            return self._fit()
+            with sigterm_as_exit():
+                return self._fit()
         except BaseException as e:
             if self.tracker:
-                self.tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+                self.tracker.end("KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
             raise
 
     def _fit(self) -> dict:
@@ -202,13 +207,13 @@ class Trainer:
                 self._log_window(window, window_steps, seen / (time.perf_counter() - t0), bar)
                 window, seen, t0, window_steps = defaultdict(float), 0, time.perf_counter(), 0
             last = self.step == t.steps
+            if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or last:
+                self.save_checkpoint()  # before evaluating: a damaged eval shard must not cost the step's state
             if cfg.data.fold and ((t.eval_every and self.step % t.eval_every == 0) or last):
                 metrics = self.evaluate()
                 self.method.train()
             if last or (cfg.data.fold and t.eval_every and self.step % t.eval_every == 0):
                 self._log_reports()
-            if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or last:
-                self.save_checkpoint()
         bar.close()
         if t.rank_report:
             write_rank_report(self.run_dir / "ranks" / f"rank{rt.rank}.json", self.method, first_keys, self.step,
@@ -315,23 +320,30 @@ class Trainer:
     def _resume(self) -> None:
         t = self.cfg.train
         ckpt_dir = self.run_dir / "checkpoints"
+        error = None
         if self.rt.main:  # what a killed save left behind, before anyone writes or reads here
-            for name in clean_partial(ckpt_dir):
-                tqdm.write(f"removed {name}, left by an interrupted checkpoint write", file=sys.stderr)
-        self.rt.barrier()
+            try:
+                for name in clean_partial(ckpt_dir):
+                    tqdm.write(f"removed {name}, left by an interrupted checkpoint write", file=sys.stderr)
+            except (CheckpointError, OSError) as e:
+                error = str(e)
+        error = self.rt.broadcast_object(error)  # rank 0's verdict, on every rank (also the barrier)
+        if error:
+            raise CheckpointError(error)
         if t.resume == "never":
             return
-        path = last_checkpoint(ckpt_dir) if t.resume == "auto" else Path(t.resume)
+        path = (last_checkpoint(ckpt_dir) or newest_step_file(ckpt_dir)) if t.resume == "auto" else Path(t.resume)
         if path is None:
             return  # nothing to continue: a fresh run under this name
-        state = safe_load(path, map_location=self.rt.device)  # weights only: a crafted file runs nothing
-        if not isinstance(state, dict) or not {"method", "step", "rng", "optimizers"} <= set(state):
-            raise CheckpointError(f"{path}: not an ssau training checkpoint")
-        self.method.load_state_dict(state["method"])
+        state = check_training_state(safe_load(path, map_location=self.rt.device), path)  # runs nothing
+        if set(state["optimizers"]) - set(self.optimizers) or set(state["schedulers"]) - set(self.schedulers):
+            raise CheckpointError(f"{path}: its optimiser groups {sorted(state['optimizers'])} are not this "
+                                  f"method's ({sorted(self.optimizers)})")
+        load_into(self.method, state["method"], "model", path)
         for k, o in state["optimizers"].items():
-            self.optimizers[k].load_state_dict(o)
+            load_into(self.optimizers[k], o, f"optimiser {k!r}", path)
         for k, s in state["schedulers"].items():
-            self.schedulers[k].load_state_dict(s)
+            load_into(self.schedulers[k], s, f"schedule {k!r}", path)
         for name, e in self.engines.items():
             loaded, _ = e.load_checkpoint(str(path.parent / "deepspeed" / name), tag=path.stem)
             if loaded is None:
@@ -340,7 +352,10 @@ class Trainer:
         self.skipped_updates, self.run_id = state["skipped_updates"], state["run_id"]
         self._last_good = str(path)
         if len(state["rng"]) == self.rt.world:
-            set_rng_state(state["rng"][self.rt.rank])
+            try:
+                set_rng_state(state["rng"][self.rt.rank])
+            except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as e:
+                raise CheckpointError(f"{path}: its RNG state is damaged ({type(e).__name__})") from None
         if self.rt.main:
             tqdm.write(f"resumed {self.run_dir.name} at step {self.step} from {path}", file=sys.stderr)
 

@@ -268,9 +268,9 @@ def test_upload_refuses_a_bad_run_directory_with_one_line(tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()
     rec = {"seq": 0, "kind": "run", "run_id": "x", "payload": {"uri": "sqlite:///" + str(tmp_path / "m.db")}}
-    (bad / JOURNAL).write_text(json.dumps(rec) + "\n{not json\n" + json.dumps(rec | {"seq": 1}) + "\n")
+    (bad / JOURNAL).write_text("{not json\n" + json.dumps(rec | {"kind": "metrics", "payload": {"values": 1}}) + "\n")
     for where, says in ((tmp_path / "missing", "is not a directory"), (tmp_path / "empty", "has no tracking.jsonl"),
-                        (bad, "line 2 is not a journal record")):
+                        (bad, "no line of it is a journal record")):
         assert main(["upload", str(where)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("ssau: error: ") and says in err[0], err
@@ -327,7 +327,7 @@ def test_kill_9_mid_run_then_upload_and_resume(shards, tmp_path, capsys):
     other = f"sqlite:///{tmp_path / 'other.db'}"
     capsys.readouterr()
     assert main(["upload", str(copy), "--uri", other]) == 0
-    assert "(1 torn last line skipped)" in capsys.readouterr().out
+    assert "(1 damaged line skipped)" in capsys.readouterr().out
     client = MlflowClient(tracking_uri=other)
     (run,) = client.search_runs([client.get_experiment_by_name("ssau").experiment_id])
     logged = _logged(copy)
@@ -392,3 +392,45 @@ def test_a_record_that_cannot_be_delivered_does_not_hold_up_the_rest(tmp_path, c
     assert "sent 0 metric values, 0 params, 0 tags, 1 artifacts, 0 status" in capsys.readouterr().out
     assert [a.path for a in client.list_artifacts(run_id)] == ["later.txt"]
     assert [m.step for m in client.get_metric_history(run_id, LOSS)] == [1]
+
+
+def test_a_full_disk_mid_append_leaves_no_torn_line_and_upload_sends_only_the_run_directory(tmp_path, capsys,
+                                                                                           monkeypatch):
+    """A write that fails part-way (ENOSPC) is cut off again, so the next record starts on its own line; a damaged
+    line a crash left mid-file is skipped and counted; an artifact outside the run directory is never sent."""
+    import errno
+
+    from mlflow.tracking import MlflowClient
+
+    from ssau.journal import Journal, read_journal
+
+    run_dir = tmp_path / "run"
+    j = Journal(run_dir / JOURNAL)
+    db = f"sqlite:///{tmp_path / 'up.db'}"
+    j.append({"seq": 0, "kind": "run", "run_id": "r1", "payload": {"uri": db, "experiment": "x", "name": "r"}})
+    real = os.write
+
+    def short_then_full(fd, data):
+        monkeypatch.setattr(os, "write", real)
+        real(fd, data[:10])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", short_then_full)
+    with pytest.raises(OSError):
+        j.append({"seq": 1, "kind": "metrics", "run_id": "r1",
+                  "payload": {"step": 1, "timestamp": 1, "values": {"m": 1.0}}})
+    j.append({"seq": 1, "kind": "metrics", "run_id": "r1", "payload": {"step": 1, "timestamp": 1, "values": {"m": 2.0}}})
+    (run_dir / "inside.txt").write_text("ok")
+    j.append({"seq": 2, "kind": "artifact", "run_id": "r1", "payload": {"path": "inside.txt", "folder": None}})
+    j.append({"seq": 3, "kind": "artifact", "run_id": "r1", "payload": {"path": "/etc/passwd", "folder": None}})
+    j.close()
+    records, damaged = read_journal(run_dir / JOURNAL)
+    assert damaged == 0 and [r["seq"] for r in records] == [0, 1, 2, 3]
+    with open(run_dir / JOURNAL, "ab") as f:  # what a crash between the short write and the truncation leaves
+        f.write(b'{"seq":4,"ki\n')
+    assert main(["upload", str(run_dir), "--uri", db]) == 0
+    assert "1 damaged line skipped" in capsys.readouterr().out
+    client = MlflowClient(tracking_uri=db)
+    (run,) = client.search_runs([client.get_experiment_by_name("x").experiment_id])
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "m")] == [2.0]
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["inside.txt"]

@@ -40,6 +40,7 @@ def _start_worker(initializer: Callable, initargs: tuple) -> None:
 def run_tasks(fn: Callable, tasks: Sequence, workers: int, initializer: Callable, initargs: tuple,
               on_done: Callable) -> None:
     """``on_done(task, fn(task))`` for every task, in completion order; ``workers <= 1`` runs in this process."""
+    workers = min(workers, len(tasks))  # a process per task at most: --workers 100000 is no fork bomb
     if workers <= 1:
         initializer(*initargs)
         for t in tasks:

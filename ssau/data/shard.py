@@ -342,8 +342,10 @@ def run_shard(s: ShardSettings, out: Path, workers: int = 1, overwrite: bool = F
         raise ShardError(f"unknown format {s.format!r}; choose one of {', '.join(ADAPTERS)}")
     if s.shard_size < 1 or workers < 1:
         raise ShardError(f"--shard-size {s.shard_size} and --workers {workers}: both must be at least 1")
-    if s.resize is not None and s.resize < MIN_SIDE:
-        raise ShardError(f"--resize {s.resize}: the shorter side must be at least {MIN_SIDE} px")
+    if s.resize is not None and not MIN_SIDE <= s.resize <= 4096:
+        raise ShardError(f"--resize {s.resize}: the shorter side must be {MIN_SIDE} to 4096 px")
+    if workers > 1024:
+        raise ShardError(f"--workers {workers}: at most 1024")
     if not 1 <= s.quality <= 100:
         raise ShardError(f"--quality {s.quality}: JPEG quality is 1-100")
     if not 0 < s.active_threshold <= 5:  # also refuses nan: DISFA intensities are 0-5

@@ -60,10 +60,54 @@ class StreamConfig:
 
 # ---------------------------------------------------------------------------------------------------- shard lists
 def read_dataset(d: str | Path) -> dict:
+    """dataset.json, checked for what the streams rely on (ConfigError, one line, otherwise): shard names that
+    stay inside the directory, integer folds and sample counts, an AU list."""
+    from ssau.config import ConfigError
+
     path = Path(d) / "dataset.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{d} is not a shard directory (no dataset.json); run `ssau shard` first")
-    return json.loads(path.read_text())
+        raise ConfigError(f"{d} is not a shard directory (no dataset.json); run `ssau shard` first")
+    try:
+        doc = json.loads(path.read_text())
+        ok = (isinstance(doc, dict) and isinstance(doc.get("aus"), list) and isinstance(doc.get("shards"), list)
+              and isinstance(doc.setdefault("corpus", ""), str) and all(isinstance(a, str) for a in doc["aus"]))
+        for sh in doc["shards"] if ok else ():
+            name = sh.get("name") if isinstance(sh, dict) else None
+            ok = ok and (isinstance(name, str) and Path(name).name == name and name not in ("", ".", "..")
+                         and type(sh.get("fold")) is int and type(sh.get("samples")) is int and sh["samples"] >= 0)
+    except (OSError, ValueError, AttributeError) as e:
+        raise ConfigError(f"{path}: unreadable ({type(e).__name__}: {str(e)[:100]})") from None
+    if not ok:
+        raise ConfigError(f"{path}: damaged (needs aus and shards of name, fold and samples; shard names "
+                          f"without folders)")
+    return doc
+
+
+def _index_batches(d: str | Path, columns: list[str]) -> Iterator:
+    """Record batches of a directory's index.parquet; a damaged index is one ConfigError line."""
+    import pyarrow as pa
+
+    from ssau.config import ConfigError
+
+    path = Path(d) / "index.parquet"
+    try:
+        names = pq.read_schema(path).names
+        if not {"key", "fold", "subject"} <= set(names):
+            raise ConfigError(f"{path}: damaged (no key, fold or subject column)")
+        yield from pq.ParquetFile(path).iter_batches(columns=[c for c in columns if c in names])
+    except (pa.ArrowException, OSError) as e:
+        raise ConfigError(f"{path}: unreadable or damaged ({str(e).splitlines()[0][:120]})") from None
+
+
+def _index_names(d: str | Path) -> list[str]:
+    import pyarrow as pa
+
+    from ssau.config import ConfigError
+
+    try:
+        return pq.read_schema(Path(d) / "index.parquet").names
+    except (pa.ArrowException, OSError) as e:
+        raise ConfigError(f"{Path(d) / 'index.parquet'}: unreadable or damaged ({str(e).splitlines()[0][:120]})") from None
 
 
 def shard_urls(d: str | Path, folds: tuple[int, ...] | None) -> list[str]:
@@ -97,8 +141,8 @@ def label_drop_report(cfg: StreamConfig) -> dict:
     aus = resolve_aus(cfg)
     images = hidden_images = labels = hidden_labels = 0
     for d in cfg.labelled.dirs:
-        cols = ["key", "fold"] + [au_name(a) for a in aus if au_name(a) in pq.read_schema(Path(d) / "index.parquet").names]
-        for batch in pq.ParquetFile(Path(d) / "index.parquet").iter_batches(columns=cols):
+        cols = ["key", "fold"] + [au_name(a) for a in aus if au_name(a) in _index_names(d)]
+        for batch in _index_batches(d, cols):
             rows = batch.to_pylist()
             for r in rows:
                 if cfg.labelled.folds is not None and r["fold"] not in cfg.labelled.folds:
@@ -124,9 +168,9 @@ def labelled_rows(cfg: StreamConfig) -> Iterator[tuple[str, str, str, list[float
     aus = resolve_aus(cfg)
     cols = [au_name(a) for a in aus]
     for d in cfg.labelled.dirs:
-        names = pq.read_schema(Path(d) / "index.parquet").names
+        names = _index_names(d)
         present = [c for c in cols if c in names]
-        for b in pq.ParquetFile(Path(d) / "index.parquet").iter_batches(columns=["key", "fold", "subject"] + present):
+        for b in _index_batches(d, ["key", "fold", "subject"] + present):
             t = b.to_pydict()
             for i, key in enumerate(t["key"]):
                 if cfg.labelled.folds is not None and t["fold"][i] not in cfg.labelled.folds:

@@ -67,6 +67,8 @@ class _SlotShards(IterableDataset):
     def __init__(self, lists: list[list[str]], weights: list[float], seed: int, rank: int, world: int, salt: str):
         self.lists, self.weights, self.seed, self.rank, self.world, self.salt = lists, weights, seed, rank, world, salt
         self.epoch = 0
+        self.shared = False  # set in a worker whose own shards hold nothing usable: it reads every shard instead
+
 
     def parts(self, warn: bool = False) -> list[list[str]]:
         """This slot's shards of each directory (in the calling DataLoader worker)."""
@@ -75,7 +77,9 @@ class _SlotShards(IterableDataset):
         slots, slot = self.world * nw, self.rank * nw + wid
         parts = []
         for urls in self.lists:
-            if len(urls) >= slots:
+            if self.shared:
+                parts.append(urls)
+            elif len(urls) >= slots:
                 parts.append(urls[slot::slots])  # disjoint across ranks and workers
             else:
                 if warn:
@@ -150,9 +154,11 @@ class _SourceDataset(IterableDataset):
     def _probe(self) -> None:
         """Raise SourceError unless one of this slot's shards holds a usable sample. Reads until the first one
         (usually the first sample); a separate generator leaves the stream's batches as they would be without."""
-        urls = list(dict.fromkeys(u for part in self.shards.parts() for u in part))
+        own = list(dict.fromkeys(u for part in self.shards.parts() for u in part))
+        every = list(dict.fromkeys(u for part in self.shards.lists for u in part))
+        urls = own + [u for u in every if u not in set(own)]  # this slot's shards first, then everyone else's
         bad, read, kept, rng = SkipCounter(), 0, 0, random.Random(0)
-        for url in urls:
+        for i, url in enumerate(urls):
             for s in tar_samples(url, bad):
                 read += 1
                 if self.keep is not None and not self.keep(s):
@@ -160,9 +166,14 @@ class _SourceDataset(IterableDataset):
                 kept += 1
                 try:
                     self._example(s, rng)
-                    return
                 except DecodeError as e:
                     bad(e)
+                    continue
+                if i >= len(own):  # one damaged shard must not end a run: this slot reads all shards instead
+                    self.shards.shared = True
+                    warnings.warn(f"{self.what}: none of the {len(own)} shards of {self.shards.where()} holds a "
+                                  f"usable sample; it reads every shard of the source instead", stacklevel=1)
+                return
         raise SourceError(f"{self.what}: none of the {len(urls)} shards read by {self.shards.where()} holds a "
                           f"usable sample ({read} samples read, {read - kept} of them set aside by label drop or "
                           f"the validation split, {bad.n} errors" + (f"; the first: {bad.first})" if bad.n else ")"))

@@ -24,10 +24,20 @@ def resolve_params(section: dict) -> dict:
 
     section = dict(section)
     name = section.pop("name", None)
-    if name not in METHODS:
+    if not isinstance(name, str) or name not in METHODS:
         raise ConfigError(f"method.name: {name!r} is not a method; choose one of {', '.join(METHODS)}")
     params = build(METHODS[name].Params, section, "method")
     return {"name": name, **dataclasses.asdict(params)}
+
+
+def check_groups(name: str, groups: dict) -> None:
+    """Every parameter in at most one optimiser group (one optimiser steps it)."""
+    seen = {}
+    for group, g in groups.items():
+        for p in g.params:
+            if id(p) in seen:
+                raise ValueError(f"{name}: a parameter is in groups {seen[id(p)]} and {group}")
+            seen[id(p)] = group
 
 
 def build_method(section: dict, aus: tuple[int, ...], model) -> Method:
@@ -36,4 +46,4 @@ def build_method(section: dict, aus: tuple[int, ...], model) -> Method:
     return cls(params, aus, model)
 
 
-__all__ = ["METHODS", "Group", "Method", "SetupInfo", "Update", "build_method", "resolve_params"]
+__all__ = ["METHODS", "Group", "Method", "SetupInfo", "Update", "build_method", "check_groups", "resolve_params"]
