@@ -97,8 +97,8 @@ def test_two_cpu_ranks_with_accelerate_launch_and_deepspeed_zero2(shards, expres
     _assert_data_parallel(zero2)
     assert all(r["deepspeed"] for r in zero2)
     # Same seeds, same data: ZeRO-2's reduce-scatter and partitioned Adam reach the state plain averaging reaches.
-    a = torch.load(tmp_path / "ddp" / "model.pt", weights_only=False)["method"]
-    b = torch.load(tmp_path / "zero2" / "model.pt", weights_only=False)["method"]
+    a = torch.load(tmp_path / "ddp" / "model.pt", weights_only=True)["method"]
+    b = torch.load(tmp_path / "zero2" / "model.pt", weights_only=True)["method"]
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
     if method == "mal":  # the second-order step under ZeRO-1 as well
@@ -106,7 +106,7 @@ def test_two_cpu_ranks_with_accelerate_launch_and_deepspeed_zero2(shards, expres
                                                          f"method.name={method}", *extra,
                                                          f"train.deepspeed={ROOT / 'launch/deepspeed/zero1.json'}"))])
         _assert_data_parallel(_reports(tmp_path / "zero1"))
-        c = torch.load(tmp_path / "zero1" / "model.pt", weights_only=False)["method"]
+        c = torch.load(tmp_path / "zero1" / "model.pt", weights_only=True)["method"]
         for k in a:
             assert torch.allclose(a[k].float(), c[k].float(), atol=1e-6), k
     # ... and training moved them: they differ from the seeded initialisation every rank starts from.

@@ -117,16 +117,16 @@ def test_resume_continues_at_the_saved_step_with_the_saved_state(shards, tmp_pat
                      "train.resume=auto", "optim.schedule=constant")
     assert main(["train", *args, "train.steps=2"]) == 0
     ckpt_dir = tmp_path / "runs" / "res" / "checkpoints"
-    saved = torch.load(ckpt_dir / "step-0000002.pt", weights_only=False)
+    saved = torch.load(ckpt_dir / "step-0000002.pt", weights_only=True)
     # Asking again for the same 2 steps resumes at step 2 and trains nothing: the model equals the checkpoint.
     assert main(["train", *args, "train.steps=2"]) == 0
-    final = torch.load(tmp_path / "runs" / "res" / "model.pt", weights_only=False)
+    final = torch.load(tmp_path / "runs" / "res" / "model.pt", weights_only=True)
     for k, v in saved["method"].items():
         assert torch.equal(v, final["method"][k]), k
     # Four steps: continues from step 2; optimiser and schedule state carried (Adam counts 4 steps, not 2).
     assert main(["train", *args, "train.steps=4"]) == 0
     assert "resumed res at step 2" in capsys.readouterr().err
-    four = torch.load(ckpt_dir / "step-0000004.pt", weights_only=False)
+    four = torch.load(ckpt_dir / "step-0000004.pt", weights_only=True)
     assert four["step"] == 4 and four["starts"] == 1  # the second run trained nothing, saved nothing
     adam = four["optimizers"]["model"]["state"]
     assert {int(s["step"]) for s in adam.values()} == {4}
@@ -165,7 +165,7 @@ def test_non_finite_update_is_refused(shards, tmp_path, capsys, monkeypatch):
     assert main(["train", *tiny_args(shards, tmp_path, "train.name=nan", "tracking.enabled=false",
                                      "train.steps=3")]) == 0
     assert "step 2: update 'supervised' refused: non-finite loss" in capsys.readouterr().err
-    final = torch.load(tmp_path / "runs" / "nan" / "model.pt", weights_only=False)
+    final = torch.load(tmp_path / "runs" / "nan" / "model.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in final["method"].values() if v.is_floating_point())
 
 
