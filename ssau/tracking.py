@@ -30,7 +30,6 @@ import os
 import shlex
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -414,7 +413,3 @@ def table_artifacts(name: str, table: dict[str, list], folder: Path) -> list[Pat
         plt.close(fig)
         out.append(png)
     return out
-
-
-def temp_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="ssau-artifacts-"))

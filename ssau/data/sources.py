@@ -83,31 +83,33 @@ def read_dataset(d: str | Path) -> dict:
     return doc
 
 
+def _index_names(d: str | Path) -> list[str]:
+    """The columns of a directory's index.parquet; a damaged index is one ConfigError line."""
+    return _index_read(d, lambda path: pq.read_schema(path).names)
+
+
 def _index_batches(d: str | Path, columns: list[str]) -> Iterator:
-    """Record batches of a directory's index.parquet; a damaged index is one ConfigError line."""
+    """Record batches of a directory's index.parquet (the columns it has of ``columns``)."""
+    from ssau.config import ConfigError
+
+    names = _index_names(d)
+    if not {"key", "fold", "subject"} <= set(names):
+        raise ConfigError(f"{Path(d) / 'index.parquet'}: damaged (no key, fold or subject column)")
+    batches = _index_read(d, lambda path: pq.ParquetFile(path).iter_batches(columns=[c for c in columns if c in names]))
+    while (batch := _index_read(d, lambda _: next(batches, None))) is not None:  # streamed: memory stays flat
+        yield batch
+
+
+def _index_read(d: str | Path, read):
     import pyarrow as pa
 
     from ssau.config import ConfigError
 
     path = Path(d) / "index.parquet"
     try:
-        names = pq.read_schema(path).names
-        if not {"key", "fold", "subject"} <= set(names):
-            raise ConfigError(f"{path}: damaged (no key, fold or subject column)")
-        yield from pq.ParquetFile(path).iter_batches(columns=[c for c in columns if c in names])
+        return read(path)
     except (pa.ArrowException, OSError) as e:
         raise ConfigError(f"{path}: unreadable or damaged ({str(e).splitlines()[0][:120]})") from None
-
-
-def _index_names(d: str | Path) -> list[str]:
-    import pyarrow as pa
-
-    from ssau.config import ConfigError
-
-    try:
-        return pq.read_schema(Path(d) / "index.parquet").names
-    except (pa.ArrowException, OSError) as e:
-        raise ConfigError(f"{Path(d) / 'index.parquet'}: unreadable or damaged ({str(e).splitlines()[0][:120]})") from None
 
 
 def shard_urls(d: str | Path, folds: tuple[int, ...] | None) -> list[str]:
