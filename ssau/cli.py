@@ -29,7 +29,13 @@ def _shard(args: argparse.Namespace) -> int:
                       unknown=args.unknown if args.unknown is not None else DEFAULT_UNKNOWN.get(args.format, ""),
                       frame_template=args.frame_template,
                       active_threshold=args.active_threshold, folds=args.folds, shard_size=args.shard_size,
-                      resize=args.resize, quality=args.quality, seed=args.seed)
+                      resize=args.resize, quality=args.quality, seed=args.seed,
+                      landmarks=str(Path(args.landmarks).resolve()) if args.landmarks else None,
+                      landmark_pattern=args.landmark_pattern, landmark_frames=args.landmark_frames,
+                      landmark_frame_column=args.landmark_frame_column,
+                      min_landmark_confidence=args.min_landmark_confidence, require_landmarks=args.require_landmarks,
+                      align=args.align, align_margin=args.align_margin, align_points=args.align_points,
+                      detect=not args.no_detect, flow=args.flow, flow_size=args.flow_size, flow_clip=args.flow_clip)
     doc = run_shard(s, Path(args.out), workers=args.workers, overwrite=args.overwrite, progress=not args.quiet)
     run = doc["last_run"]
     print(f"{doc['corpus']}: {doc['samples']} samples in {len(doc['shards'])} shards "
@@ -38,6 +44,17 @@ def _shard(args: argparse.Namespace) -> int:
         print(f"  skipped {n:>7}  {reason}")
     for reason, n in doc["converted_by_reason"].items():
         print(f"  converted {n:>5}  {reason}")
+    faces = doc["faces"]
+    lm = faces["landmarks"]
+    print(f"  landmarks: {lm['stored']} stored, {lm['no-landmarks']} without"
+          + (f" ({lm.get('matched', 0)} matched in {lm.get('files', 0)} files under {args.landmarks}; "
+             f"{lm.get('tracking-failed', 0)} tracking failed, {lm.get('frame-not-in-file', 0)} frames not in a file, "
+             f"{lm.get('no-landmark-file', 0)} without a file)" if args.landmarks else ""))
+    if args.align:
+        print(f"  aligned to {args.align} px: " + ", ".join(f"{n} by {k}" for k, n in faces["aligned_by"].items()))
+    if args.flow:
+        print(f"  flow to frame t+{args.flow}: {faces['flow']['pairs']} pairs, {run['flow_pairs_per_s']:.1f} pairs/s"
+              + "".join(f", {n} {k}" for k, n in faces["flow"]["failed"].items()))
     print(f"  {run['images_per_s']:.1f} images/s over {run['seconds']:.1f} s with {args.workers} worker(s); "
           f"details in {Path(args.out) / 'dataset.json'}")
     return 0
@@ -105,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--out", required=True, help="output directory")
     sh.add_argument("--aus", help="AU list: a corpus name (bp4d, disfa, emotionet, gft) or e.g. 1,2,AU04")
     sh.add_argument("--unknown", default=None, help="csv/emotionet marker of an uncoded AU ('', 9, 999, -1)")
-    sh.add_argument("--frame-template", help="disfa: frame path under --images, e.g. '{subject}/{frame:05d}.png'")
+    sh.add_argument("--frame-template", help="disfa: frame path under --images with {subject}, {frame} (1-based "
+                                             "label frame) or {index} (0-based), e.g. '{subject}/{frame:05d}.png'")
     sh.add_argument("--active-threshold", type=float, default=2.0, help="disfa: intensity that counts as active")
     sh.add_argument("--folds", help="bp4d, disfa (standard subject folds) or K (subjects round-robin into K folds)")
     sh.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
@@ -113,6 +131,30 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--quality", type=int, default=95, help="JPEG quality when an image is re-encoded")
     sh.add_argument("--workers", type=int, default=1)
     sh.add_argument("--seed", type=int, default=0, help="places subject-less images into numbered folds")
+    fa = sh.add_argument_group("faces: landmarks, alignment, optical flow")
+    fa.add_argument("--landmarks", help="folder of landmark CSVs: OpenFace 2.0 output or plain per-sequence CSVs")
+    fa.add_argument("--landmark-pattern", help="CSV name under --landmarks with {subject}, {sequence}, {stem} "
+                                               "(default per corpus: bp4d {subject}_{sequence}.csv, disfa "
+                                               "{subject}.csv or LeftVideo{subject}_comp.csv, stills {stem}.csv)")
+    fa.add_argument("--landmark-frames", choices=("number", "position"), default="number",
+                    help="the CSV's frame column is the corpus frame number, or the 1-based position of the image "
+                         "in its sorted folder (OpenFace run on a folder of frames)")
+    fa.add_argument("--landmark-frame-column", default="frame", help="name of the CSV's frame column")
+    fa.add_argument("--min-landmark-confidence", type=float, default=0.8,
+                    help="OpenFace rows below this confidence (or success 0) count as no landmarks")
+    fa.add_argument("--require-landmarks", action="store_true", help="skip frames without landmarks (no-landmarks)")
+    fa.add_argument("--align", type=int, metavar="SIZE",
+                    help="store SIZE x SIZE faces aligned by a similarity transform onto the canonical template "
+                         "(landmarks), else a square detector box; frames with no face are skipped (no-face)")
+    fa.add_argument("--align-margin", type=float, default=0.15, help="template margin, a fraction of the side")
+    fa.add_argument("--align-points", choices=("five", "all"), default="five",
+                    help="fit eye centres, nose tip and mouth corners, or all 68 landmarks")
+    fa.add_argument("--no-detect", action="store_true", help="with --align: no face detector; frames without "
+                                                            "landmarks or box are skipped as no-face")
+    fa.add_argument("--flow", type=int, default=0, metavar="K",
+                    help="TV-L1 optical flow from frame t to t+K of each sequence (RTATL: 3), stored per sample")
+    fa.add_argument("--flow-size", type=int, default=64, help="shorter side of the stored flow grid")
+    fa.add_argument("--flow-clip", type=float, default=20.0, help="clip |u|, |v| at this many pixels")
     sh.add_argument("--overwrite", action="store_true", help="replace shards made with other settings")
     sh.add_argument("--quiet", action="store_true", help="no progress bar")
     sh.set_defaults(run=_shard)

@@ -53,6 +53,7 @@ class DataConfig:
     val_batch: int = 256  # AU validation images per step and rank (MAL's meta-test batch)
     source_timeout: float = 600.0  # seconds a training source may yield no readable sample before the run stops
     eval_incomplete: Literal["fail", "warn"] = "fail"  # evaluation scored fewer samples than the index holds
+    flow: bool = False  # stream each sample's optical flow (ssau shard --flow) as Batch.flow; off: None
 
 
 @dataclass

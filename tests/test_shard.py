@@ -289,17 +289,22 @@ def test_emotionet_csv_rafdb_folder(tmp_path):
     assert got["train_00002"]["json"]["expression"] == 6 and got["test_0001"]["json"]["split"] == "test"
     assert sorted(p.name for p in out.glob("*.tar")) == ["rafdb-test-000000.tar", "rafdb-train-000000.tar"]
 
-    # Folder with MegaFace sidecars, and --folds K for subject-less images.
+    # Folder with MegaFace sidecars, and --folds K for subject-less images. Landmarks are kept when there are 68
+    # (stored) or 5 (alignment points); other counts are ignored with a note, the box kept.
     (img / "face 1.jpg.json").write_text(json.dumps({"bounding_box": {"x": 1, "y": 2, "width": 20, "height": 22},
                                                      "landmarks": {"0": {"x": 5, "y": 6}, "1": {"x": 7, "y": 8}}}))
     (img / "face 2.jpg.json").write_text("{not json")
+    lm68 = {str(i): {"x": 1 + i * 0.25, "y": 3 + (i % 7)} for i in range(68)}
+    (img / "face 3.jpg.json").write_text(json.dumps({"landmarks": lm68}))
     out = tmp_path / "folder"
     assert shard("folder", "--images", str(img), "--out", str(out), "--folds", "3") == 0
     got = samples_of(out)
     assert got["face-1"]["json"]["bbox"] == [1.0, 2.0, 20.0, 22.0]
-    assert got["face-1"]["json"]["landmarks"] == [[5.0, 6.0], [7.0, 8.0]]
+    assert "landmarks" not in got["face-1"]["json"]
+    assert got["face-3"]["json"]["landmarks"] == [[1 + i * 0.25, 3 + (i % 7)] for i in range(68)]
     doc = json.loads((out / "dataset.json").read_text())
-    assert doc["skipped_by_reason"] == {"bad-sidecar-ignored": 1} and doc["samples"] == 4
+    assert doc["skipped_by_reason"] == {"bad-sidecar-ignored": 2} and doc["samples"] == 4
+    assert doc["faces"]["landmarks"]["stored"] == 1 and doc["faces"]["aligned_by"] == {"none": 4}
 
 
 def test_unknown_format_and_missing_input_are_one_line_errors(tmp_path, capsys):

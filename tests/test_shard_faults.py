@@ -89,7 +89,7 @@ def test_tiny_rgb_jpegs_are_skipped_and_the_pool_lives_on(tmp_path, workers):
 @pytest.mark.parametrize("workers", ["1", "3"])
 def test_any_exception_while_preparing_one_image_skips_only_that_image(tmp_path, monkeypatch, workers):
     import ssau.data.images as images
-    import ssau.data.shard as shard_mod
+    import ssau.data.shardwrite as shardwrite
 
     root = folder_of(tmp_path / "faces", {"gray.jpg": jpeg_bytes(1, mode="L"), "boom.jpg": jpeg_bytes(2),
                                           "good.jpg": jpeg_bytes(3)})
@@ -103,7 +103,7 @@ def test_any_exception_while_preparing_one_image_skips_only_that_image(tmp_path,
         return Path(source).read_bytes()
 
     monkeypatch.setattr(images, "_to_rgb", to_rgb)  # forked workers inherit both patches
-    monkeypatch.setattr(shard_mod, "read_source", read_source)
+    monkeypatch.setattr(shardwrite, "read_source", read_source)
     out = tmp_path / "out"
     assert shard("folder", "--images", str(root), "--out", str(out), "--workers", workers, "--shard-size", "1") == 0
     assert skips(out) == {"gray.jpg": "error-KeyError", "boom.jpg": "error-RecursionError"}
@@ -371,16 +371,16 @@ def test_disk_full_mid_run_stops_with_one_line_and_resumes(tmp_path, monkeypatch
 
 @pytest.mark.parametrize("workers", ["1", "3"])
 def test_a_worker_that_raises_stops_the_run_with_one_line(tmp_path, monkeypatch, capsys, workers):
-    import ssau.data.shard as shard_mod
+    import ssau.data.shardwrite as shardwrite
 
-    real = shard_mod._parquet_bytes
+    real = shardwrite.parquet_bytes
 
     def parquet_bytes(rows, scan):
         if rows and rows[0]["shard"] == "folder-000002.tar":
             raise RuntimeError("a bug in the writer")
         return real(rows, scan)
 
-    monkeypatch.setattr(shard_mod, "_parquet_bytes", parquet_bytes)
+    monkeypatch.setattr(shardwrite, "parquet_bytes", parquet_bytes)
     out = tmp_path / "out"
     assert shard("folder", "--images", str(_faces(tmp_path / "faces")), "--out", str(out), "--shard-size", "2",
                  "--workers", workers) == 2
@@ -397,14 +397,14 @@ def test_a_killed_worker_stops_the_run_instead_of_hanging(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {str(ROOT / "tests")!r})
-        import ssau.data.shard as shard_mod
+        import ssau.data.shardwrite as shardwrite
         from ssau.cli import main
-        real = shard_mod._parquet_bytes
+        real = shardwrite.parquet_bytes
         def parquet_bytes(rows, scan):
             if rows and rows[0]["shard"] == "folder-000002.tar":
                 os.kill(os.getpid(), signal.SIGKILL)
             return real(rows, scan)
-        shard_mod._parquet_bytes = parquet_bytes
+        shardwrite.parquet_bytes = parquet_bytes
         sys.exit(main(["shard", "folder", "--images", {str(root)!r}, "--out", {str(out)!r}, "--shard-size", "2",
                        "--workers", "3", "--quiet"]))
     """)
@@ -433,12 +433,12 @@ def _slow_shard_run(tmp_path: Path) -> tuple[subprocess.Popen, list[int]]:
     marks.mkdir()
     script = textwrap.dedent(f"""
         import os, sys, time
-        import ssau.data.shard as shard_mod
+        import ssau.data.shardwrite as shardwrite
         from ssau.cli import main
         def parquet_bytes(rows, scan):
             open(os.path.join({str(marks)!r}, str(os.getpid())), "w").close()
             time.sleep(120)  # a shard that takes long
-        shard_mod._parquet_bytes = parquet_bytes
+        shardwrite.parquet_bytes = parquet_bytes
         sys.exit(main(["shard", "folder", "--images", {str(root)!r}, "--out", {str(out)!r}, "--shard-size", "2",
                        "--workers", "3", "--quiet"]))
     """)

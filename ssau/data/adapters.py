@@ -3,106 +3,31 @@
 An adapter only reads labels and lists images; it never decodes pixels (the shard workers do, in parallel).
 Layouts and unknown markers are those of ../shared/AU-DATA.md. A malformed label file raises LabelError naming
 the file and line; mismatches between labels and images are reported as skips, never fatal.
-
-``screen`` then vets every adapter's records alike. A source that resolves (``..``, an absolute path, a symlink)
-outside the resolved ``--images`` root is skipped as ``outside-images``: a manifest never makes ssau read other
-files (link the whole root elsewhere if need be, not files or folders inside it). An image listed more than once
-(two rows, one URL twice, two URLs with one basename, two names of one file) is one sample when the labels agree,
-the other listings skipped as ``duplicate-row``; when they disagree there is no telling which is right, so every
-listing is skipped as ``conflicting-labels``, naming the others: the run goes on, and dataset.json says why.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import os
+import math
 import re
 import urllib.parse
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from ssau.aus import EXPRESSIONS, STANDARD_AUS, parse_au
-from ssau.data.video import split_source
+from ssau.data.images import exception_detail
+from ssau.data.records import (IMAGE_EXTS, AdapterArgs, LabelError, Record, Scan, list_images, parse_int,
+                               require_dir, safe_key, screen)
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
-
-class LabelError(Exception):
-    """A label file that cannot be read as its format says; the message names the file and the line."""
-
-
-@dataclass
-class Record:
-    """One sample to be: where its pixels are, and everything known about it."""
-
-    key: str
-    source: str  # an image path, or "<video path>#<0-based frame index>"
-    subject: str = ""
-    sequence: str = ""
-    frame: int = -1
-    occurrence: list[int] | None = None  # per AU of the corpus list: 1/0 (meaningless where mask is 0)
-    mask: list[int] | None = None  # 1 = coded, 0 = unknown
-    intensity: list[float] | None = None
-    expression: int = -1
-    split: str = ""
-    meta: dict = field(default_factory=dict)  # landmarks, bbox
-    origin: str = ""  # the label line that listed it ("file:line"), for skip reports; not stored in shards
-
-
-@dataclass
-class Scan:
-    corpus: str
-    aus: tuple[int, ...]
-    records: list[Record]
-    skipped: list[dict]  # {"input": ..., "reason": ...}
-    labelled: bool
-
-
-@dataclass(frozen=True)
-class AdapterArgs:
-    images: Path
-    labels: Path | None
-    aus: tuple[int, ...] | None
-    unknown: str  # the marker for "not coded" in csv / emotionet files
-    frame_template: str | None  # disfa: where extracted frames are, relative to images
-    active_threshold: float  # disfa: intensity at which an AU counts as active
-
-
-def _safe(text: str) -> str:
-    # webdataset splits a member name at its first dot, so keys carry none.
-    return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-") or "x"
-
-
-def _list_images(root: Path) -> list[Path]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        out.extend(Path(dirpath) / f for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTS))
-    return out
-
-
-def _require_dir(path: Path | None, what: str) -> Path:
-    if path is None:
-        raise LabelError(f"{what} is required for this format")
-    if not path.is_dir():
-        raise LabelError(f"{what} {path} is not a directory")
-    return path
-
-
-def _int(text: str, where: str) -> int:
-    try:
-        return int(float(text)) if re.fullmatch(r"-?\d+(\.0*)?", text.strip()) else int(text)
-    except ValueError:
-        raise LabelError(f"{where}: expected an integer, found {text.strip()!r}") from None
+__all__ = ["ADAPTERS", "AdapterArgs", "IMAGE_EXTS", "LabelError", "Record", "Scan", "screen"]
 
 
 # ---------------------------------------------------------------------------------------------------- BP4D
 def scan_bp4d(a: AdapterArgs) -> Scan:
     aus = a.aus or STANDARD_AUS["bp4d"]
-    images = _require_dir(a.images, "--images")
-    labels = _require_dir(a.labels, "--labels")
+    images = require_dir(a.images, "--images")
+    labels = require_dir(a.labels, "--labels")
     if (labels / "AUCoding" / "AU_OCC").is_dir():
         labels = labels / "AUCoding" / "AU_OCC"
     frames: dict[tuple[str, str], dict[int, Path]] = {}
@@ -137,10 +62,10 @@ def scan_bp4d(a: AdapterArgs) -> Scan:
                 where = f"{csv_path}:{lineno}"
                 if len(row) != len(header):
                     raise LabelError(f"{where}: {len(row)} fields, header has {len(header)}")
-                frame = _int(row[0], where)
+                frame = parse_int(row[0], where)
                 occ, mask = [], []
                 for au in aus:
-                    v = _int(row[cols[au]], where) if au in cols else 9
+                    v = parse_int(row[cols[au]], where) if au in cols else 9
                     if v not in (0, 1, 9):
                         raise LabelError(f"{where}: AU{au:02d} value {v} is not 0, 1 or 9")
                     occ.append(1 if v == 1 else 0)
@@ -150,7 +75,7 @@ def scan_bp4d(a: AdapterArgs) -> Scan:
                     skipped.append({"input": f"{where}", "reason": "label-without-image"})
                     continue
                 listed.add(img)
-                records.append(Record(key=f"{_safe(subject)}_{_safe(task)}_{frame:06d}", source=str(img),
+                records.append(Record(key=f"{safe_key(subject)}_{safe_key(task)}_{frame:06d}", source=str(img),
                                       subject=subject, sequence=task, frame=frame, occurrence=occ, mask=mask,
                                       origin=where))
     for (subject, task), seq in sorted(frames.items()):
@@ -159,10 +84,31 @@ def scan_bp4d(a: AdapterArgs) -> Scan:
 
 
 # ---------------------------------------------------------------------------------------------------- DISFA
+TEMPLATE_FIELDS = {"subject": "the subject id (SN001)", "frame": "the 1-based label frame",
+                   "index": "the 0-based frame index (frame - 1), as 0-based extractions name their files"}
+
+
+def _frame_path(images: Path, template: str, subject: str, frame: int) -> Path:
+    return images / template.format(subject=subject, frame=frame, index=frame - 1)
+
+
+def check_frame_template(template: str) -> None:
+    """LabelError, one line, unless ``template`` formats with the fields of TEMPLATE_FIELDS."""
+    try:
+        template.format(subject="SN001", frame=1, index=0)
+    except (KeyError, IndexError, ValueError, AttributeError) as e:
+        what = f"unknown field {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        raise LabelError(f"--frame-template {template!r}: {what}; allowed fields: "
+                         + ", ".join(f"{{{k}}} ({v})" for k, v in TEMPLATE_FIELDS.items())) from None
+
+
 def scan_disfa(a: AdapterArgs) -> Scan:
     aus = a.aus or STANDARD_AUS["disfa"]
-    images = _require_dir(a.images, "--images")
-    labels = _require_dir(a.labels, "--labels")
+    images = require_dir(a.images, "--images")
+    labels = require_dir(a.labels, "--labels")
+    if a.frame_template is not None:
+        check_frame_template(a.frame_template)
+    zero_based: list[str] = []  # subjects with a frame-0 image while the template reads 1-based frames
     if (labels / "ActionUnit_Labels").is_dir():
         labels = labels / "ActionUnit_Labels"
     records, skipped = [], []
@@ -171,7 +117,7 @@ def scan_disfa(a: AdapterArgs) -> Scan:
         per_au: dict[int, dict[int, float]] = {}
         conflicts: dict[int, str] = {}  # frame -> the AU file line that contradicts an earlier one
         for txt in sorted(sub.glob(f"{subject}_au*.txt")):
-            au = _int(txt.stem.split("_au")[-1], f"{txt}:0")
+            au = parse_int(txt.stem.split("_au")[-1], f"{txt}:0")
             table = per_au[au] = {}
             with open(txt) as f:
                 for lineno, line in enumerate(f, 1):
@@ -181,7 +127,7 @@ def scan_disfa(a: AdapterArgs) -> Scan:
                     where = f"{txt}:{lineno}"
                     if len(parts) != 2:
                         raise LabelError(f"{where}: expected 'frame,intensity', found {line.strip()!r}")
-                    frame, value = _int(parts[0], where), _int(parts[1], where)
+                    frame, value = parse_int(parts[0], where), parse_int(parts[1], where)
                     if not 0 <= value <= 5 or frame < 1:
                         raise LabelError(f"{where}: frame {frame} intensity {value} (frames from 1, intensity 0-5)")
                     if frame in table:
@@ -194,6 +140,9 @@ def scan_disfa(a: AdapterArgs) -> Scan:
         if not per_au:
             continue
         video = None
+        if a.frame_template is not None and "{index" not in a.frame_template and \
+                _frame_path(images, a.frame_template, subject, 0).is_file():
+            zero_based.append(subject)
         if a.frame_template is None:
             video = images / f"LeftVideo{subject}_comp.avi"
             if not video.is_file():
@@ -211,15 +160,21 @@ def scan_disfa(a: AdapterArgs) -> Scan:
             if video is not None:
                 source = f"{video}#{frame - 1}"  # label frames are 1-based, decoded frames 0-based
             else:
-                path = images / a.frame_template.format(subject=subject, frame=frame)
+                path = _frame_path(images, a.frame_template, subject, frame)
                 if not path.is_file():
                     skipped.append({"input": f"{subject} frame {frame}: {path}", "reason": "label-without-image"})
                     continue
                 source = str(path)
-            records.append(Record(key=f"{_safe(subject)}_{frame:06d}", source=source, subject=subject,
+            records.append(Record(key=f"{safe_key(subject)}_{frame:06d}", source=source, subject=subject,
                                   sequence=subject, frame=frame, occurrence=occ, mask=mask,
                                   intensity=[max(v, 0.0) for v in inten], origin=f"{subject} frame {frame}"))
-    return Scan("disfa", aus, records, skipped, labelled=True)
+    warnings = []
+    if zero_based:
+        warnings.append(f"--frame-template {a.frame_template!r}: {len(zero_based)} subject(s) ({', '.join(zero_based[:3])}"
+                        f"{', ...' if len(zero_based) > 3 else ''}) have a frame-0 image but DISFA labels start at "
+                        f"frame 1: the frames look 0-based, and {{frame}} would shift every label by one frame; "
+                        f"use {{index}} (0-based) instead")
+    return Scan("disfa", aus, records, skipped, labelled=True, warnings=warnings)
 
 
 # ---------------------------------------------------------------------------------------------------- EmotioNet
@@ -235,12 +190,12 @@ def _binary(value: str, unknown: str, where: str, au: int) -> tuple[int, int]:
 
 def scan_emotionet(a: AdapterArgs) -> Scan:
     aus = a.aus or STANDARD_AUS["emotionet"]
-    images = _require_dir(a.images, "--images")
+    images = require_dir(a.images, "--images")
     if a.labels is None or not a.labels.exists():
         raise LabelError(f"--labels {a.labels} does not exist")
     files = sorted(a.labels.glob("*.txt")) if a.labels.is_dir() else [a.labels]
     local = {}
-    for p in _list_images(images):
+    for p in list_images(images):
         local.setdefault(p.name, p)
     records, skipped = [], []
     for path in files:
@@ -258,7 +213,7 @@ def scan_emotionet(a: AdapterArgs) -> Scan:
                 if img is None:
                     skipped.append({"input": f"{where} {name}", "reason": "label-without-image"})
                     continue
-                records.append(Record(key=_safe(Path(name).stem), source=str(img), occurrence=list(occ),
+                records.append(Record(key=safe_key(Path(name).stem), source=str(img), occurrence=list(occ),
                                       mask=list(mask), origin=where))
     return Scan("emotionet", aus, records, skipped, labelled=True)
 
@@ -267,7 +222,7 @@ def scan_emotionet(a: AdapterArgs) -> Scan:
 def scan_csv(a: AdapterArgs) -> Scan:
     if a.labels is None or not a.labels.is_file():
         raise LabelError(f"--labels {a.labels} is not a file (the csv manifest)")
-    images = _require_dir(a.images if a.images is not None else a.labels.parent, "--images")
+    images = require_dir(a.images if a.images is not None else a.labels.parent, "--images")
     records, skipped = [], []
     with open(a.labels, newline="") as f:
         rows = csv.reader(f)
@@ -298,9 +253,9 @@ def scan_csv(a: AdapterArgs) -> Scan:
                 continue
             subject = row[opt["subject"]].strip() if opt["subject"] is not None else ""
             sequence = row[opt["sequence"]].strip() if opt["sequence"] is not None else ""
-            frame = _int(row[opt["frame"]], where) if opt["frame"] is not None else -1
+            frame = parse_int(row[opt["frame"]], where) if opt["frame"] is not None else -1
             stem = Path(row[col].strip()).with_suffix("").as_posix()
-            records.append(Record(key=_safe(stem), source=str(path), subject=subject, sequence=sequence, frame=frame,
+            records.append(Record(key=safe_key(stem), source=str(path), subject=subject, sequence=sequence, frame=frame,
                                   occurrence=list(occ), mask=list(mask), expression=expr, origin=where))
     return Scan("csv", tuple(aus), records, skipped, labelled=True)
 
@@ -315,10 +270,32 @@ def _expression(text: str, where: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- RAF-DB
+RAFDB_IMAGES = ("basic/Image/aligned", "Image/aligned", "aligned")
+RAFDB_LABELS = ("basic/EmoLabel/list_patition_label.txt", "EmoLabel/list_patition_label.txt",
+                "list_patition_label.txt")
+
+
+def _rafdb_paths(images: Path, labels: Path | None) -> tuple[Path, Path]:
+    """Accept the corpus root or ``basic/`` as well as the image folder itself, and the label file's folders."""
+    for sub in RAFDB_IMAGES:
+        if (images / sub).is_dir() and not any(images.glob("*_aligned.jpg")):
+            images = images / sub
+            break
+    if labels is None or labels.is_dir():
+        roots = [labels] if labels is not None else [images] + list(images.parents)[:3]
+        found = next((r / sub for r in roots for sub in RAFDB_LABELS if (r / sub).is_file()), None)
+        if found is None:
+            raise LabelError(f"--labels {labels or '(not given)'}: no list_patition_label.txt "
+                             f"(looked for {', '.join(RAFDB_LABELS)} under {', '.join(map(str, roots))})")
+        labels = found
+    if not labels.is_file():
+        raise LabelError(f"--labels {labels} is not a file (list_patition_label.txt)")
+    return images, labels
+
+
 def scan_rafdb(a: AdapterArgs) -> Scan:
-    images = _require_dir(a.images, "--images")
-    if a.labels is None or not a.labels.is_file():
-        raise LabelError(f"--labels {a.labels} is not a file (list_patition_label.txt)")
+    images, labels = _rafdb_paths(require_dir(a.images, "--images"), a.labels)
+    a = AdapterArgs(images, labels, a.aus, a.unknown, a.frame_template, a.active_threshold)
     records, skipped, named = [], [], set()
     with open(a.labels) as f:
         for lineno, line in enumerate(f, 1):
@@ -328,7 +305,7 @@ def scan_rafdb(a: AdapterArgs) -> Scan:
             parts = line.split()
             if len(parts) != 2 or "_" not in parts[0]:
                 raise LabelError(f"{where}: expected '<split>_<n>.jpg <label>', found {line.strip()!r}")
-            label = _int(parts[1], where)
+            label = parse_int(parts[1], where)
             if not 1 <= label <= 7:
                 raise LabelError(f"{where}: label {label} is not 1-7")
             stem = Path(parts[0]).stem
@@ -338,89 +315,53 @@ def scan_rafdb(a: AdapterArgs) -> Scan:
             if path is None:
                 skipped.append({"input": f"{where} {parts[0]}", "reason": "label-without-image"})
                 continue
-            records.append(Record(key=_safe(stem), source=str(path), expression=label - 1,
+            records.append(Record(key=safe_key(stem), source=str(path), expression=label - 1,
                                   split=stem.split("_", 1)[0], origin=where))
     skipped.extend({"input": str(p), "reason": "image-without-label"}
-                   for p in _list_images(images) if p.name not in named)
-    return Scan("rafdb", (), records, skipped, labelled=False)
+                   for p in list_images(images) if p.name not in named)
+    return Scan("rafdb", (), records, skipped, labelled=False,
+                searched=f"{images} (as <name>_aligned.jpg or <name>.jpg, for the names in {labels})")
 
 
 # ---------------------------------------------------------------------------------------------------- folder
-def _sidecar(img: Path) -> tuple[dict, str | None]:
-    """MegaFace-style ``<image>.json``: bounding_box {x,y,width,height}, landmarks {"0": {x,y}, ...}."""
+def _sidecar(img: Path) -> tuple[list | None, list | None, str | None]:
+    """MegaFace-style ``<image>.json``: bounding_box {x,y,width,height}, landmarks {"0": {x,y}, ...} (68 iBUG
+    points, or 5: eye centres, nose tip, mouth corners). -> (points, bbox, problem)."""
     side = img.with_name(img.name + ".json")
     if not side.is_file():
-        return {}, None
+        return None, None, None
     try:
-        doc = json.loads(side.read_text())
-        meta = {}
+        if side.stat().st_size > 1 << 20:
+            raise ValueError(f"{side.stat().st_size} bytes, more than a sidecar holds")
+        doc = json.loads(side.read_text(encoding="utf-8"))
+        points = bbox = problem = None
         if "bounding_box" in doc:
             b = doc["bounding_box"]
-            meta["bbox"] = [float(b["x"]), float(b["y"]), float(b["width"]), float(b["height"])]
+            bbox = [float(b["x"]), float(b["y"]), float(b["width"]), float(b["height"])]
+            if not all(math.isfinite(v) for v in bbox):
+                raise ValueError("a bounding_box coordinate is not a finite number")
         if "landmarks" in doc:
             pts = doc["landmarks"]
-            meta["landmarks"] = [[float(pts[k]["x"]), float(pts[k]["y"])] for k in sorted(pts, key=int)]
-        return meta, None
-    except (ValueError, KeyError, TypeError) as e:
-        return {}, f"{side}: {type(e).__name__}: {e}"
+            points = [[float(pts[k]["x"]), float(pts[k]["y"])] for k in sorted(pts, key=int)]
+            if len(points) not in (5, 68) or not all(math.isfinite(c) for p in points for c in p):
+                problem = (f"{side}: {len(points)} landmarks ignored (68 iBUG points or 5 are read, "
+                           f"all finite); the box is kept")
+                points = None
+        return points, bbox, problem
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, UnicodeDecodeError) as e:
+        return None, None, f"{side}: {type(e).__name__}: {exception_detail(e)}"
 
 
 def scan_folder(a: AdapterArgs) -> Scan:
-    images = _require_dir(a.images, "--images")
+    images = require_dir(a.images, "--images")
     records, skipped = [], []
-    for img in _list_images(images):
+    for img in list_images(images):
         rel = img.relative_to(images).with_suffix("").as_posix()
-        meta, problem = _sidecar(img)
+        points, bbox, problem = _sidecar(img)
         if problem:
             skipped.append({"input": problem, "reason": "bad-sidecar-ignored"})
-        records.append(Record(key=_safe(rel), source=str(img), meta=meta))
+        records.append(Record(key=safe_key(rel), source=str(img), points=points, bbox=bbox))
     return Scan("folder", (), records, skipped, labelled=False)
-
-
-# ---------------------------------------------------------------------------------------------------- screen
-def screen(scan: Scan, images: Path) -> None:
-    """Skip, in place, records that resolve outside ``images`` and images listed more than once (module doc)."""
-    root = os.path.realpath(images)
-    real_dirs: dict[str, str] = {}  # a corpus has few folders and many files: one realpath per folder
-
-    def real(path: str) -> str:
-        parent, name = os.path.split(path)
-        if parent not in real_dirs:
-            real_dirs[parent] = os.path.realpath(parent)
-        full = os.path.join(real_dirs[parent], name)
-        return os.path.realpath(full) if os.path.islink(full) else full
-
-    def where(r: Record) -> str:
-        return f"{r.origin} {r.source}" if r.origin else r.source
-
-    first: dict[tuple[str, str], Record] = {}  # (real path, frame) -> the first listing, in listing order
-    more: dict[tuple[str, str], list[Record]] = {}  # the later listings of the few images listed twice
-    for r in scan.records:
-        path, frame = split_source(r.source)
-        full = real(path)
-        if os.path.commonpath((root, full)) != root:
-            scan.skipped.append({"input": where(r), "reason": "outside-images", "detail": f"resolves to {full}"})
-        elif (full, frame) in first:
-            more.setdefault((full, frame), []).append(r)
-        else:
-            first[(full, frame)] = r
-    for ident, later in more.items():
-        head = first[ident]
-        if all(_labels(r) == _labels(head) for r in later):
-            scan.skipped.extend({"input": where(r), "reason": "duplicate-row", "detail": f"repeats {where(head)}"}
-                                for r in later)
-        else:
-            del first[ident]
-            listed = [head, *later]
-            scan.skipped.extend({"input": where(r), "reason": "conflicting-labels",
-                                 "detail": "labels differ from " + "; ".join(where(o) for o in listed if o is not r)}
-                                for r in listed)
-    scan.records = list(first.values())
-
-
-def _labels(r: Record) -> tuple:
-    # Everything a sample says about the image; key, source and origin only say where the listing came from.
-    return (r.subject, r.sequence, r.frame, r.occurrence, r.mask, r.intensity, r.expression, r.split, r.meta)
 
 
 ADAPTERS: dict[str, Callable[[AdapterArgs], Scan]] = {

@@ -6,6 +6,15 @@ Output is uint8 CHW: four times less to move from workers than float, normalised
 Training: resize the shorter side to ``RESIZE_RATIO * size``, random crop, horizontal flip, colour jitter.
 Evaluation: the same resize, centre crop.
 
+Geometry (``decode_sample``): the sample's 68 landmarks (json ``landmarks``, pixels of the stored image) and, when
+asked, its optical flow (``flow.npy``, see ``ssau.data.flow``) go through the same resize, crop and flip as the
+image. Pixel centres are at integers (``ssau.data.template``): resizing by s maps a stored-image point x to
+``(x + 0.5) * s - 0.5`` (PIL's resize and libjpeg's scaled decoding both keep pixel areas, so a pixel centre maps to
+a pixel centre); the crop then subtracts its offset and the flip maps x to ``S - 1 - x`` with the 68-point mirror
+permutation (the flow: columns reversed and u negated). Displacements are scaled by s per axis. A sample without
+landmarks gets the template (``mean_landmarks`` of the stored image with the shard's ``align_margin``) pushed
+through the same augmentation and flagged invalid; one without ``flow.npy`` gets zeros, flagged invalid.
+
 One sample can never end a run: whatever its bytes are, the only exception that leaves ``decode_train`` /
 ``decode_eval`` is ``DecodeError``, which the stream skips and counts. Memory is bounded before any pixel is
 decoded: the size the image header declares (``Image.open`` reads only the header) is checked against
@@ -21,6 +30,7 @@ import json
 import random
 import re
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,6 +38,7 @@ from PIL import Image
 
 from ssau.aus import EXPRESSIONS
 from ssau.data.images import MAX_PIXELS
+from ssau.data.template import DEFAULT_MARGIN, N_LANDMARKS, flip_landmarks, mean_landmarks
 
 RESIZE_RATIO = 1.143  # 224 of 256, the usual crop ratio
 JITTER = 0.2  # brightness, contrast and saturation factors drawn from [1 - JITTER, 1 + JITTER]
@@ -61,7 +72,9 @@ def check_meta(meta: object, key: object = None) -> dict:
     return meta
 
 
-def _image(data: bytes, key: object, size: int) -> Image.Image:
+def _image(data: bytes, key: object, size: int) -> tuple[Image.Image, tuple[int, int], tuple[float, float]]:
+    """The image resized for a ``size`` crop, the stored image's (width, height) and the scale from stored-image
+    pixels to resized ones per axis."""
     with warnings.catch_warnings():
         # PIL warns between its limit and twice it, then raises; the declared size is checked just below.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -75,14 +88,19 @@ def _image(data: bytes, key: object, size: int) -> Image.Image:
     if w * h > MAX_PIXELS or w < 1 or h < 1:
         raise DecodeError(f"{key}: image declares {w}x{h} pixels (limit {MAX_PIXELS} pixels)")
     short = round(size * RESIZE_RATIO)
-    img.draft("RGB", (short, short))  # decode at reduced scale where libjpeg can
+    drafted = img.draft("RGB", (short, short))  # decode at reduced scale where libjpeg can
+    # libjpeg decodes at 1/k (k = 1, 2, 4, 8) onto ceil(w / k) pixels, so a resized pixel spans k * dw / W stored
+    # pixels, not w / W: the two differ when k does not divide w, by up to a pixel at the far edge.
+    k = w / drafted[1][2] if drafted else 1.0
     img = img.convert("RGB")
+    dw, dh = img.size
     scale = short / min(img.size)
-    return img.resize((max(short, round(img.width * scale)), max(short, round(img.height * scale))),
-                      Image.Resampling.BILINEAR)
+    img = img.resize((max(short, round(img.width * scale)), max(short, round(img.height * scale))),
+                     Image.Resampling.BILINEAR)
+    return img, (w, h), (img.width / (k * dw), img.height / (k * dh))
 
 
-def _load(sample: dict, size: int) -> tuple[Image.Image, dict]:
+def _load(sample: dict, size: int) -> tuple[Image.Image, dict, tuple[int, int], tuple[float, float]]:
     key = sample.get("__key__")
     if "json" not in sample or "jpg" not in sample:
         raise DecodeError(f"{key}: sample has no {'json' if 'json' not in sample else 'jpg'} member")
@@ -92,36 +110,112 @@ def _load(sample: dict, size: int) -> tuple[Image.Image, dict]:
         raise DecodeError(f"{key}: json: {str(e)[:100]}") from e
     meta = check_meta(meta, key)
     try:
-        img = _image(sample["jpg"], key, size)
+        img, stored, scale = _image(sample["jpg"], key, size)
     except DecodeError:
         raise
     except Exception as e:  # noqa: BLE001 - PIL's decoders raise a zoo (OSError, SyntaxError, struct.error,
         # EOFError, IndexError, ZeroDivisionError, DecompressionBombError, MemoryError...) on crafted bytes; all of
         # them are confined to this one sample.
         raise DecodeError(f"{key}: image: {type(e).__name__}: {str(e)[:100]}") from e
-    return img, meta
+    return img, meta, stored, scale
+
+
+def _landmarks(meta: dict, stored: tuple[int, int], key: object) -> tuple[np.ndarray, bool]:
+    """The sample's [68, 2] landmarks in stored-image pixels and True, or the template and False when it has none;
+    DecodeError when ``landmarks`` (or the ``align_margin`` the template needs) is malformed."""
+    raw = meta.get("landmarks")
+    w, h = stored
+    if raw is None:
+        margin = meta.get("align_margin", DEFAULT_MARGIN)
+        if type(margin) not in (int, float) or not 0 <= margin < 0.5:
+            raise DecodeError(f"{key}: align_margin {str(margin)[:20]!r} is not a fraction in [0, 0.5)")
+        return mean_landmarks(w, h, margin), False
+    if not (isinstance(raw, list) and len(raw) == N_LANDMARKS
+            and all(isinstance(p, list) and len(p) == 2 and all(type(v) in (int, float) for v in p) for p in raw)):
+        raise DecodeError(f"{key}: 'landmarks' is not a list of {N_LANDMARKS} [x, y] numbers")
+    lm = np.array(raw, dtype=np.float64)
+    side = max(w, h)
+    # json reads Infinity and NaN; a point further than one image side off the image is not a landmark of it
+    if not np.isfinite(lm).all() or lm.min() < -side or lm.max() > 2 * side:
+        raise DecodeError(f"{key}: 'landmarks' holds non-finite values or points far outside the {w}x{h} image")
+    return lm.astype(np.float32), True
+
+
+def _warp_flow(grid: np.ndarray, stored: tuple[int, int], scale: tuple[float, float], x0: int, y0: int,
+               size: int, flipped: bool) -> np.ndarray:
+    """float32 [2, size, size]: the stored flow grid (2, gh, gw) resampled onto the augmented crop, displacements
+    in its pixels. One inverse affine map, crop pixel -> grid pixel, with the pixel-centre convention above."""
+    import cv2
+
+    (w, h), (sx, sy) = stored, scale
+    gh, gw = grid.shape[1:]
+    ax, ay = gw / (w * sx), gh / (h * sy)  # crop pixels -> grid pixels per axis
+    m = np.array([[ax, 0.0, (x0 + 0.5) * ax - 0.5], [0.0, ay, (y0 + 0.5) * ay - 0.5]])
+    uv = cv2.warpAffine(np.ascontiguousarray(grid.transpose(1, 2, 0)), m, (size, size),
+                        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
+    uv = uv.reshape(size, size, 2) * np.array([sx, sy], dtype=np.float32)
+    if flipped:
+        uv = uv[:, ::-1] * np.array([-1.0, 1.0], dtype=np.float32)
+    return np.ascontiguousarray(uv.transpose(2, 0, 1), dtype=np.float32)
 
 
 def _to_tensor(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
-def decode_train(sample: dict, size: int, rng: random.Random) -> tuple[torch.Tensor, dict]:
-    img, meta = _load(sample, size)
+@dataclass
+class TrainSample:
+    """One augmented training example: the image and, in its pixel coordinates, the face's geometry."""
+
+    image: torch.Tensor  # uint8 [3, S, S]
+    meta: dict  # checked by check_meta
+    landmarks: np.ndarray  # float32 [68, 2] in the augmented image (the template where the sample has none)
+    landmarks_valid: bool
+    flow: np.ndarray | None  # float32 [2, S, S], pixels of the augmented image; None unless asked for
+    flow_valid: bool  # False: the sample has no flow.npy (zeros), or flow was not asked for
+    flipped: bool
+
+
+def decode_sample(sample: dict, size: int, rng: random.Random, flow: bool = False) -> TrainSample:
+    """Decode and augment one training sample; ``flow``: also read and transform its ``flow.npy``. The random
+    draws are the image's alone (crop, flip, jitter): the geometry adds none."""
+    img, meta, stored, scale = _load(sample, size)
+    key = sample.get("__key__")
+    lm, lm_valid = _landmarks(meta, stored, key)
+    grid = None
+    if flow and "flow.npy" in sample:
+        from ssau.data.flow import decode_flow
+
+        grid = decode_flow(sample["flow.npy"], *stored)
     x, y = rng.randint(0, img.width - size), rng.randint(0, img.height - size)
     arr = np.asarray(img.crop((x, y, x + size, y + size)), dtype=np.float32)
-    if rng.random() < 0.5:
+    flipped = rng.random() < 0.5
+    if flipped:
         arr = arr[:, ::-1]
     b, c, s = (rng.uniform(1 - JITTER, 1 + JITTER) for _ in range(3))
     # brightness, contrast about the mean, saturation about the grey level, folded into two passes
     mean = float(arr.mean()) * b
     arr = arr * (b * c) + mean * (1 - c)
     arr = arr * s + (arr @ _GRAY)[..., None] * (1 - s)
-    return _to_tensor(np.clip(arr, 0, 255).astype(np.uint8)), meta
+    lm = (lm + 0.5) * np.array(scale, dtype=np.float32) - 0.5 - np.array([x, y], dtype=np.float32)
+    if flipped:
+        lm = flip_landmarks(lm, size)
+    out_flow = None
+    if flow:
+        out_flow = (np.zeros((2, size, size), np.float32) if grid is None
+                    else _warp_flow(grid, stored, scale, x, y, size, flipped))
+    return TrainSample(_to_tensor(np.clip(arr, 0, 255).astype(np.uint8)), meta, lm.astype(np.float32), lm_valid,
+                       out_flow, grid is not None, flipped)
+
+
+def decode_train(sample: dict, size: int, rng: random.Random) -> tuple[torch.Tensor, dict]:
+    """(image, meta) of ``decode_sample``: for the parts of a batch that carry no geometry."""
+    ex = decode_sample(sample, size, rng)
+    return ex.image, ex.meta
 
 
 def decode_eval(sample: dict, size: int) -> tuple[torch.Tensor, dict]:
-    img, meta = _load(sample, size)
+    img, meta, _, _ = _load(sample, size)
     x, y = (img.width - size) // 2, (img.height - size) // 2
     return _to_tensor(np.asarray(img.crop((x, y, x + size, y + size)))), meta
 

@@ -18,6 +18,7 @@ import re
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image
 
 JPEG_QUALITY = 95
@@ -107,7 +108,10 @@ def prepare_image(data: bytes, resize: int | None = None, quality: int = JPEG_QU
         raise SkipImage(f"error-{type(e).__name__}", exception_detail(e)) from e
 
 
-def _prepare(data: bytes, resize: int | None, quality: int) -> Prepared:
+def _open(data: bytes, resize: int | None = None, validate_only: bool = False
+          ) -> tuple[Image.Image, str, str, tuple[int, int]]:
+    """(loaded image, format, mode, declared size). A JPEG decodes at reduced scale where that is enough: to the
+    ``resize`` target, or at 1/8 when an RGB JPEG is only validated (it then passes through byte for byte)."""
     try:
         with warnings.catch_warnings():
             # PIL warns between 1x and 2x its limit; check_header makes the decision, with the declared size.
@@ -115,9 +119,9 @@ def _prepare(data: bytes, resize: int | None, quality: int) -> Prepared:
             img = Image.open(io.BytesIO(data), formats=FORMATS)
         fmt, mode, size = img.format, img.mode, img.size
         check_header(img)
-        if fmt == "JPEG" and (resize or mode == "RGB"):
+        if fmt == "JPEG" and (resize or (validate_only and mode == "RGB")):
             # libjpeg's DCT scaling: every scan is still read (so truncation is still caught), at a fraction
-            # of the IDCT cost. Pass-through only validates; a resize needs no more than its target.
+            # of the IDCT cost.
             img.draft(None, _target(size, resize) if resize else (size[0] // 8, size[1] // 8))
         img.load()
     except Image.DecompressionBombError as e:  # over twice the limit: PIL refuses in open, before check_header
@@ -128,7 +132,24 @@ def _prepare(data: bytes, resize: int | None, quality: int) -> Prepared:
         raise SkipImage("not-an-image") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise SkipImage("truncated" if "truncated" in str(e) else "corrupt", exception_detail(e)) from e
+    return img, fmt, mode, size
 
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    """The full-size RGB pixels (H x W x 3 uint8) of ``data``, checked as ``prepare_image`` checks it."""
+    if len(data) == 0:
+        raise SkipImage("empty-file")
+    try:
+        img, _, _, _ = _open(data)
+        return np.asarray(_to_rgb(img))
+    except SkipImage:
+        raise
+    except Exception as e:  # as in prepare_image: one image's bytes never end a run
+        raise SkipImage(f"error-{type(e).__name__}", exception_detail(e)) from e
+
+
+def _prepare(data: bytes, resize: int | None, quality: int) -> Prepared:
+    img, fmt, mode, size = _open(data, resize, validate_only=True)
     converted = None
     if mode != "RGB":
         converted = f"mode-{mode}"

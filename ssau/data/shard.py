@@ -20,69 +20,27 @@ import os
 import shutil
 import sys
 import time
-import traceback
 from collections import Counter
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import webdataset as wds
 from tqdm import tqdm
 
 from ssau.aus import EXPRESSIONS, STANDARD_FOLDS, au_name
 from ssau.data.adapters import ADAPTERS, AdapterArgs, Record, Scan, screen
-from ssau.data.images import JPEG_QUALITY, MIN_SIDE, Prepared, SkipImage, exception_detail, prepare_image
+from ssau.data.images import MIN_SIDE
+from ssau.data.landmarks import LandmarkSource, attach_landmarks
 from ssau.data.pool import WorkerDied, run_tasks
-from ssau.data.video import read_source
+from ssau.data.shardwrite import (STATE_DIR, ShardError, ShardSettings, atomic_write, init_worker, json_bytes,
+                                  plan_doc, schema, sha256, write_shard)
+from ssau.data.template import MEAN_68
 
 FORMAT_VERSION = 1
-STATE_DIR = ".ssau"
-
-
-class ShardError(Exception):
-    """A problem with the command's input or output directory; one line for the user."""
-
-
-@dataclass(frozen=True)
-class ShardSettings:
-    format: str
-    images: str
-    labels: str | None
-    aus: tuple[int, ...] | None = None
-    unknown: str = ""
-    frame_template: str | None = None
-    active_threshold: float = 2.0
-    folds: str | None = None  # "bp4d", "disfa" or a number of subject folds
-    shard_size: int = 1000
-    resize: int | None = None
-    quality: int = JPEG_QUALITY
-    seed: int = 0  # only used to place subject-less samples into numbered folds
-
-    def fingerprint(self) -> dict:
-        d = asdict(self)
-        d["aus"] = list(self.aus) if self.aus else None
-        return d
+__all__ = ["ShardError", "ShardSettings", "run_shard", "plan_shards", "STATE_DIR"]
 
 
 # ---------------------------------------------------------------------------------------------------- planning
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk must not also leave a partial file behind
-        raise
-
-
-def _json_bytes(obj) -> bytes:
-    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
-
-
 def _assign_folds(scan: Scan, spec: str | None, seed: int) -> tuple[list[tuple[int, Record]], list[dict]]:
     if spec is None:
         return [(0, r) for r in scan.records], []
@@ -145,122 +103,11 @@ def plan_shards(scan: Scan, s: ShardSettings) -> tuple[list[dict], list[dict]]:
         stem = scan.corpus + (f"-fold{fold}" if fold else "") + (f"-{split}" if split else "")
         for i in range(0, len(recs), s.shard_size):
             chunk = recs[i:i + s.shard_size]
-            plan_sha = hashlib.sha256(json.dumps([_record_doc(r, scan, fold) for r in chunk],
+            plan_sha = hashlib.sha256(json.dumps([plan_doc(r, scan, fold) for r in chunk],
                                                  sort_keys=True).encode()).hexdigest()
             tasks.append({"name": f"{stem}-{i // s.shard_size:06d}.tar", "fold": fold, "split": split,
                           "records": chunk, "plan_sha": plan_sha})
     return tasks, skipped
-
-
-def _record_doc(r: Record, scan: Scan, fold: int) -> dict:
-    doc = {"corpus": scan.corpus, "key": r.key, "subject": r.subject, "sequence": r.sequence, "frame": r.frame,
-           "split": r.split, "fold": fold, "source": r.source,
-           "expression": r.expression, "expression_name": EXPRESSIONS[r.expression] if r.expression >= 0 else None}
-    if scan.aus:
-        doc.update(aus=list(scan.aus), occurrence=r.occurrence, mask=r.mask, intensity=r.intensity)
-    doc.update(r.meta)
-    return doc
-
-
-# ---------------------------------------------------------------------------------------------------- workers
-_SCAN: Scan | None = None
-_SETTINGS: ShardSettings | None = None
-_OUT: Path | None = None
-
-
-def _init_worker(scan_meta: Scan, settings: ShardSettings, out: Path) -> None:
-    global _SCAN, _SETTINGS, _OUT
-    _SCAN, _SETTINGS, _OUT = scan_meta, settings, out
-
-
-def _write_shard(task: dict) -> dict:
-    tmp = _OUT / f".{task['name']}.tmp-{os.getpid()}"
-    try:
-        return _write_shard_to(task, tmp)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) or not isinstance(e, Exception):
-            raise  # --out's (inputs are guarded per image: run_shard names it), or Ctrl-C
-        log = _OUT / STATE_DIR / "error.txt"  # anything else is a bug: one line, and its traceback for the report
-        try:
-            _atomic_write(log, "".join(traceback.format_exception(e)).encode())
-        except OSError:
-            pass
-        raise ShardError(f"writing {task['name']} failed: {type(e).__name__}: {exception_detail(e)}; "
-                         f"traceback in {log}") from None
-
-
-def _prepared(r: Record, s: ShardSettings) -> tuple[Prepared | None, dict | None]:
-    """-> (Prepared, None) or (None, skip entry). Nothing one input holds can raise out of here."""
-    try:
-        return prepare_image(read_source(r.source), s.resize, s.quality), None
-    except SkipImage as e:
-        return None, {"input": r.source, "reason": str(e)} | ({"detail": e.detail} if e.detail else {})
-    except OSError as e:
-        return None, {"input": r.source, "reason": f"unreadable: {e.strerror or e}"}
-    except Exception as e:  # a reader bug on one input must cost that input, not the run
-        return None, {"input": r.source, "reason": f"error-{type(e).__name__}", "detail": exception_detail(e)}
-
-
-def _write_shard_to(task: dict, tmp: Path) -> dict:
-    scan, s, out = _SCAN, _SETTINGS, _OUT
-    rows, skipped, converted = [], [], Counter()
-    with open(tmp, "wb") as f:
-        # Fixed metadata: byte-identical shards. The mtime is an int on purpose: a float makes tarfile add a pax
-        # header to every member, which readers then have to parse.
-        sink = wds.TarWriter(f, user="", group="", mtime=0)
-        for r in task["records"]:
-            prep, skip = _prepared(r, s)
-            if skip is not None:
-                skipped.append(skip)
-                continue
-            doc = _record_doc(r, scan, task["fold"]) | {"width": prep.width, "height": prep.height}
-            sink.write({"__key__": r.key, "jpg": prep.jpeg,
-                        "json": json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()})
-            if prep.converted:
-                converted[prep.converted] += 1
-            row = {"key": r.key, "shard": task["name"], "offset": len(rows), "fold": task["fold"],
-                   "split": r.split, "corpus": scan.corpus, "subject": r.subject, "sequence": r.sequence,
-                   "frame": r.frame, "expression": r.expression, "width": prep.width, "height": prep.height,
-                   "source": r.source}
-            for j, au in enumerate(scan.aus):
-                row[au_name(au)] = (r.occurrence[j] if r.mask[j] else -1)
-            rows.append(row)
-        sink.close()
-        f.flush()
-        os.fsync(f.fileno())
-    sha = _sha256(tmp)
-    os.replace(tmp, out / task["name"])
-    state = out / STATE_DIR
-    _atomic_write(state / f"{task['name']}.parquet", _parquet_bytes(rows, scan))
-    stats = {"name": task["name"], "fold": task["fold"], "split": task["split"], "samples": len(rows),
-             "sha256": sha, "bytes": (out / task["name"]).stat().st_size, "plan_sha": task["plan_sha"],
-             "skipped": skipped, "converted": dict(converted)}
-    _atomic_write(state / f"{task['name']}.json", _json_bytes(stats))  # written last: marks the shard done
-    return stats
-
-
-def _schema(scan: Scan) -> pa.Schema:
-    fields = [("key", pa.string()), ("shard", pa.string()), ("offset", pa.int32()), ("fold", pa.int16()),
-              ("split", pa.string()), ("corpus", pa.string()), ("subject", pa.string()), ("sequence", pa.string()),
-              ("frame", pa.int32()), ("expression", pa.int8()), ("width", pa.int32()), ("height", pa.int32()),
-              ("source", pa.string())]
-    fields += [(au_name(au), pa.int8()) for au in scan.aus]  # 1 / 0, -1 = unknown
-    return pa.schema(fields)
-
-
-def _parquet_bytes(rows: list[dict], scan: Scan) -> bytes:
-    sink = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist(rows, schema=_schema(scan)), sink)
-    return sink.getvalue().to_pybytes()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _verified(out: Path, task: dict) -> dict | None:
@@ -273,7 +120,7 @@ def _verified(out: Path, task: dict) -> dict | None:
     parts = out / STATE_DIR / f"{task['name']}.parquet"
     if stats.get("plan_sha") != task["plan_sha"] or not tar.is_file() or not parts.is_file():
         return None
-    return stats if tar.stat().st_size == stats["bytes"] and _sha256(tar) == stats["sha256"] else None
+    return stats if tar.stat().st_size == stats["bytes"] and sha256(tar) == stats["sha256"] else None
 
 
 # ---------------------------------------------------------------------------------------------------- driver
@@ -320,20 +167,64 @@ def _prepare_out(out: Path, s: ShardSettings, overwrite: bool) -> None:
         shutil.rmtree(state, ignore_errors=True)
     state.mkdir(parents=True, exist_ok=True)
     _remove_tmp(out)
-    _atomic_write(settings_path, _json_bytes(s.fingerprint()))
+    atomic_write(settings_path, json_bytes(s.fingerprint()))
 
 
 def _run_tasks(todo: list[dict], meta: Scan, s: ShardSettings, out: Path, workers: int, done: dict, bar) -> None:
+    pairs = [0, time.perf_counter()]
+
     def finished(task: dict, stats: dict) -> None:
         done[task["name"]] = stats
+        pairs[0] += stats.get("faces", {}).get("flow", 0)
+        if s.flow:
+            bar.set_postfix_str(f"{pairs[0] / max(time.perf_counter() - pairs[1], 1e-9):.1f} flow pairs/s", refresh=False)
         bar.update(len(task["records"]))
 
     try:
-        run_tasks(_write_shard, todo, workers, _init_worker, (meta, s, out), finished)
+        run_tasks(write_shard, todo, workers, init_worker, (meta, s, out), finished)
     except WorkerDied as e:
         raise ShardError(f"{e} while writing {out}; finished shards are kept and the same command resumes") from None
     finally:
         _remove_tmp(out)  # of the workers stopped mid-shard
+
+
+def _check_faces(s: ShardSettings) -> None:
+    if s.align is not None and not 16 <= s.align <= 1024:
+        raise ShardError(f"--align {s.align}: the aligned face's side must be 16 to 1024 px")
+    if not 0.0 <= s.align_margin < 0.45:  # also refuses nan
+        raise ShardError(f"--align-margin {s.align_margin}: a fraction of the side in [0, 0.45)")
+    if s.align_points not in ("five", "all"):
+        raise ShardError(f"--align-points {s.align_points!r}: five (eye centres, nose tip, mouth corners) or all")
+    if not 0 <= s.flow <= 100:
+        raise ShardError(f"--flow {s.flow}: a frame step from 1 to 100 (0: no flow)")
+    if not 4 <= s.flow_size <= 512 or not 0 < s.flow_clip <= 1000:
+        raise ShardError(f"--flow-size {s.flow_size} / --flow-clip {s.flow_clip}: 4-512 px and (0, 1000] px")
+    if not 0.0 <= s.min_landmark_confidence <= 1.0:
+        raise ShardError(f"--min-landmark-confidence {s.min_landmark_confidence}: a value in [0, 1]")
+    if s.require_landmarks and not s.landmarks and s.format != "folder":
+        raise ShardError("--require-landmarks needs --landmarks DIR (only folder sidecars come without it)")
+    if s.flow:
+        from ssau.data.flow import require_optflow
+
+        require_optflow()
+
+
+def _landmarks_in(scan: Scan, s: ShardSettings) -> dict:
+    """Attach --landmarks to the records, drop those without under --require-landmarks, pair frames for --flow."""
+    counts = attach_landmarks(scan, LandmarkSource(Path(s.landmarks), s.landmark_pattern, s.landmark_frames,
+                                                   s.landmark_frame_column, s.min_landmark_confidence)) \
+        if s.landmarks else {}
+    if s.require_landmarks:
+        scan.skipped.extend({"input": r.source, "reason": "no-landmarks"} for r in scan.records
+                            if r.points is None or len(r.points) != 68)
+        scan.records = [r for r in scan.records if r.points is not None and len(r.points) == 68]
+    if s.flow:
+        frames = {(r.subject, r.sequence, r.frame): r for r in scan.records if r.frame >= 0 and r.sequence}
+        for (subject, sequence, frame), r in frames.items():
+            later = frames.get((subject, sequence, frame + s.flow))
+            if later is not None:
+                r.partner, r.partner_key = later.source, later.key
+    return counts
 
 
 def run_shard(s: ShardSettings, out: Path, workers: int = 1, overwrite: bool = False, progress: bool = True) -> dict:
@@ -350,16 +241,22 @@ def run_shard(s: ShardSettings, out: Path, workers: int = 1, overwrite: bool = F
         raise ShardError(f"--quality {s.quality}: JPEG quality is 1-100")
     if not 0 < s.active_threshold <= 5:  # also refuses nan: DISFA intensities are 0-5
         raise ShardError(f"--active-threshold {s.active_threshold}: an intensity in (0, 5]")
+    _check_faces(s)
     _check_out(out)
     t0 = time.time()
     scan = ADAPTERS[s.format](AdapterArgs(images=Path(s.images), labels=Path(s.labels) if s.labels else None,
                                           aus=s.aus, unknown=s.unknown, frame_template=s.frame_template,
                                           active_threshold=s.active_threshold))
+    for w in scan.warnings:
+        print(f"ssau shard: warning: {w}", file=sys.stderr)
     screen(scan, Path(s.images))
     _dedupe_keys(scan.records)
+    landmark_counts = _landmarks_in(scan, s)
     tasks, plan_skipped = plan_shards(scan, s)
     if not tasks:
-        raise ShardError(f"no samples found under {s.images}" + (f" with labels {s.labels}" if s.labels else ""))
+        raise ShardError(f"no samples found under {scan.searched or s.images}"
+                         + (f" with labels {s.labels}" if s.labels else ""))
+    scan.landmark_counts = landmark_counts  # for dataset.json
     try:
         _prepare_out(out, s, overwrite)
     except OSError as e:
@@ -392,21 +289,30 @@ def _write_all(scan: Scan, s: ShardSettings, tasks: list[dict], plan_skipped: li
     shards = [done[t["name"]] for t in tasks]
     index_tmp = out / f".index.parquet.tmp-{os.getpid()}"
     try:
-        with pq.ParquetWriter(index_tmp, _schema(scan)) as writer:  # streamed: memory stays flat
+        with pq.ParquetWriter(index_tmp, schema(scan)) as writer:  # streamed: memory stays flat
             for st in shards:
-                writer.write_table(pq.read_table(out / STATE_DIR / f"{st['name']}.parquet", schema=_schema(scan)))
+                writer.write_table(_part(out / STATE_DIR / f"{st['name']}.parquet", schema(scan)))
         os.replace(index_tmp, out / "index.parquet")
     except BaseException:
         index_tmp.unlink(missing_ok=True)
         raise
     doc = _dataset_doc(scan, s, shards, plan_skipped, out)
-    _atomic_write(out / "dataset.json", _json_bytes(doc))
+    atomic_write(out / "dataset.json", json_bytes(doc))
     # Run facts differ between runs, so they stay out of dataset.json (which is byte-identical across runs).
     seconds = time.time() - t0
     run = {"seconds": round(seconds, 3), "shards_written": len(todo), "shards_reused": len(tasks) - len(todo),
-           "images_per_s": round(sum(len(t["records"]) for t in todo) / max(seconds, 1e-9), 1)}
-    _atomic_write(out / STATE_DIR / "last_run.json", _json_bytes(run))
+           "images_per_s": round(sum(len(t["records"]) for t in todo) / max(seconds, 1e-9), 1),
+           "flow_pairs_per_s": round(sum(done[t["name"]].get("faces", {}).get("flow", 0) for t in todo)
+                                     / max(seconds, 1e-9), 1)}
+    atomic_write(out / STATE_DIR / "last_run.json", json_bytes(run))
     return doc | {"last_run": run}
+
+
+def _part(path: Path, sch: pa.Schema) -> pa.Table:
+    """A shard's index part in today's schema (parts written before a column existed get it as nulls)."""
+    t = pq.read_table(path)
+    cols = [t.column(f.name).cast(f.type) if f.name in t.column_names else pa.nulls(len(t), f.type) for f in sch]
+    return pa.Table.from_arrays(cols, schema=sch)
 
 
 def _dataset_doc(scan: Scan, s: ShardSettings, shards: list[dict], plan_skipped: list[dict], out: Path) -> dict:
@@ -434,5 +340,28 @@ def _dataset_doc(scan: Scan, s: ShardSettings, shards: list[dict], plan_skipped:
         "skipped": skipped,
         "skipped_by_reason": dict(sorted(Counter(x["reason"] for x in skipped).items())),
         "converted_by_reason": dict(sorted(converted.items())),
+        "faces": _faces_doc(scan, s, shards),
+        "warnings": scan.warnings,
         "settings": s.fingerprint(),
     }
+
+
+def _faces_doc(scan: Scan, s: ShardSettings, shards: list[dict]) -> dict:
+    """Landmarks, alignment and flow: what was asked, what each sample got (for dataset.json)."""
+    got: Counter[str] = Counter()
+    for st in shards:
+        got.update(st.get("faces", {}))
+    doc = {"landmarks": {"source": s.landmarks, **scan.landmark_counts,
+                         "stored": got["with-landmarks"], "no-landmarks": got["no-landmarks"]},
+           "aligned_by": {k.removeprefix("aligned-"): v for k, v in sorted(got.items()) if k.startswith("aligned-")}}
+    if s.align is not None:
+        from ssau.data.align import DETECTOR
+
+        doc["align"] = {"size": s.align, "margin": s.align_margin, "points": s.align_points,
+                        "detector": DETECTOR if s.detect else None, "warp": "cv2.warpAffine bilinear, border replicate",
+                        "template": [[round(float(x), 6), round(float(y), 6)] for x, y in MEAN_68]}
+    if s.flow:
+        doc["flow"] = {"k": s.flow, "size": s.flow_size, "clip": s.flow_clip, "units": "stored-image pixels",
+                       "method": "TV-L1 (cv2.optflow), frame t+K warped by frame t's alignment, grayscale",
+                       "pairs": got["flow"], "failed": {k: v for k, v in sorted(got.items()) if k.startswith("flow-")}}
+    return doc

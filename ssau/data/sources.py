@@ -56,6 +56,7 @@ class StreamConfig:
     validation: float = 0.0  # fraction of each subject's labelled training images reserved as the AU validation set
     val_batch: int = 256
     source_timeout: float = 600.0  # seconds a reader may find no usable sample before the run stops
+    flow: bool = False  # decode each sample's flow.npy into Batch.flow (costs a warp per image)
 
 
 # ---------------------------------------------------------------------------------------------------- shard lists
@@ -224,7 +225,7 @@ def stream_config(cfg: "Config", aus: tuple[int, ...]) -> StreamConfig:
                         m_expr=d.m_expr, image_size=d.image_size, label_drop=d.label_drop,
                         label_drop_mode=d.label_drop_mode, seed=cfg.train.seed, workers=d.workers,
                         shuffle_buffer=d.shuffle_buffer, validation=d.validation, val_batch=d.val_batch,
-                        source_timeout=d.source_timeout)
+                        source_timeout=d.source_timeout, flow=d.flow)
 
 
 def label_bank(s: StreamConfig, exclude: frozenset[str] = frozenset()) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

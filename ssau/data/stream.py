@@ -6,11 +6,16 @@ A source is one or more shard directories mixed by weight. Shards are split acro
 read disjoint shards, then resampled with replacement inside each slot, seeded by (seed, epoch, rank, worker):
 training is counted in steps, never in epochs (webdataset has no checkpointable position).
 
-Damaged data: a sample that cannot be read (tar damage, undecodable image, malformed json) is skipped and counted
-(``Batch.skipped``). A training source that cannot deliver stops the run with a ``SourceError`` naming it: at
-start each reader (rank x worker slot) goes through its shards until one sample is usable and fails at once if
-none is; later, a reader that finds no usable sample for ``source_timeout`` seconds fails, and the main process
-gives up on workers that deliver no batch for twice that (a worker stuck in I/O).
+Damaged data: a sample that cannot be read (tar damage, undecodable image, malformed json or ``landmarks``, a
+damaged ``flow.npy`` when flow is read) is skipped and counted (``Batch.skipped``). A training source that cannot
+deliver stops the run with a ``SourceError`` naming it: at start each reader (rank x worker slot) goes through its
+shards until one sample is usable and fails at once if none is; later, a reader that finds no usable sample for
+``source_timeout`` seconds fails, and the main process gives up on workers that deliver no batch for twice that (a
+worker stuck in I/O).
+
+Geometry: the labelled and unlabelled parts carry each image's 68 landmarks in the coordinates of the augmented
+image (``ssau.data.decode``: the template, flagged invalid, where a sample has none) and, with ``flow`` set, its
+optical flow (zeros, flagged invalid, where a sample has none). The expression and validation parts carry none.
 
 What the stream reads (source configs, label drop, the AU validation set) is decided in ``ssau.data.sources``;
 evaluation reads through ``ssau.data.evaluation``.
@@ -21,13 +26,14 @@ from __future__ import annotations
 import random
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ssau.data.decode import DecodeError, au_targets, decode_eval, decode_train
+from ssau.data.decode import DecodeError, TrainSample, au_targets, decode_eval, decode_sample
 from ssau.data.sources import (SourceConfig, StreamConfig, ValidationSplit, hidden_aus, is_hidden, resolve_aus,
                                shard_urls, validation_split)
 from ssau.data.tario import SkipCounter, tar_samples
@@ -52,12 +58,20 @@ class Batch:
     val_targets: torch.Tensor | None = None
     val_mask: torch.Tensor | None = None
     val_keys: list[str] = field(default_factory=list)
+    # Geometry, in pixels of the augmented images (pixel centres at integers). None where a batch has no such part
+    # (flow: also where data.flow is off).
+    landmarks: torch.Tensor | None = None  # [m1, 68, 2] float32, iBUG order after the flip's mirror permutation
+    landmarks_valid: torch.Tensor | None = None  # [m1] bool; False: the template stands in
+    flow: torch.Tensor | None = None  # [m1, 2, S, S] float32: u, v (u negated by a flip)
+    flow_valid: torch.Tensor | None = None  # [m1] bool; False: zeros (no flow.npy)
+    unlabelled_landmarks: torch.Tensor | None = None  # [m2, 68, 2]
+    unlabelled_landmarks_valid: torch.Tensor | None = None
+    unlabelled_flow: torch.Tensor | None = None  # [m2, 2, S, S]
+    unlabelled_flow_valid: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "Batch":
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(move(self.images), move(self.targets), move(self.mask), self.keys, move(self.unlabelled),
-                     self.unlabelled_keys, move(self.expr_images), move(self.expr_labels), self.expr_keys,
-                     self.skipped, move(self.val_images), move(self.val_targets), move(self.val_mask), self.val_keys)
+        return replace(self, **{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -138,18 +152,18 @@ class _SourceDataset(IterableDataset):
         self.shards, self.batch, self.cfg, self.aus, self.kind, self.keep = shards, batch, cfg, aus, kind, keep
         self.what = f"{kind} source ({', '.join(dirs)})"
 
-    def _example(self, s: dict, rng: random.Random) -> tuple[torch.Tensor, list | None, list | None, int | None]:
-        """(image, AU targets, AU mask, expression) of one sample; DecodeError when it cannot be used."""
-        img, meta = decode_train(s, self.cfg.image_size, rng)
+    def _example(self, s: dict, rng: random.Random) -> tuple[TrainSample, list | None, list | None, int | None]:
+        """(decoded sample, AU targets, AU mask, expression) of one sample; DecodeError when it cannot be used."""
+        ex = decode_sample(s, self.cfg.image_size, rng, flow=self.cfg.flow and self.kind != "expression")
         if self.kind == "labelled":
             hidden = (hidden_aus(s["__key__"], self.aus, self.cfg.label_drop, self.cfg.seed)
                       if self.cfg.label_drop_mode == "au" else None)
-            return (img, *au_targets(meta, self.aus, hidden), None)
+            return (ex, *au_targets(ex.meta, self.aus, hidden), None)
         if self.kind == "expression":
-            if meta.get("expression", -1) < 0:
+            if ex.meta.get("expression", -1) < 0:
                 raise DecodeError(f"{s['__key__']}: no expression label")
-            return img, None, None, meta["expression"]
-        return img, None, None, None
+            return ex, None, None, ex.meta["expression"]
+        return ex, None, None, None
 
     def _probe(self) -> None:
         """Raise SourceError unless one of this slot's shards holds a usable sample. Reads until the first one
@@ -190,36 +204,51 @@ class _SourceDataset(IterableDataset):
         wid = info.id if info else 0
         rng = random.Random(f"aug:{self.shards.salt}:{self.cfg.seed}:{self.shards.epoch}:{self.shards.rank}:{wid}")
         self._probe()
+        if self.cfg.flow and info is not None:
+            import cv2
+
+            cv2.setNumThreads(1)  # the flow warp runs in every worker: one thread each, not one per core each
         bad = SkipCounter()
         clock = _Clock(self.cfg.source_timeout, self.what, bad)
         samples = _shuffle(self.cfg.shuffle_buffer, rng)(self._samples(bad, clock))  # buffers hold bytes
-        images, targets, masks, keys, exprs = [], [], [], [], []
+        examples, targets, masks, keys, exprs = [], [], [], [], []
         reported = 0
         for s in samples:
             try:
-                img, t, m, e = self._example(s, rng)
+                ex, t, m, e = self._example(s, rng)
             except DecodeError as exn:
                 bad(exn)
                 clock.check()
                 continue
             clock.ok()
-            images.append(img)
+            examples.append(ex)
             keys.append(s["__key__"])
             if t is not None:
                 targets.append(t)
                 masks.append(m)
             if e is not None:
                 exprs.append(e)
-            if len(images) == self.batch:
-                out = {"images": torch.stack(images), "keys": keys, "skipped": bad.n - reported}
+            if len(examples) == self.batch:
+                out = {"images": torch.stack([x.image for x in examples]), "keys": keys, "skipped": bad.n - reported}
                 if targets:
                     out["targets"], out["mask"] = torch.tensor(targets), torch.tensor(masks)
                 if exprs:
                     out["labels"] = torch.tensor(exprs, dtype=torch.int64)
+                if self.kind != "expression":
+                    out.update(_geometry(examples))
                 reported = bad.n
                 yield out
                 clock.ok()  # the consumer's pace is not the source's fault
-                images, targets, masks, keys, exprs = [], [], [], [], []
+                examples, targets, masks, keys, exprs = [], [], [], [], []
+
+
+def _geometry(examples: list[TrainSample]) -> dict[str, torch.Tensor]:
+    out = {"landmarks": torch.from_numpy(np.stack([x.landmarks for x in examples])),
+           "landmarks_valid": torch.tensor([x.landmarks_valid for x in examples])}
+    if examples[0].flow is not None:
+        out["flow"] = torch.from_numpy(np.stack([x.flow for x in examples]))
+        out["flow_valid"] = torch.tensor([x.flow_valid for x in examples])
+    return out
 
 
 class _ValidationDataset(IterableDataset):
@@ -355,10 +384,15 @@ class TrainStream:
         while True:
             parts = {k: self._next(k, it) for k, it in loaders.items()}
             lab, unl, ex, val = (parts.get(k) for k in ("labelled", "unlabelled", "expression", "validation"))
+            unl = unl or {}
             yield Batch(images=lab["images"], targets=lab["targets"], mask=lab["mask"], keys=lab["keys"],
-                        unlabelled=unl["images"] if unl else None, unlabelled_keys=unl["keys"] if unl else [],
+                        unlabelled=unl.get("images"), unlabelled_keys=unl.get("keys", []),
                         expr_images=ex["images"] if ex else None, expr_labels=ex["labels"] if ex else None,
                         expr_keys=ex["keys"] if ex else [],
                         skipped=sum(p["skipped"] for p in parts.values()),
                         val_images=val["images"] if val else None, val_targets=val["targets"] if val else None,
-                        val_mask=val["mask"] if val else None, val_keys=val["keys"] if val else [])
+                        val_mask=val["mask"] if val else None, val_keys=val["keys"] if val else [],
+                        landmarks=lab["landmarks"], landmarks_valid=lab["landmarks_valid"], flow=lab.get("flow"),
+                        flow_valid=lab.get("flow_valid"), unlabelled_landmarks=unl.get("landmarks"),
+                        unlabelled_landmarks_valid=unl.get("landmarks_valid"), unlabelled_flow=unl.get("flow"),
+                        unlabelled_flow_valid=unl.get("flow_valid"))

@@ -1,11 +1,13 @@
 """Reading a record's pixels: an image file, or one frame of a video decoded while sharding (DISFA).
 
 A video source is ``<path>#<0-based frame>``. Shards hold consecutive frames of one video, so each worker keeps
-one decoder open and decodes forward; asking for an earlier frame reopens the file.
+one decoder open and decodes forward; asking for an earlier frame reopens the file, unless it is one of the last
+``keep`` frames decoded (``--flow K`` reads frame t+K before frame t+1: K + 1 frames are kept).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 from ssau.data.images import SkipImage, encode_jpeg, exception_detail
@@ -18,6 +20,8 @@ class _ForwardDecoder:
         self.frames = None
         self.pos = -1
         self.last = None
+        self.keep = 1
+        self.recent: OrderedDict[int, object] = OrderedDict()  # index -> decoded frame, the last `keep` ones
 
     def _open(self, path: str) -> None:
         import av  # imported here: only video sources need it
@@ -28,16 +32,22 @@ class _ForwardDecoder:
         except (av.error.FFmpegError, OSError) as e:
             raise SkipImage("video-unreadable") from e
         self.path, self.frames, self.pos, self.last = path, self.container.decode(video=0), -1, None
+        self.recent.clear()
 
     def frame(self, path: str, index: int) -> bytes:
         import av
 
+        if path == self.path and index in self.recent:
+            return self._encode(self.recent[index])
         if path != self.path or index < self.pos:
             self._open(path)
         try:
             while self.pos < index:
                 self.last = next(self.frames)
                 self.pos += 1
+                self.recent[self.pos] = self.last
+                while len(self.recent) > self.keep:
+                    self.recent.popitem(last=False)
         except StopIteration:
             raise SkipImage("frame-not-in-video") from None
         except av.error.FFmpegError as e:
@@ -46,8 +56,12 @@ class _ForwardDecoder:
         except Exception as e:  # anything else confined to this frame: skip it, reopen on the next request
             self.close()
             raise SkipImage(f"error-{type(e).__name__}", exception_detail(e)) from e
+        return self._encode(self.last)
+
+    @staticmethod
+    def _encode(frame) -> bytes:
         try:
-            return encode_jpeg(self.last.to_image())
+            return encode_jpeg(frame.to_image())
         except Exception as e:
             raise SkipImage(f"error-{type(e).__name__}", exception_detail(e)) from e
 
@@ -55,9 +69,15 @@ class _ForwardDecoder:
         if self.container is not None:
             self.container.close()
         self.container = self.path = None
+        self.recent.clear()
 
 
 _DECODER = _ForwardDecoder()
+
+
+def keep_frames(n: int) -> None:
+    """Keep the last ``n`` decoded frames of the open video at hand (a worker sets it once)."""
+    _DECODER.keep = max(1, n)
 
 
 def split_source(source: str) -> tuple[str, str]:
