@@ -67,7 +67,7 @@ def _synth(args: argparse.Namespace) -> int:
         raise UserError(f"--ambiguous: {args.ambiguous} is not a fraction in [0, 1]")
     s = SynthSettings(subjects=args.subjects, tasks=args.tasks, frames=args.frames, size=args.size,
                       expression_images=args.expression_images, unlabelled=args.unlabelled, seed=args.seed,
-                      ambiguous=args.ambiguous)
+                      ambiguous=args.ambiguous, style=args.style)
     summary = render_corpus(Path(args.out), s, workers=args.workers, progress=not args.quiet)
     print(summary)
     return 0
@@ -97,7 +97,10 @@ def _eval(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from ssau.run import demo
 
-    demo(args.out, args.steps, args.backbone, args.size, args.subjects, args.frames, args.workers)
+    if args.align and not 16 <= args.align <= 1024:
+        raise UserError(f"--align {args.align}: 16 to 1024 px, or 0 for whole frames")
+    demo(args.out, args.steps, args.backbone, args.size, args.subjects, args.frames, args.workers, args.style,
+         args.align)
     return 0
 
 
@@ -164,7 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--subjects", type=int, default=41, help="BP4D subject ids are used, so at most 41")
     sy.add_argument("--tasks", type=int, default=4, help="sequences per subject (T1..T8)")
     sy.add_argument("--frames", type=int, default=40, help="frames per sequence")
-    sy.add_argument("--size", type=int, default=96, help="image side in pixels")
+    sy.add_argument("--size", type=int, default=96, help="image side (classic) or frame width (realistic) in pixels")
+    sy.add_argument("--style", choices=("classic", "realistic"), default="classic",
+                    help="classic: faces filling the image; realistic: head-and-shoulders BP4D frames with smooth "
+                         "pose drift, subtle AUs and OpenFace landmark CSVs (what `ssau demo` uses)")
     sy.add_argument("--expression-images", type=int, default=1000, help="RAF-DB-layout expression images")
     sy.add_argument("--ambiguous", type=float, default=0.2,
                     help="fraction of expression images whose face does not show their label")
@@ -195,7 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--out", default="demo", help="where the corpus, shards and runs go")
     de.add_argument("--steps", type=int, default=400)
     de.add_argument("--backbone", default="resnet18", choices=("tiny", "resnet18", "resnet34", "resnet50"))
-    de.add_argument("--size", type=int, default=64, help="rendered image side")
+    de.add_argument("--size", type=int, default=128, help="rendered frame width (realistic) or face side (classic)")
+    de.add_argument("--style", choices=("realistic", "classic"), default="realistic",
+                    help="realistic: head-and-shoulders frames with OpenFace landmark CSVs; classic: faces that "
+                         "fill the image")
+    de.add_argument("--align", type=int, default=64, help="aligned face side; 0 trains on whole frames")
     de.add_argument("--subjects", type=int, default=41)
     de.add_argument("--frames", type=int, default=40, help="frames per sequence (4 sequences per subject)")
     de.add_argument("--workers", type=int, default=2)

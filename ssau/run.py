@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -105,26 +107,45 @@ def summarize_folds(folds: list[dict]) -> dict[str, float]:
     return out
 
 
-def demo(out: str, steps: int, backbone: str, size: int, subjects: int, frames: int, workers: int) -> dict:
-    """Render the synthetic corpus, shard it through the real adapters, train the supervised baseline on folds 2+3,
-    evaluate on fold 1, log to the local MLflow store and print the per-AU table."""
-    from ssau.data.shard import ShardSettings, run_shard
+def demo(out: str, steps: int, backbone: str, size: int, subjects: int, frames: int, workers: int,
+         style: str = "realistic", align: int = 64) -> dict:
+    """Render the synthetic corpus, shard it through the real adapters (aligning faces with the OpenFace landmark
+    CSVs it writes), train the supervised baseline on folds 2+3, evaluate on fold 1, log to the local MLflow store
+    and print the per-AU table."""
+    from ssau.data.shard import ShardError, ShardSettings, run_shard
     from ssau.synth import SynthSettings, render_corpus
 
     root = Path(out).resolve()
     corpus, shards = root / "corpus", root / "shards"
-    if not (corpus / "bp4d" / "AUCoding").is_dir():
-        print(render_corpus(corpus, SynthSettings(subjects=subjects, tasks=4, frames=frames, size=size,
-                                                  expression_images=500, unlabelled=1000), workers=workers))
-    jobs = [("bp4d", corpus / "bp4d", corpus / "bp4d", "bp4d"),
-            ("rafdb", corpus / "rafdb/basic/Image/aligned", corpus / "rafdb/basic/EmoLabel/list_patition_label.txt", None),
-            ("folder", corpus / "unlabelled", None, None)]
-    for fmt, images, labels, folds in jobs:
-        doc = run_shard(ShardSettings(format=fmt, images=str(images), labels=str(labels) if labels else None,
-                                      folds=folds, shard_size=250), shards / fmt, workers=workers)
-        print(f"sharded {fmt}: {doc['samples']} samples in {len(doc['shards'])} shards -> {shards / fmt}")
+    scale = subjects / 41  # a smaller demo renders fewer extra images too: 500 expression, 1000 unlabelled at 41
+    synth = SynthSettings(subjects=subjects, tasks=4, frames=frames, size=size,
+                          expression_images=max(10, round(500 * scale)), unlabelled=max(10, round(1000 * scale)),
+                          style=style)
+    marker = corpus / "synth.json"  # a corpus rendered with other settings is rendered anew
+    if not marker.is_file() or json.loads(marker.read_text()) != dataclasses.asdict(synth):
+        shutil.rmtree(corpus, ignore_errors=True)
+        print(render_corpus(corpus, synth, workers=workers))
+        marker.write_text(json.dumps(dataclasses.asdict(synth)))
+    landmarks = corpus / "bp4d" / "landmarks"
+    faces = dict(align=align or None)
+    bp4d_faces = dict(faces, landmarks=str(landmarks), landmark_frames="position") if landmarks.is_dir() else faces
+    jobs = [("bp4d", corpus / "bp4d", corpus / "bp4d", "bp4d", bp4d_faces),
+            ("rafdb", corpus / "rafdb", None, None, {}),  # RAF-DB's "aligned" images are aligned already
+            ("folder", corpus / "unlabelled", None, None, faces)]
+    for fmt, images, labels, folds, extra in jobs:
+        settings = ShardSettings(format=fmt, images=str(images), labels=str(labels) if labels else None,
+                                 folds=folds, shard_size=250, **extra)
+        try:
+            doc = run_shard(settings, shards / fmt, workers=workers)
+        except ShardError as e:  # shards of an earlier demo with other settings: the demo owns its directory
+            if "other settings" not in str(e):
+                raise
+            doc = run_shard(settings, shards / fmt, workers=workers, overwrite=True)
+        how = ", ".join(f"{n} by {k}" for k, n in doc["faces"]["aligned_by"].items())
+        print(f"sharded {fmt}: {doc['samples']} samples in {len(doc['shards'])} shards -> {shards / fmt}"
+              + (f" (aligned to {align} px: {how})" if extra.get("align") else ""))
     uri = f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    overrides = [f"data.labelled=[{shards / 'bp4d'}]", "data.fold=1", f"data.image_size={min(size, 64)}",
+    overrides = [f"data.labelled=[{shards / 'bp4d'}]", "data.fold=1", f"data.image_size={min(align or size, 64)}",
                  "data.m1=32", f"data.workers={workers}", f"model.backbone={backbone}", f"train.steps={steps}",
                  f"train.out={root / 'runs'}", f"train.checkpoint_every={steps}", "train.log_every=10",
                  f"tracking.uri={uri}", "tracking.experiment=ssau-demo", "optim.lr=0.002"]
@@ -132,7 +153,9 @@ def demo(out: str, steps: int, backbone: str, size: int, subjects: int, frames: 
     trainer = Trainer(cfg)
     metrics = trainer.fit()
     if trainer.rt.main:
-        print(f"\nsupervised {backbone}, {steps} steps, trained on folds 2+3, evaluated on fold 1 (per-AU, %):")
+        what = f"{align} px faces aligned by landmarks" if align else "whole frames"
+        print(f"\nsupervised {backbone}, {steps} steps on {what} ({style} corpus), trained on folds 2+3, "
+              f"evaluated on fold 1 (per-AU, %):")
         print(format_table(metrics))
         print(f"\nMLflow run {trainer.run_id} in experiment 'ssau-demo'. Open it with:\n"
               f"  mlflow ui --backend-store-uri {uri}")
