@@ -5,14 +5,23 @@ outer raise, AU4 lowerer), lids (AU5 raise, AU6/AU7 narrow), cheeks (AU6), nose 
 upper lip), lips (AU12 corners up, AU14 dimples, AU15 corners down, AU17 chin boss, AU20 stretch, AU23/AU24 thin,
 AU25 part), jaw (AU26). Each subject has an identity (skin, face shape, eye spacing, brow weight); each sequence
 rises to and falls from an apex of one EMFACS combination (VARIANTS below) plus sparse noise AUs, so AU6 and
-AU12 co-occur while AU12 and AU15 rarely do. Pose (roll, shift, scale) and lighting (gradient, gain) vary per frame.
+AU12 co-occur while AU12 and AU15 rarely do. ``face_geometry`` places the features and ``face_landmarks`` reads
+the 68 iBUG points off the same geometry, so every drawn face knows its landmarks exactly.
+
+Two styles (``SynthSettings.style``):
+  classic    the face fills a square image; pose (roll, shift, scale) and lighting vary per frame. Cartoon-strong
+             cues: quick to learn, so the fast tests and benchmarks use it.
+  realistic  BP4D-like head-and-shoulders frames (ssau/synth_scene.py): the face is ~40 % of the frame width on a
+             room background, pose drifts smoothly within a sequence, subtle apexes, OpenFace landmark CSVs.
 
 Written layouts, all read back through the real adapters:
   bp4d/<subject>/<task>/<frame>.jpg + bp4d/AUCoding/AU_OCC/<subject>_<task>.csv  (9 = not coded)
+    (+ realistic: bp4d/landmarks/<subject>_<task>.csv, OpenFace 2.0 FeatureExtraction format)
   rafdb/basic/EmoLabel/list_patition_label.txt + rafdb/basic/Image/aligned/<split>_<n>_aligned.jpg
     (+ rafdb/ambiguous.txt: the images whose face does not show their label - a neutral face or another
-    expression's AUs - as RAF-DB images labelled from gaze, pose or gesture are; MAL should weigh them down)
-  unlabelled/<identity>/<n>.jpg (+ MegaFace-style <image>.json sidecars for half of them)
+    expression's AUs - as RAF-DB images labelled from gaze, pose or gesture are; MAL should weigh them down).
+    RAF-DB's aligned images are face crops, so they are classic in both styles.
+  unlabelled/<identity>/<n>.jpg (+ MegaFace-style <image>.json sidecars, bbox and 68 landmarks, for half of them)
 """
 
 from __future__ import annotations
@@ -24,9 +33,11 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+import cv2
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from ssau.aus import EXPRESSIONS, PROTOTYPES, STANDARD_AUS, STANDARD_FOLDS
@@ -34,6 +45,7 @@ from ssau.aus import EXPRESSIONS, PROTOTYPES, STANDARD_AUS, STANDARD_FOLDS
 RENDERED_AUS = (1, 2, 4, 5, 6, 7, 9, 10, 12, 14, 15, 17, 20, 23, 24, 25, 26)
 UNCODED_COLUMNS = (5, 9, 25, 26, 43)  # present in the CSV, all 9, as BP4D's uncoded columns are
 ACTIVE = 1.5  # intensity from which a rendered AU is labelled present (FACS "A" and up)
+STYLES = ("classic", "realistic")
 # EMFACS lists several AU combinations per emotion; the sequences draw from these variants (AU16 is not drawn).
 # Without them AU10, AU14, AU17 and AU24 would only appear as rare noise.
 VARIANTS: dict[str, tuple[tuple[int, ...], ...]] = {
@@ -48,18 +60,21 @@ VARIANTS: dict[str, tuple[tuple[int, ...], ...]] = {
 # Antagonists never drawn together as noise: a smile does not pull its corners down.
 ANTAGONISTS = {12: {15}, 15: {12}, 5: {7}, 7: {5}, 1: {4}, 4: {1}}
 
+Point = tuple[float, float]
+
 
 @dataclass(frozen=True)
 class SynthSettings:
     subjects: int = 41
     tasks: int = 4
     frames: int = 40
-    size: int = 96
+    size: int = 96  # image side (classic); frame width (realistic, height 1.25x)
     expression_images: int = 1000
     unlabelled: int = 2000
     seed: int = 0
     unknown_rate: float = 0.005  # coded cells written as 9, as real coding has gaps
     ambiguous: float = 0.2  # expression images whose face does not show their label
+    style: str = "classic"  # one of STYLES
 
 
 @dataclass(frozen=True)
@@ -82,95 +97,206 @@ def make_identity(rng: random.Random) -> Identity:
                     hair=tuple(int(rng.uniform(10, 90)) for _ in range(3)))
 
 
-def render_face(ident: Identity, au: dict[int, float], size: int, rng: random.Random) -> Image.Image:
-    """Draw one face; ``au`` maps AU id -> intensity 0-5 (missing = 0)."""
+@dataclass(frozen=True)
+class FaceGeometry:
+    """Where one face's features lie, in unit coordinates of its square canvas (x right, y down)."""
+    a: dict[int, float]  # AU id -> intensity / 5
+    cx: float
+    cy: float
+    fw: float  # face ellipse half-axes
+    fh: float
+    eyes: tuple[Point, Point]  # centres, image-left then image-right
+    eye_rx: float
+    eye_ry: float  # half-opening
+    brows: tuple[tuple[Point, Point], tuple[Point, Point]]  # (inner, outer) end, image-left then image-right
+    nose: tuple[Point, Point, Point]  # classic polyline: bridge top, tip, end of the base stroke
+    mouth: tuple[Point, Point, Point, Point]  # centre lines: left corner, upper-lip middle, right corner, lower middle
+    my: float  # mouth line
+    lip_w: float  # drawn width of each lip stroke
+    gap: float  # lip parting
+
+
+def face_geometry(ident: Identity, au: dict[int, float], canvas: int) -> FaceGeometry:
+    """The features of a face with AU intensities ``au`` drawn on a ``canvas``-pixel square."""
     a = {k: au.get(k, 0.0) / 5.0 for k in RENDERED_AUS}
-    S = size * 2
-    img = Image.new("RGB", (S, S), tuple(int(rng.uniform(40, 200)) for _ in range(3)))
-    d = ImageDraw.Draw(img)
-    P = lambda x, y: (x * S, y * S)  # noqa: E731  normalised -> pixels
-    cx, cy, fw, fh = 0.5, 0.52, ident.face_w, ident.face_h + 0.04 * a[26]
-    d.ellipse([P(cx - fw - 0.02, cy - fh - 0.04), P(cx + fw + 0.02, cy + 0.05)], fill=ident.hair)
-    d.ellipse([P(cx - fw, cy - fh), P(cx + fw, cy + fh)], fill=ident.skin)
-    dark = tuple(int(c * 0.55) for c in ident.skin)
-    # cheeks (AU6 raises and reddens them)
-    for sx in (-1, 1):
-        ch_y = 0.60 - 0.04 * a[6]
-        col = (min(255, ident.skin[0] + int(40 * a[6])), int(ident.skin[1] * (1 - 0.2 * a[6])), ident.skin[2])
-        d.ellipse([P(cx + sx * 0.17 - 0.06, ch_y - 0.035), P(cx + sx * 0.17 + 0.06, ch_y + 0.035)], fill=col)
-    # eyes: AU5 opens, AU6 and AU7 narrow
+    cx, cy = 0.5, 0.52
     open_ = max(0.006, 0.028 * (1 + 0.8 * a[5] - 0.6 * a[7] - 0.5 * a[6]))
-    for sx in (-1, 1):
-        ex, ey = cx + sx * ident.eye_sep, 0.44
-        d.ellipse([P(ex - 0.055, ey - open_), P(ex + 0.055, ey + open_)], fill=(245, 245, 240), outline=dark, width=2)
-        d.ellipse([P(ex - 0.018, ey - min(open_, 0.018)), P(ex + 0.018, ey + min(open_, 0.018))], fill=(40, 30, 20))
-        # brows: inner end (near the midline) by AU1 up / AU4 down+in, outer end by AU2 up
-        by = 0.37
-        inner = (cx + sx * (0.035 + 0.02 * (1 - a[4])), by - 0.05 * a[1] + 0.035 * a[4])
-        outer = (cx + sx * (ident.eye_sep + 0.07), by + 0.01 - 0.05 * a[2])
-        d.line([P(*inner), P(*outer)], fill=ident.hair, width=int(ident.brow_w * S / 64) + 2)
-    if a[4] > 0.2:  # glabella furrows
-        for dx in (-0.012, 0.012):
-            d.line([P(cx + dx, 0.37), P(cx + dx, 0.41)], fill=dark, width=max(1, int(a[4] * S / 60)))
-    # nose; AU9 wrinkles across the bridge
-    d.line([P(cx, 0.45), P(cx - 0.02, 0.57), P(cx + 0.02, 0.58)], fill=dark, width=2)
-    for k in range(int(round(3 * a[9]))):
-        d.line([P(cx - 0.03, 0.47 + 0.015 * k), P(cx + 0.03, 0.47 + 0.015 * k)], fill=dark, width=2)
-    # mouth
+    brows = []
+    for sx in (-1, 1):  # inner end (near the midline) by AU1 up / AU4 down+in, outer end by AU2 up
+        inner = (cx + sx * (0.035 + 0.02 * (1 - a[4])), 0.37 - 0.05 * a[1] + 0.035 * a[4])
+        brows.append((inner, (cx + sx * (ident.eye_sep + 0.07), 0.38 - 0.05 * a[2])))
     my = 0.71 - 0.025 * a[10] + 0.02 * a[26]
     half = 0.085 * (1 + 0.35 * a[20] + 0.25 * a[12] - 0.2 * a[23] - 0.1 * a[24])
     corner_dy = -0.05 * a[12] + 0.045 * a[15] - 0.01 * a[14]
     lip_t = max(0.004, 0.018 * (1 - 0.6 * a[23] - 0.7 * a[24]))
     gap = 0.06 * a[26] + 0.02 * a[25] + 0.01 * a[10]
-    left, right = (cx - half, my + corner_dy), (cx + half, my + corner_dy)
-    upper = [left, (cx, my - lip_t - 0.01 * a[10]), right]
-    lower = [right, (cx, my + gap + lip_t + 0.02 * a[12]), left]
-    if gap > 0.005:
-        d.polygon([P(*p) for p in (left, (cx, my), right, (cx, my + gap))], fill=(50, 15, 20))
-    d.line([P(*p) for p in upper], fill=ident.lip, width=max(2, int(lip_t * S * 1.2)))
-    d.line([P(*p) for p in lower], fill=ident.lip, width=max(2, int(lip_t * S * 1.2)))
+    mouth = ((cx - half, my + corner_dy), (cx, my - lip_t - 0.01 * a[10]), (cx + half, my + corner_dy),
+             (cx, my + gap + lip_t + 0.02 * a[12]))
+    return FaceGeometry(a=a, cx=cx, cy=cy, fw=ident.face_w, fh=ident.face_h + 0.04 * a[26],
+                        eyes=((cx - ident.eye_sep, 0.44), (cx + ident.eye_sep, 0.44)), eye_rx=0.055, eye_ry=open_,
+                        brows=(brows[0], brows[1]), nose=((cx, 0.45), (cx - 0.02, 0.57), (cx + 0.02, 0.58)),
+                        mouth=mouth, my=my, lip_w=max(2, int(lip_t * canvas * 1.2)) / canvas, gap=gap)
+
+
+def face_landmarks(g: FaceGeometry) -> np.ndarray:
+    """[68, 2] iBUG points (unit coordinates) read off the drawn shapes: the jaw on the face ellipse from eye
+    height round the chin, brows along their strokes, eyes on their ellipses (outer corner, upper lid, inner corner,
+    lower lid for the image-left eye; inner corner first for the image-right one), lips on the stroke edges."""
+    p = np.zeros((68, 2))
+    s = float(np.clip((g.eyes[0][1] - g.cy) / g.fh, -0.95, 0.95))
+    th = np.linspace(math.pi - math.asin(s), math.asin(s), 17)  # y grows downwards: pi/2 is the chin
+    p[0:17] = np.stack([g.cx + g.fw * np.cos(th), g.cy + g.fh * np.sin(th)], 1)
+    f = np.linspace(0, 1, 5)[:, None]
+    (li, lo), (ri, ro) = (np.array(q) for q in g.brows[0]), (np.array(q) for q in g.brows[1])
+    p[17:22], p[22:27] = lo + f * (li - lo), ri + f * (ro - ri)
+    top, tip, base = (np.array(q) for q in g.nose)
+    p[27:31] = top + np.linspace(0, 1, 4)[:, None] * (tip - top)
+    p[31:36] = tip + np.linspace(-0.5, 1.5, 5)[:, None] * (base - tip)  # along the base stroke, left to right
+    phi = math.pi + np.arange(6) * math.pi / 3  # left end, upper lid, right end, lower lid (clockwise on screen)
+    for k, (ex, ey) in enumerate(g.eyes):
+        p[36 + 6 * k:42 + 6 * k] = np.stack([ex + g.eye_rx * np.cos(phi), ey + g.eye_ry * np.sin(phi)], 1)
+    L, T, R, B = (np.array(q) for q in g.mouth)
+    up, dn = np.array([0.0, -g.lip_w / 2]), np.array([0.0, g.lip_w / 2])
+    thirds = np.array([[1 / 3], [2 / 3]])
+    p[48], p[51], p[54], p[57] = L, T + up, R, B + dn
+    p[49:51], p[52:54] = L + thirds * (T - L) + up, T + thirds * (R - T) + up
+    p[55:57], p[58:60] = R + thirds * (B - R) + dn, B + thirds * (L - B) + dn
+    p[60] = (L[0] + 0.1 * (R[0] - L[0]), L[1] + 0.1 * (T[1] + B[1] - 2 * L[1]))  # inner corners, between the strokes
+    p[64] = (R[0] - 0.1 * (R[0] - L[0]), R[1] + 0.1 * (T[1] + B[1] - 2 * R[1]))
+    p[61], p[62], p[63] = (L + T) / 2 + dn, T + dn, (T + R) / 2 + dn  # the inner edges of the strokes
+    p[65], p[66], p[67] = (R + B) / 2 + up, B + up, (B + L) / 2 + up
+    return p
+
+
+def to_pixels(unit: np.ndarray, side: float) -> np.ndarray:
+    """Unit canvas coordinates -> pixels of a ``side``-pixel canvas (pixel centres at integers)."""
+    return np.asarray(unit, dtype=np.float64) * side - 0.5
+
+
+def transform(points: np.ndarray, M: np.ndarray) -> np.ndarray:
+    """Points mapped by a 2x3 affine, as cv2.warpAffine maps the pixels."""
+    return np.asarray(points, dtype=np.float64) @ M[:, :2].T + M[:, 2]
+
+
+def face_box(g: FaceGeometry, to_image: Callable[[np.ndarray], np.ndarray]) -> dict[str, float]:
+    """The axis-aligned box of the face ellipse once mapped into the image (MegaFace ``bounding_box``)."""
+    t = np.linspace(0, 2 * math.pi, 48, endpoint=False)
+    pts = to_image(np.stack([g.cx + g.fw * np.cos(t), g.cy + g.fh * np.sin(t)], 1))
+    (x0, y0), (x1, y1) = pts.min(0), pts.max(0)
+    return {"x": round(float(x0), 2), "y": round(float(y0), 2), "width": round(float(x1 - x0), 2),
+            "height": round(float(y1 - y0), 2)}
+
+
+def sidecar(landmarks: np.ndarray, box: dict[str, float]) -> str:
+    """A MegaFace-style ``<image>.json``: bounding_box and landmarks {"0": {x, y}, ... "67"}."""
+    pts = {str(i): {"x": round(float(x), 2), "y": round(float(y), 2)} for i, (x, y) in enumerate(landmarks)}
+    return json.dumps({"bounding_box": box, "landmarks": pts})
+
+
+def _draw_classic(img: Image.Image, g: FaceGeometry, ident: Identity) -> None:
+    S = img.size[0]
+    d = ImageDraw.Draw(img)
+    P = lambda x, y: (x * S - 0.5, y * S - 0.5)  # noqa: E731  unit -> pixels, as to_pixels
+    a, cx, cy, fw, fh = g.a, g.cx, g.cy, g.fw, g.fh
+    d.ellipse([P(cx - fw - 0.02, cy - fh - 0.04), P(cx + fw + 0.02, cy + 0.05)], fill=ident.hair)
+    d.ellipse([P(cx - fw, cy - fh), P(cx + fw, cy + fh)], fill=ident.skin)
+    dark = tuple(int(c * 0.55) for c in ident.skin)
+    for sx in (-1, 1):  # cheeks (AU6 raises and reddens them)
+        ch_y = 0.60 - 0.04 * a[6]
+        col = (min(255, ident.skin[0] + int(40 * a[6])), int(ident.skin[1] * (1 - 0.2 * a[6])), ident.skin[2])
+        d.ellipse([P(cx + sx * 0.17 - 0.06, ch_y - 0.035), P(cx + sx * 0.17 + 0.06, ch_y + 0.035)], fill=col)
+    for (ex, ey), (inner, outer) in zip(g.eyes, g.brows):  # eyes: AU5 opens, AU6 and AU7 narrow
+        rx, ry = g.eye_rx, g.eye_ry
+        d.ellipse([P(ex - rx, ey - ry), P(ex + rx, ey + ry)], fill=(245, 245, 240), outline=dark, width=2)
+        d.ellipse([P(ex - 0.018, ey - min(ry, 0.018)), P(ex + 0.018, ey + min(ry, 0.018))], fill=(40, 30, 20))
+        d.line([P(*inner), P(*outer)], fill=ident.hair, width=int(ident.brow_w * S / 64) + 2)
+    if a[4] > 0.2:  # glabella furrows
+        for dx in (-0.012, 0.012):
+            d.line([P(cx + dx, 0.37), P(cx + dx, 0.41)], fill=dark, width=max(1, int(a[4] * S / 60)))
+    d.line([P(*q) for q in g.nose], fill=dark, width=2)
+    for k in range(int(round(3 * a[9]))):  # AU9 wrinkles across the bridge
+        d.line([P(cx - 0.03, 0.47 + 0.015 * k), P(cx + 0.03, 0.47 + 0.015 * k)], fill=dark, width=2)
+    L, T, R, B = g.mouth
+    if g.gap > 0.005:
+        d.polygon([P(*q) for q in (L, (cx, g.my), R, (cx, g.my + g.gap))], fill=(50, 15, 20))
+    w = max(2, round(g.lip_w * S))
+    d.line([P(*q) for q in (L, T, R)], fill=ident.lip, width=w)
+    d.line([P(*q) for q in (R, B, L)], fill=ident.lip, width=w)
     if a[14] > 0.1:  # dimples
-        for sx in (-1, 1):
+        for sx, corner in ((-1, L), (1, R)):
             r = 0.008 + 0.01 * a[14]
-            d.ellipse([P(cx + sx * (half + 0.02) - r, my - r), P(cx + sx * (half + 0.02) + r, my + r)], fill=dark)
+            x, y = corner[0] + sx * 0.02, g.my
+            d.ellipse([P(x - r, y - r), P(x + r, y + r)], fill=dark)
     if a[17] > 0.1:  # chin boss pushed up
         chy = 0.82 + 0.04 * a[26] - 0.03 * a[17]
         d.arc([P(cx - 0.06, chy - 0.03), P(cx + 0.06, chy + 0.03)], 200, 340, fill=dark, width=int(1 + 3 * a[17]))
-    # pose and lighting
+
+
+def _classic_canvas(ident: Identity, au: dict[int, float], S: int,
+                    background: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, FaceGeometry]:
+    g = face_geometry(ident, au, S)
+    img = Image.new("RGB", (S, S), background)
+    _draw_classic(img, g, ident)
+    return np.asarray(img), to_pixels(face_landmarks(g), S), g
+
+
+def draw_face(ident: Identity, au: dict[int, float], side: int,
+              background: tuple[int, int, int] = (128, 128, 128)) -> tuple[np.ndarray, np.ndarray]:
+    """The canonical (un-posed, unlit) classic face: ``side`` x ``side`` x 3 uint8 RGB and its [68, 2] landmarks
+    in pixels of that image. Drawn at 2x and area-averaged, so a pixel centre x of the canvas lands on
+    (x - 0.5) / 2."""
+    arr, lm, _ = _classic_canvas(ident, au, 2 * side, background)
+    return cv2.resize(arr, (side, side), interpolation=cv2.INTER_AREA), (lm - 0.5) / 2
+
+
+def render_face(ident: Identity, au: dict[int, float], size: int, rng: random.Random,
+                landmarks: bool = False) -> Image.Image | tuple[Image.Image, np.ndarray, dict[str, float]]:
+    """Draw one classic face; ``au`` maps AU id -> intensity 0-5 (missing = 0). Pose and lighting come from
+    ``rng``. With ``landmarks``, also the [68, 2] points and the face box in pixels of the returned image."""
+    S = size * 2
+    bg = tuple(int(rng.uniform(40, 200)) for _ in range(3))
+    arr, lm, g = _classic_canvas(ident, au, S, bg)
+    # pose: roll about the centre, a shift, a zoom-in (a zoom-out would only show the fill)
     angle, shift = rng.gauss(0, 6), (rng.gauss(0, 0.03) * S, rng.gauss(0, 0.03) * S)
-    scale = rng.uniform(0.92, 1.08)
-    img = img.rotate(angle, resample=Image.Resampling.BILINEAR, translate=shift, fillcolor=(90, 90, 90))
-    if abs(scale - 1) > 0.01:
-        cs = int(S / scale)
-        off = (S - cs) // 2
-        img = img.crop((off, off, off + cs, off + cs)) if cs < S else img
-    img = img.resize((size, size), Image.Resampling.LANCZOS).filter(ImageFilter.GaussianBlur(0.4))
-    arr = np.asarray(img, dtype=np.float32)
+    zoom = max(1.0, rng.uniform(0.92, 1.08))
+    M = cv2.getRotationMatrix2D(((S - 1) / 2, (S - 1) / 2), angle, zoom)
+    M[:, 2] += shift
+    arr = cv2.warpAffine(arr, M, (S, S), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                         borderValue=(90, 90, 90))
+    arr = cv2.GaussianBlur(cv2.resize(arr, (size, size), interpolation=cv2.INTER_AREA), (0, 0), 0.4)
+    arr = arr.astype(np.float32)
     theta = rng.uniform(0, 2 * math.pi)
     yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
     light = rng.uniform(0.7, 1.2) * (1 + rng.uniform(0.1, 0.4) * (np.cos(theta) * xx + np.sin(theta) * yy))
     arr = arr * light[..., None] + np.asarray([rng.gauss(0, 3) for _ in range(3)])
     arr += np.random.default_rng(rng.getrandbits(32)).normal(0, 3.0, arr.shape)
-    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    if not landmarks:
+        return img
+    to_image = lambda unit: (transform(to_pixels(unit, S), M) - 0.5) / 2  # noqa: E731
+    return img, (transform(lm, M) - 0.5) / 2, face_box(g, to_image)
 
 
-def _prototype_au(rng: random.Random, expression: str, scale: float, variants: bool = False) -> dict[int, float]:
-    """Apex intensities of one expression: the prototype (RAF-DB-style images) or one EMFACS variant (sequences)."""
+def _prototype_au(rng: random.Random, expression: str, scale: float, variants: bool = False,
+                  subtle: float = 0.0) -> dict[int, float]:
+    """Apex intensities of one expression: the prototype (RAF-DB-style images) or one EMFACS variant (sequences).
+    A ``subtle`` share of the apexes lies at 1.5-2.5 (FACS A-B: labelled active, barely visible)."""
     aus = rng.choice(VARIANTS[expression]) if variants else PROTOTYPES[expression]
-    au = {k: scale * rng.uniform(2.5, 5.0) for k in aus if k in RENDERED_AUS}
+    au = {k: scale * (rng.uniform(1.5, 2.5) if subtle and rng.random() < subtle else rng.uniform(2.5, 5.0))
+          for k in aus if k in RENDERED_AUS}
     for k in RENDERED_AUS:  # sparse noise AUs, never an antagonist of one already on
         if k not in au and rng.random() < 0.06 and not (ANTAGONISTS.get(k, set()) & set(au)):
             au[k] = rng.uniform(1.0, 3.5) * scale
     return au
 
 
-def sequence_intensities(rng: random.Random, frames: int) -> list[dict[int, float]]:
+def sequence_intensities(rng: random.Random, frames: int, subtle: float = 0.0) -> list[dict[int, float]]:
     """One sequence: a prototype (or two in turn) rising to an apex and falling, per-AU timing jitter."""
     out = [dict() for _ in range(frames)]
     episodes = rng.choice((1, 1, 2))
     for e in range(episodes):
         expr = rng.choice([x for x in EXPRESSIONS if x != "neutral"] + ["happiness"] * 2 + ["contempt"])  # smiles: common
-        apex = _prototype_au(rng, expr, 1.0, variants=True)
+        apex = _prototype_au(rng, expr, 1.0, variants=True, subtle=subtle)
         start = int(e * frames / episodes)
         length = max(4, int(frames / episodes))
         for k, peak in apex.items():
@@ -190,26 +316,34 @@ def _subjects(n: int) -> list[str]:
     return ordered[:n]
 
 
+def coding_header() -> list[str]:
+    """BP4D AU_OCC header: column 0 is the frame number, then the coded and the all-9 columns."""
+    return ["0"] + [str(k) for k in sorted(STANDARD_AUS["bp4d"] + UNCODED_COLUMNS)]
+
+
+def coding_row(rng: random.Random, header: list[str], frame: int, au: dict[int, float], s: SynthSettings) -> str:
+    cells = []
+    for k in map(int, header[1:]):
+        if k in UNCODED_COLUMNS or rng.random() < s.unknown_rate:
+            cells.append("9")
+        else:
+            cells.append("1" if au.get(k, 0.0) >= ACTIVE else "0")
+    return ",".join([str(frame)] + cells)
+
+
 def _render_sequence(job: tuple) -> list[str]:
     out, subject, task, s = job
     rng = random.Random(f"{s.seed}:{subject}:{task}")
     ident = make_identity(random.Random(f"{s.seed}:{subject}"))
     seq_dir = out / "bp4d" / subject / task
     seq_dir.mkdir(parents=True, exist_ok=True)
-    coded = STANDARD_AUS["bp4d"]
-    header = ["0"] + [str(k) for k in sorted(coded + UNCODED_COLUMNS)]
+    header = coding_header()
     lines = [",".join(header)]
     first = rng.randint(1, 400)  # BP4D frame numbers need not start at 1
     for i, au in enumerate(sequence_intensities(rng, s.frames)):
         frame = first + i
         render_face(ident, au, s.size, rng).save(seq_dir / f"{frame:04d}.jpg", quality=92)
-        cells = []
-        for k in map(int, header[1:]):
-            if k in UNCODED_COLUMNS or rng.random() < s.unknown_rate:
-                cells.append("9")
-            else:
-                cells.append("1" if au.get(k, 0.0) >= ACTIVE else "0")
-        lines.append(",".join([str(frame)] + cells))
+        lines.append(coding_row(rng, header, frame, au, s))
     (out / "bp4d" / "AUCoding" / "AU_OCC" / f"{subject}_{task}.csv").write_text("\n".join(lines) + "\n")
     return lines
 
@@ -240,20 +374,24 @@ def _render_unlabelled(job: tuple) -> None:
     folder = out / "unlabelled" / f"id{ident_id:05d}"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{i:06d}.jpg"
-    render_face(ident, au, s.size, rng).save(path, quality=92)
+    img, lm, box = render_face(ident, au, s.size, rng, landmarks=True)
+    img.save(path, quality=92)
     if i % 2 == 0:
-        c = s.size / 2
-        side = {"bounding_box": {"x": 0.18 * s.size, "y": 0.1 * s.size, "width": 0.64 * s.size,
-                                 "height": 0.84 * s.size},
-                "landmarks": {"0": {"x": c - 0.12 * s.size, "y": 0.44 * s.size},
-                              "1": {"x": c + 0.12 * s.size, "y": 0.44 * s.size},
-                              "2": {"x": c, "y": 0.71 * s.size}}}
-        path.with_name(path.name + ".json").write_text(json.dumps(side))
+        path.with_name(path.name + ".json").write_text(sidecar(lm, box))
 
 
 def render_corpus(out: Path, s: SynthSettings, workers: int = 1, progress: bool = True) -> str:
     """Render all three layouts under ``out``; returns a one-paragraph summary."""
+    from ssau import synth_scene
+
+    styles = {"classic": (_render_sequence, _render_unlabelled),
+              "realistic": (synth_scene.render_sequence, synth_scene.render_unlabelled)}
+    if s.style not in styles:
+        raise ValueError(f"style: unknown '{s.style}' (choose from {', '.join(STYLES)})")
+    render_seq, render_unl = styles[s.style]
     (out / "bp4d" / "AUCoding" / "AU_OCC").mkdir(parents=True, exist_ok=True)
+    if s.style == "realistic":
+        (out / "bp4d" / "landmarks").mkdir(parents=True, exist_ok=True)
     (out / "rafdb/basic/Image/aligned").mkdir(parents=True, exist_ok=True)
     (out / "rafdb/basic/EmoLabel").mkdir(parents=True, exist_ok=True)
     tasks = [f"T{t + 1}" for t in range(min(s.tasks, 8))]
@@ -262,20 +400,29 @@ def render_corpus(out: Path, s: SynthSettings, workers: int = 1, progress: bool 
     unl_jobs = [(out, i, s) for i in range(s.unlabelled)]
     total = len(seq_jobs) * s.frames + len(expr_jobs) + len(unl_jobs)
     bar = tqdm(total=total, unit="img", desc="synth", disable=not progress, file=sys.stderr)
-    with mp.get_context("fork").Pool(max(1, workers)) as pool:
-        for _ in pool.imap_unordered(_render_sequence, seq_jobs):
-            bar.update(s.frames)
-        raf_lines, ambiguous = [], []
-        for line, amb in pool.imap(_render_expression, expr_jobs, chunksize=16):
-            raf_lines.append(line)
-            if amb:
-                ambiguous.append(line.split()[0])
-            bar.update(1)
-        for _ in pool.imap_unordered(_render_unlabelled, unl_jobs, chunksize=16):
-            bar.update(1)
+    # One process per core and no OpenCV threads in them. Set here, before the fork: a forked child that touches
+    # OpenCV's thread pool (setNumThreads included) can hang on a lock one of the parent's pool threads held.
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        with mp.get_context("fork").Pool(max(1, workers)) as pool:
+            for _ in pool.imap_unordered(render_seq, seq_jobs):
+                bar.update(s.frames)
+            raf_lines, ambiguous = [], []
+            for line, amb in pool.imap(_render_expression, expr_jobs, chunksize=16):
+                raf_lines.append(line)
+                if amb:
+                    ambiguous.append(line.split()[0])
+                bar.update(1)
+            for _ in pool.imap_unordered(render_unl, unl_jobs, chunksize=16):
+                bar.update(1)
+    finally:
+        cv2.setNumThreads(threads)
     bar.close()
     (out / "rafdb/basic/EmoLabel/list_patition_label.txt").write_text("\n".join(raf_lines) + "\n")
     (out / "rafdb/ambiguous.txt").write_text("".join(f"{n}\n" for n in ambiguous))
-    return (f"synthetic corpus in {out}: bp4d/ {len(seq_jobs)} sequences x {s.frames} frames, "
-            f"rafdb/ {len(expr_jobs)} expression images ({len(ambiguous)} ambiguous, listed in rafdb/ambiguous.txt), "
-            f"unlabelled/ {len(unl_jobs)} faces, {s.size}px")
+    frames = (f"{s.size}x{synth_scene.frame_height(s.size)} head-and-shoulders frames, OpenFace landmarks in "
+              f"bp4d/landmarks/" if s.style == "realistic" else f"{s.size}px")
+    return (f"synthetic corpus ({s.style}) in {out}: bp4d/ {len(seq_jobs)} sequences x {s.frames} frames ({frames}), "
+            f"rafdb/ {len(expr_jobs)} expression images ({len(ambiguous)} ambiguous, listed in rafdb/ambiguous.txt, "
+            f"{s.size}px), unlabelled/ {len(unl_jobs)} faces")

@@ -16,7 +16,6 @@ from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import cv2
 import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
@@ -132,7 +131,6 @@ _OUT: Path | None = None
 def init_worker(scan_meta: Scan, settings: ShardSettings, out: Path) -> None:
     global _SCAN, _SETTINGS, _OUT
     _SCAN, _SETTINGS, _OUT = scan_meta, settings, out
-    cv2.setNumThreads(1)  # one process per core already; and the same arithmetic whatever --workers is
     keep_frames(settings.flow + 1)  # frame t+K is decoded before frame t+1
 
 

@@ -204,10 +204,6 @@ class _SourceDataset(IterableDataset):
         wid = info.id if info else 0
         rng = random.Random(f"aug:{self.shards.salt}:{self.cfg.seed}:{self.shards.epoch}:{self.shards.rank}:{wid}")
         self._probe()
-        if self.cfg.flow and info is not None:
-            import cv2
-
-            cv2.setNumThreads(1)  # the flow warp runs in every worker: one thread each, not one per core each
         bad = SkipCounter()
         clock = _Clock(self.cfg.source_timeout, self.what, bad)
         samples = _shuffle(self.cfg.shuffle_buffer, rng)(self._samples(bad, clock))  # buffers hold bytes
@@ -378,6 +374,12 @@ class TrainStream:
     def __iter__(self) -> Iterator[Batch]:
         # Workers check the timeout themselves; the loader's own timeout catches a worker stuck in a system call.
         stuck = 2 * self.cfg.source_timeout if self.cfg.workers else 0
+        if self.cfg.flow:
+            import cv2
+
+            # The flow warp runs in every worker: one OpenCV thread each, not one per core each. Set here, before
+            # the workers fork: setNumThreads in a forked child can hang on a lock of the parent's thread pool.
+            cv2.setNumThreads(1)
         loaders = {k: iter(DataLoader(s, batch_size=None, num_workers=self.cfg.workers, timeout=stuck,
                                       persistent_workers=False, prefetch_factor=4 if self.cfg.workers else None))
                    for k, s in self.sources.items()}
