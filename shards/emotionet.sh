@@ -4,4 +4,4 @@
 set -euo pipefail
 EMOTIONET=${EMOTIONET:?set EMOTIONET to the folder holding the label files and images/}
 ssau shard emotionet --images "$EMOTIONET/images" --labels "$EMOTIONET/labels" --out shards/emotionet \
-  --unknown 999 --resize 256 --workers "${WORKERS:-8}"
+  --unknown 999 --align "${ALIGN:-240}" --workers "${WORKERS:-8}"
