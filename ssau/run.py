@@ -122,8 +122,11 @@ def demo(out: str, steps: int, backbone: str, size: int, subjects: int, frames: 
                           expression_images=max(10, round(500 * scale)), unlabelled=max(10, round(1000 * scale)),
                           style=style)
     marker = corpus / "synth.json"  # a corpus rendered with other settings is rendered anew
+    if corpus.exists() and not marker.is_file():
+        raise ConfigError(f"{corpus} exists but was not rendered by ssau demo (no {marker.name}): move it, or "
+                          f"give another --out")
     if not marker.is_file() or json.loads(marker.read_text()) != dataclasses.asdict(synth):
-        shutil.rmtree(corpus, ignore_errors=True)
+        shutil.rmtree(corpus)  # the demo's own corpus, rendered with other settings
         print(render_corpus(corpus, synth, workers=workers))
         marker.write_text(json.dumps(dataclasses.asdict(synth)))
     landmarks = corpus / "bp4d" / "landmarks"

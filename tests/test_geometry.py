@@ -65,6 +65,7 @@ def centroid(weight: np.ndarray, near: np.ndarray, radius: int = 5) -> np.ndarra
 
 
 def sample(key: str, img: bytes, meta: dict, flow: bytes | None = None) -> dict:
+    meta = {"aligned": "none"} | meta  # what `ssau shard` writes beside landmarks since issue 11
     s = {"__key__": key, "jpg": img, "json": json.dumps(meta).encode()}
     if flow is not None:
         s["flow.npy"] = flow

@@ -96,7 +96,7 @@ def check_frame_template(template: str) -> None:
     """LabelError, one line, unless ``template`` formats with the fields of TEMPLATE_FIELDS."""
     try:
         template.format(subject="SN001", frame=1, index=0)
-    except (KeyError, IndexError, ValueError, AttributeError) as e:
+    except Exception as e:  # KeyError, IndexError, TypeError ({frame[0]}), AttributeError, ValueError (a bad spec)
         what = f"unknown field {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
         raise LabelError(f"--frame-template {template!r}: {what}; allowed fields: "
                          + ", ".join(f"{{{k}}} ({v})" for k, v in TEMPLATE_FIELDS.items())) from None
@@ -108,7 +108,8 @@ def scan_disfa(a: AdapterArgs) -> Scan:
     labels = require_dir(a.labels, "--labels")
     if a.frame_template is not None:
         check_frame_template(a.frame_template)
-    zero_based: list[str] = []  # subjects with a frame-0 image while the template reads 1-based frames
+    zero_based: list[str] = []  # subjects whose files look 0-based while the template reads 1-based frames
+    one_based: list[str] = []  # and the other way round
     if (labels / "ActionUnit_Labels").is_dir():
         labels = labels / "ActionUnit_Labels"
     records, skipped = [], []
@@ -140,9 +141,13 @@ def scan_disfa(a: AdapterArgs) -> Scan:
         if not per_au:
             continue
         video = None
-        if a.frame_template is not None and "{index" not in a.frame_template and \
-                _frame_path(images, a.frame_template, subject, 0).is_file():
-            zero_based.append(subject)
+        if a.frame_template is not None:
+            last = max(set().union(*per_au.values()))
+            if "{index" not in a.frame_template and _frame_path(images, a.frame_template, subject, 0).is_file():
+                zero_based.append(subject)  # {frame} on 0-based files: every label one frame early
+            elif "{index" in a.frame_template and not _frame_path(images, a.frame_template, subject, 1).is_file() \
+                    and _frame_path(images, a.frame_template, subject, last + 1).is_file():
+                one_based.append(subject)  # {index} on 1-based files: every label one frame late
         if a.frame_template is None:
             video = images / f"LeftVideo{subject}_comp.avi"
             if not video.is_file():
@@ -174,6 +179,11 @@ def scan_disfa(a: AdapterArgs) -> Scan:
                         f"{', ...' if len(zero_based) > 3 else ''}) have a frame-0 image but DISFA labels start at "
                         f"frame 1: the frames look 0-based, and {{frame}} would shift every label by one frame; "
                         f"use {{index}} (0-based) instead")
+    if one_based:
+        warnings.append(f"--frame-template {a.frame_template!r}: {len(one_based)} subject(s) ({', '.join(one_based[:3])}"
+                        f"{', ...' if len(one_based) > 3 else ''}) have no index-0 image but one past the last label "
+                        f"frame: the frames look 1-based, and {{index}} would shift every label by one frame; use "
+                        f"{{frame}} instead")
     return Scan("disfa", aus, records, skipped, labelled=True, warnings=warnings)
 
 
@@ -348,7 +358,8 @@ def _sidecar(img: Path) -> tuple[list | None, list | None, str | None]:
                            f"all finite); the box is kept")
                 points = None
         return points, bbox, problem
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, UnicodeDecodeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, UnicodeDecodeError,
+            OverflowError) as e:  # json ints have no bound: float(10**400) overflows
         return None, None, f"{side}: {type(e).__name__}: {exception_detail(e)}"
 
 

@@ -123,7 +123,9 @@ def _load(sample: dict, size: int) -> tuple[Image.Image, dict, tuple[int, int], 
 def _landmarks(meta: dict, stored: tuple[int, int], key: object) -> tuple[np.ndarray, bool]:
     """The sample's [68, 2] landmarks in stored-image pixels and True, or the template and False when it has none;
     DecodeError when ``landmarks`` (or the ``align_margin`` the template needs) is malformed."""
-    raw = meta.get("landmarks")
+    # Shards written before issue 11 stored sidecar points as they came (5 of them, source pixels): only a sample
+    # that says how it was aligned ("aligned", written since) holds landmarks in its own pixels.
+    raw = meta.get("landmarks") if "aligned" in meta else None
     w, h = stored
     if raw is None:
         margin = meta.get("align_margin", DEFAULT_MARGIN)
@@ -133,8 +135,10 @@ def _landmarks(meta: dict, stored: tuple[int, int], key: object) -> tuple[np.nda
     if not (isinstance(raw, list) and len(raw) == N_LANDMARKS
             and all(isinstance(p, list) and len(p) == 2 and all(type(v) in (int, float) for v in p) for p in raw)):
         raise DecodeError(f"{key}: 'landmarks' is not a list of {N_LANDMARKS} [x, y] numbers")
-    lm = np.array(raw, dtype=np.float64)
     side = max(w, h)
+    if any(abs(v) > 1e9 for p in raw for v in p):  # json ints have no bound: 10**400 overflows a float
+        raise DecodeError(f"{key}: 'landmarks' holds points far outside the {w}x{h} image")
+    lm = np.array(raw, dtype=np.float64)
     # json reads Infinity and NaN; a point further than one image side off the image is not a landmark of it
     if not np.isfinite(lm).all() or lm.min() < -side or lm.max() > 2 * side:
         raise DecodeError(f"{key}: 'landmarks' holds non-finite values or points far outside the {w}x{h} image")

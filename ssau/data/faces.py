@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from ssau.data.align import face_matrix, transform, warp
+from ssau.data.align import face_matrix, plausible, transform, warp
 from ssau.data.flow import encode_flow, tvl1
 from ssau.data.images import Prepared, SkipImage, decode_rgb, encode_jpeg, prepare_image
 from ssau.data.template import N_LANDMARKS
@@ -45,10 +45,11 @@ class Placed:
     landmarks: list[list[float]] | None  # 68 [x, y] in stored pixels
     aligned: str  # landmarks | bbox | detector | none
     gray: np.ndarray | None = None
+    dropped: bool = False  # the record had points that cannot be this image's face (counted, not stored)
 
 
-def _scale_matrix(src: tuple[int, int], dst: tuple[int, int]) -> np.ndarray:
-    sx, sy = dst[0] / src[0], dst[1] / src[1]  # pixel centres: x' = (x + 0.5) * s - 0.5
+def _scale_matrix(src: tuple[int, int], prep: Prepared) -> np.ndarray:
+    sx, sy = prep.scale or (prep.width / src[0], prep.height / src[1])  # pixel centres: x' = (x + 0.5) * s - 0.5
     return np.array([[sx, 0.0, 0.5 * sx - 0.5], [0.0, sy, 0.5 * sy - 0.5]])
 
 
@@ -67,16 +68,18 @@ def place(data: bytes, points, bbox, o: FaceOptions) -> Placed:
     if o.align is None:
         prep = prepare_image(data, o.resize, o.quality)
         src = Image.open(io.BytesIO(data)).size  # validated by prepare_image: only the header is read
-        m = _scale_matrix(src, (prep.width, prep.height))
+        m = _scale_matrix(src, prep)
         gray = _gray(decode_rgb(prep.jpeg)) if o.want_gray else None
-        return Placed(prep, m, _stored_points(points, m), "none", gray)
+        usable = points is not None and plausible(points, *src)
+        return Placed(prep, m, _stored_points(points, m) if usable else None, "none", gray,
+                      dropped=points is not None and not usable)
     rgb = decode_rgb(data)
     pts = np.asarray(points, dtype=np.float64) if points is not None else None
     m, how = face_matrix(rgb, pts, bbox, o.align, o.margin, o.points, o.detect)
     crop = warp(rgb, m, o.align)
     prep = Prepared(encode_jpeg(Image.fromarray(crop), o.quality), o.align, o.align, "align")
     return Placed(prep, m, _stored_points(points, m) if how == "landmarks" else None, how,
-                  _gray(crop) if o.want_gray else None)
+                  _gray(crop) if o.want_gray else None, dropped=pts is not None and how != "landmarks")
 
 
 def partner_gray(data: bytes, placed: Placed, o: FaceOptions) -> np.ndarray:
@@ -90,5 +93,5 @@ def flow_bytes(placed: Placed, partner: bytes, o: FaceOptions) -> bytes:
     """``flow.npy`` bytes for (frame t as placed, frame t+K's file bytes); SkipImage if the partner is unusable."""
     later = partner_gray(partner, placed, o)
     if later.shape != placed.gray.shape:  # a partner frame of another size: no flow between them
-        raise SkipImage("flow-partner-size")
+        raise SkipImage("partner-size")
     return encode_flow(tvl1(placed.gray, later), o.flow_size, o.flow_clip)

@@ -70,6 +70,7 @@ class Prepared:
     width: int
     height: int
     converted: str | None  # why the bytes were re-encoded, or None when passed through
+    scale: tuple[float, float] | None = None  # source pixels -> stored pixels per axis when resized (else sizes')
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -109,9 +110,10 @@ def prepare_image(data: bytes, resize: int | None = None, quality: int = JPEG_QU
 
 
 def _open(data: bytes, resize: int | None = None, validate_only: bool = False
-          ) -> tuple[Image.Image, str, str, tuple[int, int]]:
-    """(loaded image, format, mode, declared size). A JPEG decodes at reduced scale where that is enough: to the
-    ``resize`` target, or at 1/8 when an RGB JPEG is only validated (it then passes through byte for byte)."""
+          ) -> tuple[Image.Image, str, str, tuple[int, int], float]:
+    """(loaded image, format, mode, declared size, k): a JPEG decodes at 1/k (k = 1, 2, 4, 8) where that is enough:
+    to the ``resize`` target, or at 1/8 when an RGB JPEG is only validated (it then passes through byte for byte)."""
+    k = 1.0
     try:
         with warnings.catch_warnings():
             # PIL warns between 1x and 2x its limit; check_header makes the decision, with the declared size.
@@ -122,7 +124,8 @@ def _open(data: bytes, resize: int | None = None, validate_only: bool = False
         if fmt == "JPEG" and (resize or (validate_only and mode == "RGB")):
             # libjpeg's DCT scaling: every scan is still read (so truncation is still caught), at a fraction
             # of the IDCT cost.
-            img.draft(None, _target(size, resize) if resize else (size[0] // 8, size[1] // 8))
+            drafted = img.draft(None, _target(size, resize) if resize else (size[0] // 8, size[1] // 8))
+            k = size[0] / drafted[1][2] if drafted else 1.0
         img.load()
     except Image.DecompressionBombError as e:  # over twice the limit: PIL refuses in open, before check_header
         declared = re.search(r"\((\d+) pixels\)", str(e))
@@ -132,7 +135,7 @@ def _open(data: bytes, resize: int | None = None, validate_only: bool = False
         raise SkipImage("not-an-image") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise SkipImage("truncated" if "truncated" in str(e) else "corrupt", exception_detail(e)) from e
-    return img, fmt, mode, size
+    return img, fmt, mode, size, k
 
 
 def decode_rgb(data: bytes) -> np.ndarray:
@@ -140,7 +143,7 @@ def decode_rgb(data: bytes) -> np.ndarray:
     if len(data) == 0:
         raise SkipImage("empty-file")
     try:
-        img, _, _, _ = _open(data)
+        img = _open(data)[0]
         return np.asarray(_to_rgb(img))
     except SkipImage:
         raise
@@ -149,19 +152,24 @@ def decode_rgb(data: bytes) -> np.ndarray:
 
 
 def _prepare(data: bytes, resize: int | None, quality: int) -> Prepared:
-    img, fmt, mode, size = _open(data, resize, validate_only=True)
+    img, fmt, mode, size, k = _open(data, resize, validate_only=True)
+    decoded = img.size
     converted = None
     if mode != "RGB":
         converted = f"mode-{mode}"
         img = _to_rgb(img)
     elif fmt != "JPEG":
         converted = f"format-{fmt}"
+    scale = None
     if resize is not None and min(size) != resize:
         img = img.resize(_target(size, resize), Image.Resampling.BICUBIC)
         converted = converted or "resize"
+        # libjpeg decoded onto ceil(w / k) pixels: a stored pixel spans k * decoded / stored source pixels, which
+        # is not w / stored where k does not divide w (landmarks are scaled by this)
+        scale = (img.width / (k * decoded[0]), img.height / (k * decoded[1]))
     if converted is None:
         return Prepared(data, size[0], size[1], None)
-    return Prepared(encode_jpeg(img, quality), img.width, img.height, converted)
+    return Prepared(encode_jpeg(img, quality), img.width, img.height, converted, scale)
 
 
 def _target(size: tuple[int, int], short: int) -> tuple[int, int]:

@@ -254,11 +254,11 @@ def run_shard(s: ShardSettings, out: Path, workers: int = 1, overwrite: bool = F
     scan = ADAPTERS[s.format](AdapterArgs(images=Path(s.images), labels=Path(s.labels) if s.labels else None,
                                           aus=s.aus, unknown=s.unknown, frame_template=s.frame_template,
                                           active_threshold=s.active_threshold))
-    for w in scan.warnings:
-        print(f"ssau shard: warning: {w}", file=sys.stderr)
     screen(scan, Path(s.images))
     _dedupe_keys(scan.records)
     landmark_counts = _landmarks_in(scan, s)
+    for w in scan.warnings:
+        print(f"ssau shard: warning: {w}", file=sys.stderr)
     tasks, plan_skipped = plan_shards(scan, s)
     if not tasks:
         raise ShardError(f"no samples found under {scan.searched or s.images}"
@@ -359,7 +359,8 @@ def _faces_doc(scan: Scan, s: ShardSettings, shards: list[dict]) -> dict:
     for st in shards:
         got.update(st.get("faces", {}))
     doc = {"landmarks": {"source": s.landmarks, **scan.landmark_counts,
-                         "stored": got["with-landmarks"], "no-landmarks": got["no-landmarks"]},
+                         "stored": got["with-landmarks"], "no-landmarks": got["no-landmarks"],
+                         "implausible": got["implausible-landmarks"]},
            "aligned_by": {k.removeprefix("aligned-"): v for k, v in sorted(got.items()) if k.startswith("aligned-")}}
     if s.align is not None:
         from ssau.data.align import DETECTOR

@@ -63,8 +63,9 @@ class ShardSettings:
     flow_clip: float = 20.0
 
     def fingerprint(self) -> dict:
-        """The settings that decide the output. Face settings at their defaults are left out, so directories
-        sharded before they existed still resume."""
+        """The settings that decide the output. Face settings at their defaults are left out, so a directory
+        sharded before they existed is not refused as made with other settings; its shards are rewritten once
+        (each shard's plan now names its samples' face inputs), then resume as usual."""
         d = asdict(self)
         d["aus"] = list(self.aus) if self.aus else None
         since_faces = [f for f in fields(self) if f.name in _FACE_FIELDS]
@@ -119,7 +120,8 @@ def record_doc(r: Record, scan: Scan, fold: int) -> dict:
 
 def plan_doc(r: Record, scan: Scan, fold: int) -> dict:
     """What decides a sample's bytes: its stored doc plus the inputs of its face (hashed into the plan)."""
-    return record_doc(r, scan, fold) | {"points": r.points, "bbox": r.bbox, "partner": r.partner}
+    points = r.points.tolist() if hasattr(r.points, "tolist") else r.points  # float32 arrays from the CSVs
+    return record_doc(r, scan, fold) | {"points": points, "bbox": r.bbox, "partner": r.partner}
 
 
 # ---------------------------------------------------------------------------------------------------- workers
@@ -171,7 +173,7 @@ def _flow(r: Record, placed: Placed, s: ShardSettings, notes: Counter) -> bytes 
     try:
         return flow_bytes(placed, read_source(r.partner), s.faces())
     except Exception as e:  # the partner frame's problem: this sample keeps its image, loses its flow
-        notes[f"flow-{_skip_entry(r.partner, e)['reason']}"] += 1
+        notes[f"flow-{_skip_entry(r.partner, e)['reason'].removeprefix('flow-')}"] += 1
         return None
 
 
@@ -211,6 +213,8 @@ def _write_shard_to(task: dict, tmp: Path) -> dict:
                 converted[prep.converted] += 1
             faces[f"aligned-{placed.aligned}"] += 1
             faces["with-landmarks" if placed.landmarks is not None else "no-landmarks"] += 1
+            if placed.dropped:
+                faces["implausible-landmarks"] += 1
             row = {"key": r.key, "shard": task["name"], "offset": len(rows), "fold": task["fold"],
                    "split": r.split, "corpus": scan.corpus, "subject": r.subject, "sequence": r.sequence,
                    "frame": r.frame, "expression": r.expression, "width": prep.width, "height": prep.height,
