@@ -126,7 +126,8 @@ def demo(out: str, steps: int, backbone: str, size: int, subjects: int, frames: 
         raise ConfigError(f"{corpus} exists but was not rendered by ssau demo (no {marker.name}): move it, or "
                           f"give another --out")
     if not marker.is_file() or json.loads(marker.read_text()) != dataclasses.asdict(synth):
-        shutil.rmtree(corpus)  # the demo's own corpus, rendered with other settings
+        if corpus.exists():
+            shutil.rmtree(corpus)  # the demo's own corpus, rendered with other settings
         print(render_corpus(corpus, synth, workers=workers))
         marker.write_text(json.dumps(dataclasses.asdict(synth)))
     landmarks = corpus / "bp4d" / "landmarks"

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from corpora import BP4D_SUBJECTS, jpeg_bytes, write_bp4d
+from ssau.data.template import MEAN_68
 from ssau.aus import STANDARD_AUS, STANDARD_FOLDS
 from ssau.cli import main
 
@@ -294,14 +295,14 @@ def test_emotionet_csv_rafdb_folder(tmp_path):
     (img / "face 1.jpg.json").write_text(json.dumps({"bounding_box": {"x": 1, "y": 2, "width": 20, "height": 22},
                                                      "landmarks": {"0": {"x": 5, "y": 6}, "1": {"x": 7, "y": 8}}}))
     (img / "face 2.jpg.json").write_text("{not json")
-    lm68 = {str(i): {"x": 1 + i * 0.25, "y": 3 + (i % 7)} for i in range(68)}
+    lm68 = {str(i): {"x": round(2 + 28 * x, 2), "y": round(2 + 28 * y, 2)} for i, (x, y) in enumerate(MEAN_68)}
     (img / "face 3.jpg.json").write_text(json.dumps({"landmarks": lm68}))
     out = tmp_path / "folder"
     assert shard("folder", "--images", str(img), "--out", str(out), "--folds", "3") == 0
     got = samples_of(out)
     assert got["face-1"]["json"]["bbox"] == [1.0, 2.0, 20.0, 22.0]
     assert "landmarks" not in got["face-1"]["json"]
-    assert got["face-3"]["json"]["landmarks"] == [[1 + i * 0.25, 3 + (i % 7)] for i in range(68)]
+    assert got["face-3"]["json"]["landmarks"] == [[lm68[str(i)]["x"], lm68[str(i)]["y"]] for i in range(68)]
     doc = json.loads((out / "dataset.json").read_text())
     assert doc["skipped_by_reason"] == {"bad-sidecar-ignored": 2} and doc["samples"] == 4
     assert doc["faces"]["landmarks"]["stored"] == 1 and doc["faces"]["aligned_by"] == {"none": 4}

@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from ssau.data.images import SkipImage
-from ssau.data.template import DEFAULT_MARGIN, MEAN_5, MEAN_68, five_points, placed
+from ssau.data.template import DEFAULT_MARGIN, MEAN_5, MEAN_68, five_points, placed, plausible
 
 DETECTOR = "haarcascade_frontalface_default.xml"
 DETECT_MAX_SIDE = 640  # detection runs on a copy at most this large: a 1392 px BP4D frame costs 5x less
@@ -71,16 +71,6 @@ def box_matrix(box: tuple[float, float, float, float], size: int, margin: float 
     scale = (size - 1) / side
     cx, cy = x + w / 2 - 0.5, y + h / 2 - 0.5  # box edges are pixel borders; centres are at integers
     return np.array([[scale, 0.0, (size - 1) / 2 - scale * cx], [0.0, scale, (size - 1) / 2 - scale * cy]])
-
-
-def plausible(points: np.ndarray, width: int, height: int) -> bool:
-    """Landmarks that can be the face in this image: finite, eyes apart, and mostly inside the frame."""
-    p = np.asarray(points, dtype=np.float64)
-    if p.ndim != 2 or p.shape[1] != 2 or len(p) not in (5, 68) or not np.isfinite(p).all():
-        return False
-    five = p if len(p) == 5 else five_points(p)
-    inside = ((p[:, 0] >= -0.5) & (p[:, 0] <= width - 0.5) & (p[:, 1] >= -0.5) & (p[:, 1] <= height - 0.5)).mean()
-    return bool(np.linalg.norm(five[1] - five[0]) >= 3.0 and inside >= 0.5)
 
 
 @lru_cache(maxsize=1)

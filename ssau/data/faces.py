@@ -15,14 +15,14 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 from PIL import Image
 
-from ssau.data.align import face_matrix, plausible, transform, warp
-from ssau.data.flow import encode_flow, tvl1
 from ssau.data.images import Prepared, SkipImage, decode_rgb, encode_jpeg, prepare_image
-from ssau.data.template import N_LANDMARKS
+from ssau.data.template import N_LANDMARKS, plausible
+
+# OpenCV (ssau.data.align, ssau.data.flow) is imported where a face is aligned or a flow computed, not here: a
+# plain `ssau shard` forks its workers without it, as it did before faces were aligned.
 
 
 @dataclass(frozen=True)
@@ -54,12 +54,16 @@ def _scale_matrix(src: tuple[int, int], prep: Prepared) -> np.ndarray:
 
 
 def _gray(rgb: np.ndarray) -> np.ndarray:
+    import cv2
+
     return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
 
 
 def _stored_points(points, m: np.ndarray) -> list[list[float]] | None:
     if points is None or len(points) != N_LANDMARKS:
         return None
+    from ssau.data.align import transform
+
     return [[round(float(x), 2), round(float(y), 2)] for x, y in transform(points, m)]
 
 
@@ -73,6 +77,8 @@ def place(data: bytes, points, bbox, o: FaceOptions) -> Placed:
         usable = points is not None and plausible(points, *src)
         return Placed(prep, m, _stored_points(points, m) if usable else None, "none", gray,
                       dropped=points is not None and not usable)
+    from ssau.data.align import face_matrix, warp
+
     rgb = decode_rgb(data)
     pts = np.asarray(points, dtype=np.float64) if points is not None else None
     m, how = face_matrix(rgb, pts, bbox, o.align, o.margin, o.points, o.detect)
@@ -85,12 +91,16 @@ def place(data: bytes, points, bbox, o: FaceOptions) -> Placed:
 def partner_gray(data: bytes, placed: Placed, o: FaceOptions) -> np.ndarray:
     """Frame t+K brought to frame t's stored geometry: the same alignment matrix, or the same resize."""
     if o.align is not None:
+        from ssau.data.align import warp
+
         return _gray(warp(decode_rgb(data), placed.matrix, o.align))
     return _gray(decode_rgb(prepare_image(data, o.resize, o.quality).jpeg))  # the very path frame t took
 
 
 def flow_bytes(placed: Placed, partner: bytes, o: FaceOptions) -> bytes:
     """``flow.npy`` bytes for (frame t as placed, frame t+K's file bytes); SkipImage if the partner is unusable."""
+    from ssau.data.flow import encode_flow, tvl1
+
     later = partner_gray(partner, placed, o)
     if later.shape != placed.gray.shape:  # a partner frame of another size: no flow between them
         raise SkipImage("partner-size")

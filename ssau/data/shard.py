@@ -180,18 +180,23 @@ def _run_tasks(todo: list[dict], meta: Scan, s: ShardSettings, out: Path, worker
             bar.set_postfix_str(f"{pairs[0] / max(time.perf_counter() - pairs[1], 1e-9):.1f} flow pairs/s", refresh=False)
         bar.update(len(task["records"]))
 
-    import cv2
+    threads = None
+    if s.align is not None or s.flow:  # only then do the workers run OpenCV
+        import cv2
 
-    # One OpenCV thread per worker: a process per core already, and the same arithmetic whatever --workers is. Set
-    # in this process before the workers fork (setNumThreads in a forked child can hang on the parent pool's lock).
-    threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)
+        # One OpenCV thread per worker: a process per core already, and the same arithmetic whatever --workers
+        # is. Set here before the workers fork (setNumThreads in a forked child can hang on the parent pool's lock).
+        threads = cv2.getNumThreads()
+        cv2.setNumThreads(1)
     try:
         run_tasks(write_shard, todo, workers, init_worker, (meta, s, out), finished)
     except WorkerDied as e:
         raise ShardError(f"{e} while writing {out}; finished shards are kept and the same command resumes") from None
     finally:
-        cv2.setNumThreads(threads)
+        if threads is not None:
+            import cv2
+
+            cv2.setNumThreads(threads)
         _remove_tmp(out)  # of the workers stopped mid-shard
 
 

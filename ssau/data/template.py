@@ -83,3 +83,13 @@ def flip_landmarks(landmarks: np.ndarray, width: int) -> np.ndarray:
     out = np.array(landmarks, dtype=np.float32, copy=True)
     out[:, 0] = (width - 1) - out[:, 0]
     return out[MIRROR_68]
+
+
+def plausible(points: np.ndarray, width: int, height: int) -> bool:
+    """Landmarks that can be the face in this image: finite, eyes apart, and mostly inside the frame."""
+    p = np.asarray(points, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] != 2 or len(p) not in (5, 68) or not np.isfinite(p).all():
+        return False
+    five = p if len(p) == 5 else five_points(p)
+    inside = ((p[:, 0] >= -0.5) & (p[:, 0] <= width - 0.5) & (p[:, 1] >= -0.5) & (p[:, 1] <= height - 0.5)).mean()
+    return bool(np.linalg.norm(five[1] - five[0]) >= 3.0 and inside >= 0.5)
