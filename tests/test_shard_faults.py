@@ -463,10 +463,15 @@ def _alive(pid: int) -> bool:
 
 def test_ctrl_c_stops_the_pool_at_once(tmp_path):
     # Interrupted, the pool waits for nothing: shards in flight are cut short (the resume rewrites them).
-    proc, _ = _slow_shard_run(tmp_path)
+    proc, pids = _slow_shard_run(tmp_path)
     try:
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends
-        _, err = proc.communicate(timeout=30)
+        proc.wait(timeout=30)  # the run itself; then its workers (which hold its stderr too) must be gone
+        deadline = time.time() + 15
+        while any(_alive(p) for p in pids) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not [p for p in pids if _alive(p)], "workers outlived an interrupted run"
+        err = proc.stderr.read()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
