@@ -3,7 +3,7 @@
 ``multiprocessing.Pool`` waits forever for the task of a worker that died (the OOM killer, a segfault in a decoder,
 kill -9), and leaves its workers running when the main process is killed. Here, on ``concurrent.futures``:
 - a worker that dies raises WorkerDied in the main process;
-- a task that raises, or Ctrl-C, stops the other workers at once (they are terminated, as under kill -9, so the
+- a task that raises, or Ctrl-C, stops the other workers at once (they are killed, as under kill -9, so the
   caller's files must be written atomically) and the exception goes on unchanged;
 - workers ignore Ctrl-C (the main process handles it) and exit on their own when the main process is gone.
 """
@@ -47,16 +47,22 @@ def run_tasks(fn: Callable, tasks: Sequence, workers: int, initializer: Callable
             on_done(t, fn(t))
         return
     others = set(mp.active_children())  # children that are not this pool's workers
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_start_worker,
-                             initargs=(initializer, initargs)) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_start_worker,
+                               initargs=(initializer, initargs))
+    try:
         futures = {pool.submit(fn, t): t for t in tasks}
-        try:
-            for fut in as_completed(futures):
-                on_done(futures[fut], fut.result())
-        except BaseException as e:
-            for p in set(mp.active_children()) - others:
-                p.terminate()
-            pool.shutdown(wait=True, cancel_futures=True)
-            if isinstance(e, BrokenProcessPool):
-                raise WorkerDied("a worker process died (killed, or out of memory)") from None
-            raise
+        for fut in as_completed(futures):
+            on_done(futures[fut], fut.result())
+    except BaseException as e:
+        for p in set(mp.active_children()) - others:
+            p.kill()
+        # The queue that feeds tasks to the workers may be blocked writing to a pipe no worker reads any more:
+        # joining its thread (shutdown(wait=True), or at interpreter exit) would then hang the interrupted run.
+        call_queue = getattr(pool, "_call_queue", None)
+        if call_queue is not None:
+            call_queue.cancel_join_thread()
+        pool.shutdown(wait=False, cancel_futures=True)
+        if isinstance(e, BrokenProcessPool):
+            raise WorkerDied("a worker process died (killed, or out of memory)") from None
+        raise
+    pool.shutdown(wait=True)
