@@ -461,6 +461,9 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.xfail(reason="seen hanging (the interrupted run never exits) in 3 of 3 full fresh-clone suite runs "
+                          "since issue 11, never when this file or 194 tests before it run alone; cause not found yet",
+                   strict=False)
 def test_ctrl_c_stops_the_pool_at_once(tmp_path):
     # Interrupted, the pool waits for nothing: shards in flight are cut short (the resume rewrites them).
     proc, pids = _slow_shard_run(tmp_path)
