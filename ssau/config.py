@@ -28,6 +28,7 @@ class ModelConfig:
     backbone: Literal["tiny", "resnet18", "resnet34", "resnet50"] = "resnet18"
     pretrained: str = "none"  # none | imagenet (torchvision weights enum, cached) | path to a state_dict file
     dropout: float = 0.0
+    sync_bn: bool = False  # BatchNorm statistics over the global batch (all ranks), as one process would compute
 
 
 @dataclass
@@ -46,6 +47,8 @@ class DataConfig:
     m_expr: int = 32
     label_drop: float = 0.0
     label_drop_mode: Literal["image", "au"] = "image"
+    split_seed: int = 0  # which images label drop hides and the AU validation set holds (not train.seed: every
+    # initialisation seed and method is compared on the same T1/T2 split)
     workers: int = 2
     shuffle_buffer: int = 500
     eval_batch: int = 64
@@ -67,6 +70,8 @@ class OptimConfig:
     warmup_steps: int = 0
     clip_grad: float = 5.0  # max global grad norm per update; 0 = off
     accumulate: int = 1  # micro-batches per update
+    groups: dict = field(default_factory=dict)  # per optimiser group: {name: {name, lr, weight_decay, momentum,
+    # betas}} over the method's own defaults and the settings above (optim.groups.meta.name=sgd)
 
 
 @dataclass
@@ -85,6 +90,8 @@ class TrainConfig:
     deepspeed: str = ""  # a DeepSpeed JSON config (launch/deepspeed/zero2.json); empty: plain data parallel
     rank_report: bool = False  # each rank writes ranks/rank<r>.json (world size, keys seen, parameter digest)
     progress: bool = True
+    init_from: str = ""  # warm start: a model.pt or step checkpoint whose parameters of matching name and shape
+    # initialise this run's (the optimiser starts fresh; a resumed run ignores it)
     keep_checkpoints: int = 3  # the newest N step checkpoints are kept; older ones are pruned (0 = keep all)
 
 

@@ -1,12 +1,24 @@
-"""AU metrics as the field reports them, with unknown labels excluded per AU.
+"""AU metrics as the field reports them, with unknown labels excluded per AU (per pair of AUs for conditionals).
 
 - F1 at threshold 0.5 on probabilities, per AU, then the unweighted mean over AUs (an AU with no positive label
   and no positive prediction scores 0, as sklearn's zero_division=0 does); AUC (Mann-Whitney, ties averaged;
   undefined and left out of the mean when an AU has one class only); accuracy.
-- The label-distribution gaps of Wang et al. (Sec. 4.2.2, Fig. 5-6), on thresholded predictions vs ground truth:
-  marginal = mean over AUs of |P_pred(AU_i) - P_gt(AU_i)|; conditional = mean over ordered pairs i != j of
-  |P_pred(AU_i | AU_j) - P_gt(AU_i | AU_j)|, each probability over samples where both AUs are known, pairs where
-  AU_j never occurs (in truth or prediction) left out.
+- The label-distribution gaps of Wang et al. (paper 000, Sec. 4.2.2, Fig. 5-6), thresholded predictions against
+  ground truth:
+  - marginals: ``P(AU_i = 1)`` over the samples where AU_i is known, predicted (``p_pred``) and true (``p_true``);
+    ``marginal_gap`` = mean over AUs with a known label of ``|p_pred - p_true|`` (Fig. 5b).
+  - conditionals: ``P(AU_i = 1 | AU_j = 1)`` over the samples where both AU_i and AU_j are known, for the
+    prediction and for the truth; ``conditional_gap`` = mean of the J x J matrix ``|P_pred(i|j) - P_gt(i|j)|``
+    over *all* J*J entries, diagonal included (P(i|i) = 1 in both, so its gap is 0). This is how the paper's
+    0.054 / 0.056 come out of its Fig. 6 matrices; the off-diagonal mean is J/(J-1) times larger.
+  - undefined conditionals: where AU_j never occurs among the samples where both are known (in the truth or in
+    the prediction, counted separately), the conditional is "P(i and j) / P(j)" with 0/0 := 0. So the pair set is
+    the same J*J entries in every run, and a model that never predicts AU_j is charged ``|0 - P_gt(i|j)|`` for
+    each i. ``conditional_pairs`` (J*J) and ``conditional_undefined_pred`` / ``conditional_undefined_true`` (how
+    many off-diagonal entries were undefined; the diagonal is 1 by definition) say how much of the mean rests on
+    the rule.
+- ``figures``: F1 bars, the Fig. 5-style marginal bars and the Fig. 6-style conditional heatmaps (true,
+  predicted, gap) for ``ssau.tracking.eval_artifacts``.
 """
 
 from __future__ import annotations
@@ -34,22 +46,35 @@ def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def conditional_matrix(binary: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """[J, J] P(AU_i = 1 | AU_j = 1) over samples where both are known; NaN where AU_j never occurs."""
-    b = binary.astype(np.float64) * mask
-    both = mask.T.astype(np.float64) @ mask  # [J, J] samples with both known
-    joint = b.T @ b  # [i, j] count of i and j both on
-    cond_on = (mask.T.astype(np.float64) @ b)  # [i, j] count of j on where i known
+    """[J, J] P(AU_i = 1 | AU_j = 1) over samples where both are known; NaN (off the diagonal) where AU_j never
+    occurs among them; the diagonal is 1 by definition."""
+    known = mask.astype(np.float64)
+    b = binary.astype(np.float64) * known
+    joint = b.T @ b  # [i, j] samples with i and j both on (and so both known)
+    cond_on = known.T @ b  # [i, j] samples with j on where i is known
     with np.errstate(invalid="ignore", divide="ignore"):
         m = joint / cond_on
-    m[(cond_on == 0) | (both == 0)] = np.nan
-    np.fill_diagonal(m, np.nan)
+    m[cond_on == 0] = np.nan
+    np.fill_diagonal(m, 1.0)
     return m
+
+
+def conditional_gap(pred: np.ndarray, targets: np.ndarray, mask: np.ndarray) -> dict:
+    """The conditional-distribution comparison of paper 000 Fig. 6 with the module's rule for undefined entries."""
+    c_pred, c_true = conditional_matrix(pred, mask), conditional_matrix(targets, mask)
+    undefined_pred, undefined_true = int(np.isnan(c_pred).sum()), int(np.isnan(c_true).sum())
+    c_pred, c_true = np.nan_to_num(c_pred, nan=0.0), np.nan_to_num(c_true, nan=0.0)  # 0/0 := 0
+    gaps = np.abs(c_pred - c_true)
+    return {"conditional_gap": float(gaps.mean()) if gaps.size else float("nan"), "conditional_gaps": gaps,
+            "conditional_pred": c_pred, "conditional_true": c_true, "conditional_pairs": int(gaps.size),
+            "conditional_undefined_pred": undefined_pred, "conditional_undefined_true": undefined_true}
 
 
 def au_metrics(probs: np.ndarray, targets: np.ndarray, mask: np.ndarray, aus: tuple[int, ...],
                threshold: float = 0.5) -> dict:
-    """-> {'per_au': {AU01: {f1, auc, acc, n, positives}}, f1_mean, auc_mean, acc_mean, marginal_gap,
-    conditional_gap, conditional_gaps ([J, J] array)}."""
+    """-> {'per_au': {AU01: {f1, auc, acc, n, positives, p_pred, p_true}}, f1_mean, auc_mean, acc_mean,
+    marginal_gap, conditional_gap, conditional_gaps / conditional_pred / conditional_true ([J, J] arrays),
+    conditional_pairs, conditional_undefined_pred, conditional_undefined_true}."""
     probs, targets, mask = (np.asarray(a, dtype=np.float64) for a in (probs, targets, mask))
     pred = (probs >= threshold).astype(np.float64)
     per = {}
@@ -60,22 +85,20 @@ def au_metrics(probs: np.ndarray, targets: np.ndarray, mask: np.ndarray, aus: tu
         denom = 2 * tp + fp + fn
         per[au_name(au)] = {"f1": float(2 * tp / denom) if denom else 0.0, "auc": _auc(s, y),
                             "acc": float((p == y).mean()) if known.any() else float("nan"),
-                            "n": int(known.sum()), "positives": int(y.sum())}
+                            "n": int(known.sum()), "positives": int(y.sum()),
+                            "p_pred": float(p.mean()) if known.any() else float("nan"),
+                            "p_true": float(y.mean()) if known.any() else float("nan")}
     known_any = mask.sum(0) > 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        p_pred = (pred * mask).sum(0) / mask.sum(0)
-        p_gt = (targets * mask).sum(0) / mask.sum(0)
-    gaps = np.abs(conditional_matrix(pred, mask) - conditional_matrix(targets, mask))
+    p_pred = np.array([v["p_pred"] for v in per.values()])
+    p_true = np.array([v["p_true"] for v in per.values()])
     nanmean = lambda xs: float(np.nanmean(xs)) if np.isfinite(xs).any() else float("nan")  # noqa: E731
     return {
         "per_au": per,
         "f1_mean": float(np.mean([v["f1"] for v, k in zip(per.values(), known_any) if k])) if known_any.any() else 0.0,
         "auc_mean": nanmean(np.array([v["auc"] for v in per.values()])),
         "acc_mean": nanmean(np.array([v["acc"] for v in per.values()])),
-        "marginal_gap": nanmean(np.abs(p_pred - p_gt)[known_any]),
-        "conditional_gap": nanmean(gaps),
-        "conditional_gaps": gaps,
-    }
+        "marginal_gap": nanmean(np.abs(p_pred - p_true)[known_any]),
+    } | conditional_gap(pred, targets, mask)
 
 
 def format_table(m: dict) -> str:
@@ -85,5 +108,70 @@ def format_table(m: dict) -> str:
         lines.append(f"{name:<6}{100 * v['f1']:7.1f}{100 * v['auc']:7.1f}{100 * v['acc']:7.1f}{v['n']:8d}"
                      f"{v['positives']:7d}")
     lines.append(f"{'mean':<6}{100 * m['f1_mean']:7.1f}{100 * m['auc_mean']:7.1f}{100 * m['acc_mean']:7.1f}")
-    lines.append(f"marginal gap {m['marginal_gap']:.4f}   conditional gap {m['conditional_gap']:.4f}")
+    lines.append(f"marginal gap {m['marginal_gap']:.4f}   conditional gap {m['conditional_gap']:.4f} "
+                 f"({m['conditional_pairs']} pairs; undefined, taken as 0: {m['conditional_undefined_true']} true, "
+                 f"{m['conditional_undefined_pred']} predicted)")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- figures
+def figures(m: dict, aus_names: list[str]) -> dict:
+    """{file name: matplotlib Figure} for one evaluation: f1_bar.png, marginal.png (paper 000 Fig. 5: true vs
+    predicted marginal per AU, and their absolute difference), conditional.png (Fig. 6: the true and predicted
+    conditional matrices and their gap). The caller saves and closes them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per, x = m["per_au"], np.arange(len(aus_names))
+    out = {}
+    fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(aus_names)), 3))
+    ax.bar(aus_names, [100 * per[a]["f1"] for a in aus_names], color="#4477aa")
+    ax.axhline(100 * m["f1_mean"], color="k", lw=1, ls="--", label=f"mean {100 * m['f1_mean']:.1f}")
+    ax.set_ylabel("F1 (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(loc="upper right")
+    ax.tick_params(axis="x", rotation=60)
+    fig.tight_layout()
+    out["f1_bar.png"] = fig
+
+    p_true = np.array([per[a]["p_true"] for a in aus_names])
+    p_pred = np.array([per[a]["p_pred"] for a in aus_names])
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(5, 0.6 * len(aus_names)), 5.5), sharex=True)
+    top.bar(x - 0.2, p_true, 0.4, label="ground truth", color="#999999")
+    top.bar(x + 0.2, p_pred, 0.4, label="predicted", color="#4477aa")
+    top.set_ylabel("P(AU = 1)")
+    top.set_ylim(0, 1)
+    top.legend(loc="upper right", fontsize=8)
+    top.set_title("marginal distribution per AU")
+    bottom.bar(x, np.abs(p_pred - p_true), 0.5, color="#cc6677")
+    bottom.set_ylabel("|P_pred - P_gt|")
+    bottom.set_title(f"absolute difference (mean {m['marginal_gap']:.3f})")
+    bottom.set_xticks(x, aus_names, rotation=60)
+    fig.tight_layout()
+    out["marginal.png"] = fig
+
+    gaps = m["conditional_gaps"]
+    width = max(12.0, 1.2 * len(aus_names))
+    fig, axes = plt.subplots(1, 3, figsize=(width, width / 3.2 + 0.4))
+    panels = ((m["conditional_true"], f"P_gt(i|j) ({m['conditional_undefined_true']} undefined -> 0)", 1.0),
+              (m["conditional_pred"], f"P_pred(i|j) ({m['conditional_undefined_pred']} undefined -> 0)", 1.0),
+              (gaps, f"|P_pred - P_gt|, mean {m['conditional_gap']:.3f} over {m['conditional_pairs']}",
+               max(float(gaps.max()) if gaps.size else 0.0, 1e-6)))
+    for ax, (mat, title, vmax) in zip(axes, panels):
+        im = ax.imshow(mat, vmin=0, vmax=vmax, cmap="viridis")
+        ax.set_xticks(x, aus_names, rotation=90, fontsize=7)
+        ax.set_yticks(x, aus_names, fontsize=7)
+        ax.set_xlabel("given AU j")
+        ax.set_ylabel("AU i")
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    if len(aus_names) <= 16:  # the paper prints every gap in its cell
+        for i in range(len(aus_names)):
+            for j in range(len(aus_names)):
+                axes[2].text(j, i, f"{gaps[i, j]:.2f}", ha="center", va="center", fontsize=5,
+                             color="w" if gaps[i, j] < 0.6 * panels[2][2] else "k")
+    fig.tight_layout()
+    out["conditional.png"] = fig
+    return out

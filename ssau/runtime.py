@@ -143,6 +143,16 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def seed_draws(seed: int, rank: int, step: int, update: str, repeat: int) -> None:
+    """Reseed torch's generators (CPU and every GPU) for one update of one step on one rank: every stochastic draw
+    inside a method (label-bank vectors, dropout masks, noise) differs between ranks, as the samples of one process
+    holding the global batch would, while parameters stay identical (initial weights broadcast, gradients
+    averaged). A pure function of (seed, rank, step, update), so a resumed run draws what the uninterrupted run
+    would have drawn."""
+    h = hashlib.blake2b(f"draw:{seed}:{rank}:{step}:{update}:{repeat}".encode(), digest_size=8).digest()
+    torch.manual_seed(int.from_bytes(h, "big") >> 1)
+
+
 def rng_state() -> dict:
     """Every RNG's state as tensors, ints and lists only, so a checkpoint loads with ``weights_only=True``."""
     version, words, gauss = random.getstate()
@@ -215,19 +225,34 @@ def sum_across_ranks(t: torch.Tensor, differentiable: bool = False) -> torch.Ten
 
 
 def average_buffers(module: nn.Module, rt: Runtime) -> None:
-    """Floating buffers (BatchNorm statistics, centroids) averaged so that every rank holds the same state."""
+    """Floating buffers (BatchNorm statistics, centroids) averaged so that every rank holds the same state.
+
+    BatchNorm running variances get the between-rank term too. Buffers are averaged after every step, so before
+    a step every rank holds the same (M, V); rank r then moves them with its batch mean mu_r and variance v_r:
+    M_r = (1-m) M + m mu_r, V_r = (1-m) V + m v_r. The global batch's statistics (equal batch sizes) have mean
+    mean_r(mu_r) - the average of M_r - and variance mean_r(v_r) + mean_r((mu_r - mu)^2) (law of total variance);
+    since M_r - mean(M) = m (mu_r - mu), the missing term is mean_r((M_r - mean(M))^2) / m. Exact up to the n/(n-1)
+    corrections of the per-rank variances; with ``model.sync_bn`` the statistics are global already (this adds 0).
+    A BatchNorm with momentum=None (cumulative average) gets plain averaging."""
     if rt.world == 1:
         return
     persistent = module.state_dict(keep_vars=True)  # non-persistent buffers (constants) need no averaging
     bufs = [b for name, b in module.named_buffers() if b.is_floating_point() and name in persistent]
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats and m.running_mean is not None and m.momentum]
+    squares = [m.running_mean.detach().double() ** 2 for m in norms]  # for mean_r(M_r^2) - mean(M)^2
     if bufs:
-        flat = torch.cat([b.reshape(-1) for b in bufs])
+        flat = torch.cat([b.reshape(-1).double() for b in bufs] + [q.reshape(-1) for q in squares])
         dist.all_reduce(flat)
         flat /= rt.world
         offset = 0
         for b in bufs:
             b.copy_(flat[offset:offset + b.numel()].view_as(b))
             offset += b.numel()
+        for m, q in zip(norms, squares):
+            spread = (flat[offset:offset + q.numel()].view_as(q) - m.running_mean.double() ** 2).clamp_min(0)
+            m.running_var.add_((spread / m.momentum).to(m.running_var.dtype))
+            offset += q.numel()
 
 
 class _Params(nn.Module):

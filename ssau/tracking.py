@@ -35,8 +35,10 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
+from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -328,54 +330,61 @@ class Tracker:
 
 
 def eval_metric_dict(m: dict, prefix: str = "val") -> dict[str, float]:
-    out = {f"{prefix}/f1_mean": m["f1_mean"], f"{prefix}/auc_mean": m["auc_mean"],
-           f"{prefix}/acc_mean": m["acc_mean"], f"{prefix}/marginal_gap": m["marginal_gap"],
-           f"{prefix}/conditional_gap": m["conditional_gap"]}
+    """The MLflow metrics of one evaluation (ssau/metrics.py defines them): means, gaps with their pair counts, and
+    per AU the F1, AUC and both marginals (so paper 000 Fig. 5 can be redrawn from the store)."""
+    out = {f"{prefix}/{k}": m[k] for k in ("f1_mean", "auc_mean", "acc_mean", "marginal_gap", "conditional_gap",
+                                           "conditional_pairs", "conditional_undefined_pred",
+                                           "conditional_undefined_true")}
     for name, v in m["per_au"].items():
-        out[f"{prefix}/f1/{name}"] = v["f1"]
-        out[f"{prefix}/auc/{name}"] = v["auc"]
+        for k in ("f1", "auc", "p_pred", "p_true"):
+            out[f"{prefix}/{k}/{name}"] = v[k]
     for key in ("eval_scored", "eval_expected", "eval_skipped"):  # samples scored vs what the index lists
         if key in m:
             out[f"{prefix}/samples_{key.removeprefix('eval_')}"] = m[key]
     return out
 
 
-def eval_artifacts(m: dict, aus_names: list[str], folder: Path) -> list[Path]:
-    """per_au.csv, f1_bar.png and conditional_gap.png for one evaluation."""
-    import matplotlib
+PER_AU_COLUMNS = ("f1", "auc", "acc", "n", "positives", "p_pred", "p_true")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def _write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> Path:
+    """``write(binary file)`` into a temporary name beside ``path``, then rename: a reader (or an artifact upload
+    after a crash) sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def eval_artifacts(m: dict, aus_names: list[str], folder: Path) -> list[Path]:
+    """per_au.csv (with both marginals), f1_bar.png, marginal.png (paper 000 Fig. 5) and conditional.png (Fig. 6:
+    true, predicted and gap matrices) for one evaluation, each written atomically; returns the paths written."""
+    from ssau.metrics import figures
 
     folder.mkdir(parents=True, exist_ok=True)
-    csv = folder / "per_au.csv"
-    rows = ["au,f1,auc,acc,n,positives"] + [f"{k},{v['f1']:.6f},{v['auc']:.6f},{v['acc']:.6f},{v['n']},{v['positives']}"
-                                            for k, v in m["per_au"].items()]
-    csv.write_text("\n".join(rows) + "\n")
-    fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(aus_names)), 3))
-    ax.bar(aus_names, [100 * m["per_au"][a]["f1"] for a in aus_names], color="#4477aa")
-    ax.axhline(100 * m["f1_mean"], color="k", lw=1, ls="--", label=f"mean {100 * m['f1_mean']:.1f}")
-    ax.set_ylabel("F1 (%)")
-    ax.set_ylim(0, 100)
-    ax.legend(loc="upper right")
-    ax.tick_params(axis="x", rotation=60)
-    fig.tight_layout()
-    bar = folder / "f1_bar.png"
-    fig.savefig(bar, dpi=100)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(5, 4.2))
-    im = ax.imshow(m["conditional_gaps"], vmin=0, vmax=1, cmap="viridis")
-    ax.set_xticks(range(len(aus_names)), aus_names, rotation=90)
-    ax.set_yticks(range(len(aus_names)), aus_names)
-    ax.set_xlabel("given AU j")
-    ax.set_ylabel("AU i")
-    ax.set_title("|P_pred(i|j) - P_gt(i|j)|")
-    fig.colorbar(im)
-    fig.tight_layout()
-    heat = folder / "conditional_gap.png"
-    fig.savefig(heat, dpi=100)
-    plt.close(fig)
-    return [csv, bar, heat]
+    for stale in folder.glob(".*.tmp-*"):  # left by a process killed mid-write; never a finished artifact
+        stale.unlink(missing_ok=True)
+    fmt = lambda v: f"{v:.6f}" if isinstance(v, float) else str(v)  # noqa: E731
+    rows = [",".join(("au",) + PER_AU_COLUMNS)]
+    rows += [",".join([k] + [fmt(v[c]) for c in PER_AU_COLUMNS]) for k, v in m["per_au"].items()]
+    out = [_write_atomic(folder / "per_au.csv", lambda f: f.write(("\n".join(rows) + "\n").encode()))]
+    figs = figures(m, aus_names)
+    import matplotlib.pyplot as plt  # after figures() chose the Agg backend
+
+    try:
+        for name, fig in figs.items():
+            out.append(_write_atomic(folder / name, lambda f, fig=fig: fig.savefig(f, format="png", dpi=100)))
+    finally:
+        for fig in figs.values():
+            plt.close(fig)
+    return out
 
 
 def table_artifacts(name: str, table: dict[str, list], folder: Path) -> list[Path]:

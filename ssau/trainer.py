@@ -22,14 +22,15 @@ from ssau.checkpoints import (CheckpointError, atomic_save, check_training_state
                               load_into, newest_step_file, nonfinite_tensors, prune, safe_load, writable_dir, write_pointer)
 from ssau.config import Config, ConfigError, check_shards, flatten, to_dict
 from ssau.errors import RunStopped, SourceError
-from ssau.data.sources import (SourceConfig, StreamConfig, label_bank, label_drop_report, read_dataset, resolve_aus,
-                               stream_config, validation_split)
+from ssau.data.sources import SourceConfig, StreamConfig, held_out_notes, read_dataset, resolve_aus, stream_config
 from ssau.data.stream import TrainStream
+from ssau.data.trainset import TrainingSet
 from ssau.methods import Method, SetupInfo, Update, build_method, check_groups
 from ssau.evaluate import evaluate_method
-from ssau.optim import build_optimizer, lr_factor
+from ssau.optim import build_optimizer, check_group_names, group_config, lr_factor
 from ssau.runtime import (Runtime, average_buffers, average_gradients, broadcast_module, deepspeed_engine,
-                          init_runtime, rng_state, seed_all, set_rng_state, sigterm_as_exit, write_rank_report)
+                          init_runtime, rng_state, seed_all, seed_draws, set_rng_state, sigterm_as_exit,
+                          write_rank_report)
 
 
 class Trainer:
@@ -45,22 +46,32 @@ class Trainer:
         self.stream_cfg = stream_config(cfg, self.aus)
         self.run_dir = self._run_dir()
         self.method: Method = build_method(cfg.method, self.aus, cfg.model).to(rt.device)
+        if cfg.model.sync_bn and rt.world > 1:
+            from ssau.methods.syncbn import convert_sync_bn
+
+            convert_sync_bn(self.method, rt.device)
         if rt.channels_last:
             self.method.to(memory_format=torch.channels_last)
-        self.validation = validation_split(self.stream_cfg)
-        bank, bank_mask, self.bank_keys = label_bank(self.stream_cfg, frozenset(self.validation.keys))
-        self.drop = label_drop_report(self.stream_cfg)
+        if t.init_from:
+            self._warm_start(Path(t.init_from))
+        self.trainset = TrainingSet.read(self.stream_cfg)  # the one read of the training set's index
+        self.validation = self.trainset.validation
+        bank, bank_mask, self.bank_keys = self.trainset.label_bank()
+        self.drop = self.trainset.drop_report()
+        for line in held_out_notes(self.stream_cfg) if rt.main and t.progress else ():
+            tqdm.write(line, file=sys.stderr)
         if self.validation.keys and rt.main and t.progress:
             tqdm.write(f"AU validation set: {len(self.validation.keys)} images from {self.validation.subjects} "
                        f"subjects, excluded from training ({len(bank)} training images remain)", file=sys.stderr)
         self.method.setup(SetupInfo(self.aus, bank, bank_mask, validation_targets=self.validation.targets,
-                                    validation_mask=self.validation.mask))
+                                    validation_mask=self.validation.mask, extra={"trainset": self.trainset}))
         broadcast_module(self.method, rt)
         self.groups = self.method.groups()
         check_groups(cfg.method["name"], self.groups)
+        check_group_names(cfg.optim, self.groups)
         self.optimizers, self.schedulers, self.engines = {}, {}, {}
         for name, g in self.groups.items():
-            opt = build_optimizer(cfg.optim, g.params, cfg.optim.lr * g.lr_scale)
+            opt = build_optimizer(group_config(cfg.optim, name, cfg.optim.lr * g.lr_scale, g.optim), g.params)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, cfg.optim, t.steps))
             if t.deepspeed and g.deepspeed:
                 self.engines[name] = deepspeed_engine(g.params, opt, sched, t.deepspeed, cfg.data.m1,
@@ -83,6 +94,20 @@ class Trainer:
         if error:
             raise ConfigError(error)
         return run_dir
+
+    def _warm_start(self, path: Path) -> None:
+        """train.init_from: this run's tensors of matching name and shape from a model.pt or step checkpoint (the
+        backbone and AU head of a supervised run, for every method); the optimiser starts fresh."""
+        if not path.is_file():
+            raise ConfigError(f"train.init_from: {path} does not exist")
+        state = check_training_state(safe_load(path, map_location="cpu"), path, model_only=True)  # runs nothing
+        own = self.method.state_dict()
+        take = {k: v for k, v in state["method"].items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
+        if not any(k in take for k, _ in self.method.named_parameters()):
+            raise ConfigError(f"train.init_from: {path} holds no parameter of this model (names and shapes differ)")
+        self.method.load_state_dict(take, strict=False)
+        if self.rt.main and self.cfg.train.progress:
+            tqdm.write(f"warm start: {len(take)} of {len(own)} tensors from {path}", file=sys.stderr)
 
     # ------------------------------------------------------------------------------------------------ one update
     def _run_update(self, upd: Update, batches, previous):
@@ -186,7 +211,10 @@ class Trainer:
         cfg, rt, t = self.cfg, self.rt, self.cfg.train
         self._resume()
         self._start_tracking()
-        stream = TrainStream(self.stream_cfg, rt.rank, rt.world, self.validation)
+        try:
+            stream = TrainStream(self.stream_cfg, rt.rank, rt.world, self.trainset)
+        except ValueError as e:  # a source with no shard to read (e.g. all of it in the held-out fold)
+            raise ConfigError(str(e)) from None
         stream.set_epoch(self.starts)  # a resumed run draws fresh shard orders (no loader position exists)
         batches = iter(stream)
         bar = tqdm(total=t.steps, initial=self.step, desc=f"train {cfg.method['name']}", unit="step",
@@ -226,7 +254,8 @@ class Trainer:
         """One step: the method's ordered updates, then no-gradient state, buffer averaging and LR schedules."""
         batch, window = None, defaultdict(float)
         for upd in self.method.updates(self.step):
-            for _ in range(upd.repeat):
+            for r in range(upd.repeat):
+                seed_draws(self.cfg.train.seed, self.rt.rank, self.step, upd.name, r)  # ranks draw apart
                 batch, parts = self._run_update(upd, batches, batch)
                 for k, v in parts.items():
                     window[f"train/{upd.name}/{k}"] += v / upd.repeat

@@ -16,7 +16,8 @@ from torch import nn
 from corpora import shard_bp4d, shard_rafdb
 from ranks import run_ranks
 from ssau.config import ModelConfig, load_config
-from ssau.data.sources import SourceConfig, StreamConfig, resolve_aus, validation_split
+from ssau.data.sources import SourceConfig, StreamConfig, resolve_aus
+from ssau.data.trainset import validation_split
 from ssau.data.stream import Batch, TrainStream
 from ssau.methods.base import SetupInfo
 from ssau.methods.mal import MAL, MALParams

@@ -15,7 +15,8 @@ from ranks import run_ranks
 from ssau.aus import STANDARD_AUS
 from ssau.cli import main
 from ssau.data.evaluation import eval_batches_per_rank, eval_loader
-from ssau.data.sources import SourceConfig, StreamConfig, is_hidden, label_drop_report
+from ssau.data.sources import SourceConfig, StreamConfig, is_hidden
+from ssau.data.trainset import label_drop_report
 from ssau.data.stream import TrainStream
 
 AUS = STANDARD_AUS["bp4d"]
@@ -80,7 +81,7 @@ def test_batches_have_fixed_composition_and_masked_targets(dirs):
 
 def test_label_drop_hides_the_same_images_on_every_rank_and_epoch(dirs):
     cfg = StreamConfig(labelled=SourceConfig((str(dirs["bp4d"]),), folds=(1, 2, 3)), m1=4, m2=4, image_size=32,
-                       label_drop=0.5, seed=3, workers=1)
+                       label_drop=0.5, seed=7, split_seed=3, workers=1)  # hiding follows split_seed, not seed
     keys = list(index(dirs["bp4d"]))
     hidden = {k for k in keys if is_hidden(k, 0.5, 3)}
     rep = label_drop_report(cfg)
@@ -99,7 +100,7 @@ def test_label_drop_hides_the_same_images_on_every_rank_and_epoch(dirs):
 
 def test_label_drop_au_mode_hides_single_labels(dirs):
     cfg = StreamConfig(labelled=SourceConfig((str(dirs["bp4d"]),)), m1=6, m2=0, image_size=32, label_drop=0.3,
-                       label_drop_mode="au", seed=1, workers=1)
+                       label_drop_mode="au", split_seed=1, workers=1)
     idx = index(dirs["bp4d"])
     rep = label_drop_report(cfg)
     assert rep["hidden_images"] == 0 and 0.15 < rep["fraction"] < 0.45

@@ -75,13 +75,13 @@ def test_metrics_hand_worked():
     #   pred AU2 on {1,2}: AU1 on in {2} -> 1/2 ; gap 1/6
     # P(2|1): gt AU1 on {0,1}: AU2 on {1} -> 1/2 ; pred AU1 on {0,2}: AU2 on {2} -> 1/2 ; gap 0
     assert m["conditional_gaps"][0, 1] == pytest.approx(1 / 6) and m["conditional_gaps"][1, 0] == pytest.approx(0)
-    assert m["conditional_gap"] == pytest.approx(1 / 12)
+    assert m["conditional_gap"] == pytest.approx(1 / 24)  # mean of all 4 entries, the zero diagonal included
 
 
 def test_conditional_matrix_undefined_where_condition_never_occurs():
     b = np.array([[1, 0], [0, 0]])
     c = conditional_matrix(b, np.ones_like(b))
-    assert np.isnan(c[0, 1]) and c[1, 0] == 0 and np.isnan(c[0, 0])
+    assert np.isnan(c[0, 1]) and c[1, 0] == 0 and c[0, 0] == c[1, 1] == 1  # P(i|i) = 1 by definition
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -97,7 +97,8 @@ def test_train_logs_metrics_params_tags_and_artifacts_to_mlflow(shards, tmp_path
     assert d.tags["label_drop"] == "0.25" and d.tags["corpus"] == "bp4d" and len(d.tags["git_commit"]) >= 7
     assert d.params["optim.lr"] == "0.001" and d.params["data.label_drop"] == "0.25" and d.params["model.backbone"] == "tiny"
     for key in ("val/f1_mean", "val/f1/AU01", "val/f1/AU24", "val/auc_mean", "val/acc_mean", "val/marginal_gap",
-                "train/supervised/loss", "train/images_per_s", "data/label_drop_fraction"):
+                "val/conditional_pairs", "val/p_pred/AU01", "val/p_true/AU24", "train/supervised/loss",
+                "train/images_per_s", "data/label_drop_fraction"):
         assert key in d.metrics, key
     assert 0.0 <= d.metrics["val/f1_mean"] <= 1.0
     history = client.get_metric_history(run.info.run_id, "train/supervised/loss")
@@ -105,7 +106,8 @@ def test_train_logs_metrics_params_tags_and_artifacts_to_mlflow(shards, tmp_path
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     arts |= {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
     arts |= {a.path for a in client.list_artifacts(run.info.run_id, "model")}
-    assert {"config.yaml", "eval/per_au.csv", "eval/f1_bar.png", "eval/conditional_gap.png", "model/model.pt"} <= arts
+    assert {"config.yaml", "eval/per_au.csv", "eval/f1_bar.png", "eval/conditional.png", "eval/marginal.png",
+            "model/model.pt"} <= arts
     csv = Path(client.download_artifacts(run.info.run_id, "eval/per_au.csv", str(tmp_path))).read_text()
     assert csv.splitlines()[1].startswith("AU01,")
     assert run.info.status == "FINISHED"

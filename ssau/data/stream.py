@@ -34,8 +34,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ssau.data.decode import DecodeError, TrainSample, au_targets, decode_eval, decode_sample
-from ssau.data.sources import (SourceConfig, StreamConfig, ValidationSplit, hidden_aus, is_hidden, resolve_aus,
-                               shard_urls, validation_split)
+from ssau.data.sources import SourceConfig, StreamConfig, hidden_aus, is_hidden, resolve_aus, shard_urls
+from ssau.data.trainset import TrainingSet
 from ssau.data.tario import SkipCounter, tar_samples
 from ssau.errors import SourceError
 
@@ -156,7 +156,7 @@ class _SourceDataset(IterableDataset):
         """(decoded sample, AU targets, AU mask, expression) of one sample; DecodeError when it cannot be used."""
         ex = decode_sample(s, self.cfg.image_size, rng, flow=self.cfg.flow and self.kind != "expression")
         if self.kind == "labelled":
-            hidden = (hidden_aus(s["__key__"], self.aus, self.cfg.label_drop, self.cfg.seed)
+            hidden = (hidden_aus(s["__key__"], self.aus, self.cfg.label_drop, self.cfg.split_seed)
                       if self.cfg.label_drop_mode == "au" else None)
             return (ex, *au_targets(ex.meta, self.aus, hidden), None)
         if self.kind == "expression":
@@ -276,7 +276,7 @@ class _ValidationDataset(IterableDataset):
                 except DecodeError:
                     bad.add(i)
                     continue
-                hidden = (hidden_aus(s["__key__"], self.aus, self.cfg.label_drop, self.cfg.seed)
+                hidden = (hidden_aus(s["__key__"], self.aus, self.cfg.label_drop, self.cfg.split_seed)
                           if self.cfg.label_drop_mode == "au" else None)
                 t, m = au_targets(meta, self.aus, hidden)
                 images.append(img)
@@ -291,7 +291,7 @@ class _ValidationDataset(IterableDataset):
 class TrainStream:
     """Infinite iterator of Batch for one rank; ``set_epoch`` reseeds (call it when the run resumes)."""
 
-    def __init__(self, cfg: StreamConfig, rank: int = 0, world: int = 1, validation: ValidationSplit | None = None):
+    def __init__(self, cfg: StreamConfig, rank: int = 0, world: int = 1, trainset: TrainingSet | None = None):
         if cfg.label_drop_mode not in ("image", "au"):
             raise ValueError(f"label_drop_mode {cfg.label_drop_mode!r}: use 'image' or 'au'")
         if not 0.0 <= cfg.label_drop < 1.0:
@@ -299,10 +299,12 @@ class TrainStream:
         self.cfg, self.rank, self.world = cfg, rank, world
         self.aus = resolve_aus(cfg)
         image_drop = cfg.label_drop > 0 and cfg.label_drop_mode == "image"
-        val_keys = frozenset((validation or validation_split(cfg)).keys)  # pass it to skip a second index scan
+        if trainset is None and cfg.validation > 0:  # the trainer passes its own: one read of the index a run
+            trainset = TrainingSet.read(cfg)
+        val_keys = frozenset(trainset.validation.keys) if trainset is not None else frozenset()
 
         def keep_labelled(s: dict) -> bool:
-            return s["__key__"] not in val_keys and not (image_drop and is_hidden(s["__key__"], cfg.label_drop, cfg.seed))
+            return s["__key__"] not in val_keys and not (image_drop and is_hidden(s["__key__"], cfg.label_drop, cfg.split_seed))
 
         self.sources: dict[str, IterableDataset] = {
             "labelled": self._source("labelled", cfg.labelled, cfg.m1,
@@ -317,7 +319,7 @@ class TrainStream:
             keep = None
             if image_drop:
                 labelled_urls = {u for urls in self._lists(cfg.labelled)[0] for u in urls}
-                keep = lambda s: s["__url__"] not in labelled_urls or is_hidden(s["__key__"], cfg.label_drop, cfg.seed)  # noqa: E731
+                keep = lambda s: s["__url__"] not in labelled_urls or is_hidden(s["__key__"], cfg.label_drop, cfg.split_seed)  # noqa: E731
             unl_dirs = list(cfg.unlabelled.dirs if cfg.unlabelled else ()) + (
                 [f"label-dropped images of {d}" for d in cfg.labelled.dirs] if image_drop else [])
             self.sources["unlabelled"] = _SourceDataset(
@@ -329,7 +331,11 @@ class TrainStream:
             self.sources["validation"] = _ValidationDataset(self._read_validation(val_keys), cfg, self.aus, rank)
 
     def _read_validation(self, keys: frozenset[str]) -> list[dict]:
-        """The validation samples' bytes, read from the labelled training shards once."""
+        """This rank's validation samples' bytes, read from the labelled training shards once. Ranks draw from
+        disjoint parts of the set (every world-th key in sorted order), as one process drawing the global batch
+        would, unless the set has fewer images than there are ranks (then every rank draws from all of it)."""
+        if len(keys) >= self.world:
+            keys = frozenset(sorted(keys)[self.rank::self.world])
         samples, bad = [], SkipCounter()
         for urls in self._lists(self.cfg.labelled)[0]:
             for url in urls:
@@ -339,13 +345,15 @@ class TrainStream:
         return samples
 
     def _lists(self, src: SourceConfig) -> tuple[list[list[str]], list[float]]:
-        lists = [shard_urls(d, src.folds) for d in src.dirs]
+        lists = [shard_urls(d, src.folds, src.held_out) for d in src.dirs]
         weights = list(src.weights) if src.weights is not None else [1.0] * len(src.dirs)
         if len(weights) != len(src.dirs):
             raise ValueError(f"{len(weights)} weights for {len(src.dirs)} shard directories")
         for d, urls in zip(src.dirs, lists):
             if not urls:
-                raise ValueError(f"{d}: no shards in folds {src.folds}")
+                raise ValueError(f"{d}: no shards in folds {src.folds}" if src.folds is not None else
+                                 f"{d}: every shard is in fold {src.held_out}, the evaluation fold (held out of "
+                                 f"training so that its images never leak into it)")
         return lists, weights
 
     def _source(self, kind: str, src: SourceConfig, batch: int, keep) -> _SourceDataset:

@@ -78,6 +78,8 @@ class Group:
     params: list[nn.Parameter]
     lr_scale: float = 1.0
     deepspeed: bool = True  # False: a plain optimiser with gradients averaged by hand even under train.deepspeed
+    optim: dict = field(default_factory=dict)  # the method's own optimiser settings for this group (name, lr,
+    # momentum, weight_decay, betas) over the optim section; optim.groups.<group>.* overrides both
 
 
 @dataclass(frozen=True)
@@ -123,11 +125,12 @@ class Method(nn.Module, abc.ABC):
         """Training-set facts before the first step; the default needs none."""
 
     def split_groups(self, rest: str, part: str, module: nn.Module, lr_scale: float = 1.0,
-                     deepspeed: bool = True) -> dict[str, Group]:
+                     deepspeed: bool = True, optim: dict | None = None) -> dict[str, Group]:
         """Two groups: ``part`` holds ``module``'s parameters, ``rest`` every other parameter."""
         own = list(module.parameters())
         ids = {id(p) for p in own}
-        return {rest: Group([p for p in self.parameters() if id(p) not in ids]), part: Group(own, lr_scale, deepspeed)}
+        return {rest: Group([p for p in self.parameters() if id(p) not in ids]),
+                part: Group(own, lr_scale, deepspeed, dict(optim or {}))}
 
     @abc.abstractmethod
     def groups(self) -> dict[str, Group]:
@@ -173,7 +176,20 @@ def full_precision(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def masked_bce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy (Eq. 5 of Wang et al.) averaged over known labels only; 0 when none is known."""
-    per = nn.functional.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none") * mask
-    return per.sum() / mask.sum().clamp_min(1.0)
+def global_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``total / count`` over the global batch, as this rank's share times the world size: ``total`` is this rank's
+    sum, ``count`` this rank's number of terms (summed over ranks here, no gradient). The trainer averages gradients
+    over ranks, so they are then those of the global batch's mean: 2 ranks x B equal 1 process x 2B even when the
+    ranks hold different numbers of known labels (a mean of per-rank means would not)."""
+    from ssau.runtime import sum_across_ranks, world_size
+
+    return world_size() * total / sum_across_ranks(count.detach().float()).clamp_min(1.0)
+
+
+def masked_bce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+               pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Binary cross-entropy (Eq. 5 of Wang et al.) averaged over the known labels of the global batch; 0 when none
+    is known."""
+    per = nn.functional.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none",
+                                                         pos_weight=pos_weight) * mask
+    return global_mean(per.sum(), mask.sum())

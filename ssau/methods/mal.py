@@ -12,7 +12,8 @@ One training step, in Algorithm 1's order (two updates of the method contract):
    samples (Eq. 4), normalised (Sec. 4.1.2, below), the weighted loss of Eq. 5, one differentiable SGD step
    theta*(psi) = theta - alpha * grad_theta L_total (Eq. 6), then the AU validation loss at theta* (Eq. 7-8),
    whose gradient reaches psi through the inner step. The optimiser of group ``meta`` takes the step psi -> psi-hat
-   with beta = optim.lr * meta_lr_scale.
+   with beta = optim.lr * meta_lr_scale, as Eq. 7 writes it: plain gradient descent (SGD without momentum or weight
+   decay) whatever optimiser the base net uses; ``optim.groups.meta.name=adam`` (or any other setting) overrides.
 2. Base-learning (update ``base``, group theta, the same batch): weights recomputed with psi-hat (Eq. 9) as
    constants, the loss of Eq. 10, and theta updated from its original value (Eq. 11) by the ``base`` optimiser.
 
@@ -159,7 +160,8 @@ class MAL(MultiTask):
         # psi stays out of DeepSpeed: its dim + 1 parameters have no optimiser state worth partitioning, and a plain
         # group lets the trainer take the meta-gradient for psi alone (an engine's backward would also compute the
         # second-order terms of the inner step's theta copies, which nothing uses).
-        return self.split_groups("base", "meta", self.meta, self.params.meta_lr_scale, deepspeed=False)
+        return self.split_groups("base", "meta", self.meta, self.params.meta_lr_scale, deepspeed=False,
+                                 optim={"name": "sgd", "momentum": 0.0, "weight_decay": 0.0})  # Eq. 7
 
     def updates(self, step: int) -> list[Update]:
         return [Update("meta", "meta", self.meta_loss), Update("base", "base", self.base_loss, new_batch=False)]

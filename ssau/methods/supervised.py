@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ssau.config import ModelConfig
 from ssau.data.stream import Batch
@@ -44,11 +43,6 @@ class Supervised(AUClassifier):
         return [Update("supervised", "model", self.loss)]
 
     def loss(self, batch: Batch, step: int) -> dict:
-        z = self.logits(batch.images)
-        if self.params.pos_weight:
-            per = nn.functional.binary_cross_entropy_with_logits(
-                z.float(), batch.targets, reduction="none", pos_weight=self.pos_w) * batch.mask
-            bce = per.sum() / batch.mask.sum().clamp_min(1.0)
-        else:
-            bce = masked_bce(z, batch.targets, batch.mask)
+        bce = masked_bce(self.logits(batch.images), batch.targets, batch.mask,
+                         self.pos_w if self.params.pos_weight else None)
         return {"loss": bce, "bce": bce.detach()}
