@@ -18,7 +18,7 @@
     many off-diagonal entries were undefined; the diagonal is 1 by definition) say how much of the mean rests on
     the rule.
 - ``figures``: F1 bars, the Fig. 5-style marginal bars and the Fig. 6-style conditional heatmaps (true,
-  predicted, gap) for ``ssau.tracking.eval_artifacts``.
+  predicted, gap) for ``ssau.artifacts.eval_artifacts``.
 """
 
 from __future__ import annotations

@@ -35,10 +35,8 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
-from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 
@@ -341,84 +339,4 @@ def eval_metric_dict(m: dict, prefix: str = "val") -> dict[str, float]:
     for key in ("eval_scored", "eval_expected", "eval_skipped"):  # samples scored vs what the index lists
         if key in m:
             out[f"{prefix}/samples_{key.removeprefix('eval_')}"] = m[key]
-    return out
-
-
-PER_AU_COLUMNS = ("f1", "auc", "acc", "n", "positives", "p_pred", "p_true")
-
-
-def _write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> Path:
-    """``write(binary file)`` into a temporary name beside ``path``, then rename: a reader (or an artifact upload
-    after a crash) sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def eval_artifacts(m: dict, aus_names: list[str], folder: Path) -> list[Path]:
-    """per_au.csv (with both marginals), f1_bar.png, marginal.png (paper 000 Fig. 5) and conditional.png (Fig. 6:
-    true, predicted and gap matrices) for one evaluation, each written atomically; returns the paths written."""
-    from ssau.metrics import figures
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(".*.tmp-*"):  # left by a process killed mid-write; never a finished artifact
-        stale.unlink(missing_ok=True)
-    fmt = lambda v: f"{v:.6f}" if isinstance(v, float) else str(v)  # noqa: E731
-    rows = [",".join(("au",) + PER_AU_COLUMNS)]
-    rows += [",".join([k] + [fmt(v[c]) for c in PER_AU_COLUMNS]) for k, v in m["per_au"].items()]
-    out = [_write_atomic(folder / "per_au.csv", lambda f: f.write(("\n".join(rows) + "\n").encode()))]
-    figs = figures(m, aus_names)
-    import matplotlib.pyplot as plt  # after figures() chose the Agg backend
-
-    try:
-        for name, fig in figs.items():
-            out.append(_write_atomic(folder / name, lambda f, fig=fig: fig.savefig(f, format="png", dpi=100)))
-    finally:
-        for fig in figs.values():
-            plt.close(fig)
-    return out
-
-
-def table_artifacts(name: str, table: dict[str, list], folder: Path) -> list[Path]:
-    """<name>.csv of a method's report table and, when it has a ``weight`` column, <name>.png: its histogram, one
-    layer per value of the ``group`` column (MAL: expression-sample weights per expression class)."""
-    import csv
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    folder.mkdir(parents=True, exist_ok=True)
-    cols = list(table)
-    path = folder / f"{name}.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(cols)
-        w.writerows(zip(*(table[c] for c in cols)))
-    out = [path]
-    if "weight" in table and table["weight"]:
-        weights = np.asarray(table["weight"], dtype=float)
-        groups = np.asarray(table.get("group", ["all"] * len(weights)))
-        names = sorted(set(groups.tolist()))
-        fig, ax = plt.subplots(figsize=(6, 3.4))
-        bins = np.linspace(weights.min(), weights.max() + 1e-9, 31)
-        ax.hist([weights[groups == g] for g in names], bins=bins, stacked=True, label=names)
-        ax.set_xlabel(f"sample weight (mean {weights.mean():.3f})")
-        ax.set_ylabel("samples")
-        ax.set_title(name.replace("_", " "))
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        png = folder / f"{name}.png"
-        fig.savefig(png, dpi=100)
-        plt.close(fig)
-        out.append(png)
     return out

@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from ssau.aus import au_name
 from ssau.checkpoints import (CheckpointError, atomic_save, check_training_state, clean_partial, last_checkpoint,
-                              load_into, newest_step_file, nonfinite_tensors, prune, safe_load, writable_dir, write_pointer)
+                              load_into, newest_step_file, nonfinite_tensors, prune, safe_load, warm_start, writable_dir,
+                              write_pointer)
 from ssau.config import Config, ConfigError, check_shards, flatten, to_dict
 from ssau.errors import RunStopped, SourceError
 from ssau.data.sources import SourceConfig, StreamConfig, held_out_notes, read_dataset, resolve_aus, stream_config
@@ -52,8 +53,10 @@ class Trainer:
             convert_sync_bn(self.method, rt.device)
         if rt.channels_last:
             self.method.to(memory_format=torch.channels_last)
-        if t.init_from:
-            self._warm_start(Path(t.init_from))
+        if t.init_from:  # warm start: the optimiser starts fresh; a resumed run's checkpoint overrides it below
+            taken, total = warm_start(self.method, Path(t.init_from))
+            if rt.main and t.progress:
+                tqdm.write(f"warm start: {taken} of {total} tensors from {t.init_from}", file=sys.stderr)
         self.trainset = TrainingSet.read(self.stream_cfg)  # the one read of the training set's index
         self.validation = self.trainset.validation
         bank, bank_mask, self.bank_keys = self.trainset.label_bank()
@@ -94,20 +97,6 @@ class Trainer:
         if error:
             raise ConfigError(error)
         return run_dir
-
-    def _warm_start(self, path: Path) -> None:
-        """train.init_from: this run's tensors of matching name and shape from a model.pt or step checkpoint (the
-        backbone and AU head of a supervised run, for every method); the optimiser starts fresh."""
-        if not path.is_file():
-            raise ConfigError(f"train.init_from: {path} does not exist")
-        state = check_training_state(safe_load(path, map_location="cpu"), path, model_only=True)  # runs nothing
-        own = self.method.state_dict()
-        take = {k: v for k, v in state["method"].items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
-        if not any(k in take for k, _ in self.method.named_parameters()):
-            raise ConfigError(f"train.init_from: {path} holds no parameter of this model (names and shapes differ)")
-        self.method.load_state_dict(take, strict=False)
-        if self.rt.main and self.cfg.train.progress:
-            tqdm.write(f"warm start: {len(take)} of {len(own)} tensors from {path}", file=sys.stderr)
 
     # ------------------------------------------------------------------------------------------------ one update
     def _run_update(self, upd: Update, batches, previous):
@@ -296,16 +285,10 @@ class Trainer:
         """The method's tables since the last evaluation (MAL: sample weights) from every rank: CSV + histogram
         under the run directory's eval/step-N/, and in MLflow."""
         gathered = self.rt.gather_objects(self.method.report())
-        if not self.rt.main or not gathered[0]:
-            return
-        from ssau.tracking import table_artifacts
+        if self.rt.main and gathered[0]:
+            from ssau.artifacts import log_report_tables
 
-        folder = f"eval/step-{self.step:07d}"
-        for name, cols in gathered[0].items():
-            table = {c: [v for g in gathered for v in g[name][c]] for c in cols}
-            for path in table_artifacts(name, table, self.run_dir / folder):
-                if self.tracker:
-                    self.tracker.log_artifact(path, folder)
+            log_report_tables(gathered, self.run_dir, f"eval/step-{self.step:07d}", self.tracker)
 
     # ------------------------------------------------------------------------------------------------ state
     def save_checkpoint(self) -> Path:
@@ -433,7 +416,7 @@ class Trainer:
         atomic_save({"method": self.method.state_dict(), "config": to_dict(self.cfg), "aus": list(self.aus)}, model)
         if not self.tracker:
             return
-        from ssau.tracking import eval_artifacts
+        from ssau.artifacts import eval_artifacts
 
         if metrics:
             for p in eval_artifacts(metrics, [au_name(a) for a in self.aus], self.run_dir / "eval"):

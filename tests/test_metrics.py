@@ -1,5 +1,5 @@
 """The label-distribution metrics of paper 000 (Sec. 4.2.2, Fig. 5-6) against hand-worked matrices, and the eval
-artifacts that show them (ssau/metrics.py, ssau/tracking.py eval_metric_dict / eval_artifacts)."""
+artifacts that show them (ssau/metrics.py, ssau/tracking.py eval_metric_dict, ssau/artifacts.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from ssau.metrics import au_metrics, conditional_matrix, format_table
-from ssau.tracking import eval_artifacts, eval_metric_dict
+from ssau.artifacts import eval_artifacts
+from ssau.tracking import eval_metric_dict
 
 AUS = (1, 2, 4)  # a, b, c below
 NAMES = ["AU01", "AU02", "AU04"]

@@ -1,0 +1,102 @@
+"""The files a run writes for people to look at: per-AU CSV and figures of an evaluation, and the tables a
+method reports (MAL's sample weights). Each is written under a temporary name in its folder, then renamed."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from ssau.tracking import Tracker
+
+PER_AU_COLUMNS = ("f1", "auc", "acc", "n", "positives", "p_pred", "p_true")  # per_au.csv after the AU name
+
+def _write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> Path:
+    """``write(binary file)`` into a temporary name beside ``path``, then rename: a reader (or an artifact upload
+    after a crash) sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def eval_artifacts(m: dict, aus_names: list[str], folder: Path) -> list[Path]:
+    """per_au.csv (with both marginals), f1_bar.png, marginal.png (paper 000 Fig. 5) and conditional.png (Fig. 6:
+    true, predicted and gap matrices) for one evaluation, each written atomically; returns the paths written."""
+    from ssau.metrics import figures
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".*.tmp-*"):  # left by a process killed mid-write; never a finished artifact
+        stale.unlink(missing_ok=True)
+    fmt = lambda v: f"{v:.6f}" if isinstance(v, float) else str(v)  # noqa: E731
+    rows = [",".join(("au",) + PER_AU_COLUMNS)]
+    rows += [",".join([k] + [fmt(v[c]) for c in PER_AU_COLUMNS]) for k, v in m["per_au"].items()]
+    out = [_write_atomic(folder / "per_au.csv", lambda f: f.write(("\n".join(rows) + "\n").encode()))]
+    figs = figures(m, aus_names)
+    import matplotlib.pyplot as plt  # after figures() chose the Agg backend
+
+    try:
+        for name, fig in figs.items():
+            out.append(_write_atomic(folder / name, lambda f, fig=fig: fig.savefig(f, format="png", dpi=100)))
+    finally:
+        for fig in figs.values():
+            plt.close(fig)
+    return out
+
+
+def table_artifacts(name: str, table: dict[str, list], folder: Path) -> list[Path]:
+    """<name>.csv of a method's report table and, when it has a ``weight`` column, <name>.png: its histogram, one
+    layer per value of the ``group`` column (MAL: expression-sample weights per expression class)."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cols = list(table)
+    text = io.StringIO()
+    w = csv.writer(text)
+    w.writerow(cols)
+    w.writerows(zip(*(table[c] for c in cols)))
+    out = [_write_atomic(folder / f"{name}.csv", lambda f: f.write(text.getvalue().encode()))]
+    if "weight" in table and table["weight"]:
+        weights = np.asarray(table["weight"], dtype=float)
+        groups = np.asarray(table.get("group", ["all"] * len(weights)))
+        names = sorted(set(groups.tolist()))
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        bins = np.linspace(weights.min(), weights.max() + 1e-9, 31)
+        ax.hist([weights[groups == g] for g in names], bins=bins, stacked=True, label=names)
+        ax.set_xlabel(f"sample weight (mean {weights.mean():.3f})")
+        ax.set_ylabel("samples")
+        ax.set_title(name.replace("_", " "))
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        try:
+            out.append(_write_atomic(folder / f"{name}.png", lambda f: fig.savefig(f, format="png", dpi=100)))
+        finally:
+            plt.close(fig)
+    return out
+
+
+def log_report_tables(gathered: list[dict], run_dir: Path, folder: str, tracker: Tracker | None) -> None:
+    """A method's report tables from every rank (``gathered[r]``: name -> column -> values), joined, written under
+    ``run_dir/folder`` as CSV (+ histogram) and logged to MLflow there."""
+    for name, cols in gathered[0].items():
+        table = {c: [v for g in gathered for v in g[name][c]] for c in cols}
+        for path in table_artifacts(name, table, run_dir / folder):
+            if tracker:
+                tracker.log_artifact(path, folder)
