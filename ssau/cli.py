@@ -87,6 +87,14 @@ def _cv(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from ssau.compare import compare
+
+    compare(args.config, args.methods, args.seeds, args.label_drop, args.folds, args.baseline, args.warm_start,
+            args.warm_steps, args.dry_run, args.name, args.overrides)
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from ssau.run import evaluate
 
@@ -186,6 +194,22 @@ def build_parser() -> argparse.ArgumentParser:
         tr.add_argument("--config", help="YAML config (launch/recipes/...)")
         tr.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-4 data.fold=2")
         tr.set_defaults(run=fn)
+
+    co = sub.add_parser("compare", help="methods x seeds x label drops x folds as child runs of one parent run; "
+                                        "finished cells are skipped; a paired report against a baseline")
+    co.add_argument("--config", help="YAML config; its method section serves the method it names")
+    co.add_argument("--methods", required=True, help="e.g. supervised,adversarial (or <method>-<variant>)")
+    co.add_argument("--seeds", required=True, help="initialisation seeds: 0-4 or 0,2,5")
+    co.add_argument("--label-drop", required=True, help="fractions of labelled images hidden: 0.5 or 0.5,0.3")
+    co.add_argument("--folds", help="held-out folds, e.g. 1,2,3 (default: the config's data.fold)")
+    co.add_argument("--baseline", help="the method paired differences are taken to (default: supervised)")
+    co.add_argument("--warm-start", action="store_true",
+                    help="per seed, drop and fold, one supervised run first; every method starts from its weights")
+    co.add_argument("--warm-steps", type=int, help="steps of the warm-start run (default: train.steps)")
+    co.add_argument("--dry-run", action="store_true", help="print the plan and its estimated time; run nothing")
+    co.add_argument("--name", help="the parent run (default: compare-<config>-<hash of the grid>)")
+    co.add_argument("overrides", nargs="*", help="key=value for every cell; <method>.<key>=value for one method")
+    co.set_defaults(run=_compare)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint; prints a per-AU table")
     ev.add_argument("--checkpoint", required=True, help="model.pt or checkpoints/step-N.pt of a run")

@@ -29,8 +29,9 @@ Choices where the paper is ambiguous (configurable where it matters):
   same as multiplying alpha by B): ``normalise: mean``. Either way the sums run over the global batch.
 - The meta net reads f(x) detached: the weights are a function of psi, and theta's gradient does not flow through
   them (otherwise the base net could lower its loss by moving features to shrink its own weights).
-- Eq. 6 is plain SGD with step ``alpha`` whatever optimiser the outer updates use (the paper gives alpha = beta =
-  1e-3 and no optimiser; ssau's default outer optimiser is Adam at optim.lr = 1e-3).
+- Eq. 6 (inner) and Eq. 7 (psi) are plain gradient descent, steps ``alpha`` and beta, as written (the paper gives
+  alpha = beta = 1e-3); base-learning (Eq. 11) uses the ``optim`` section's optimiser (Adam at optim.lr = 1e-3 by
+  default), since the paper names none for it. Before issue 12, psi also stepped by Adam.
 - The meta-test batch (``data.val_batch`` per rank, 256 in the paper) passes the base net in training mode
   (BatchNorm batch statistics), like the meta-train batch; running statistics are only updated by base-learning.
 - Validation loss: Eq. 1 per sample (summed over known AUs), averaged over the validation batch, each term weighted
