@@ -102,6 +102,7 @@ class TrackingConfig:
     experiment: str = "ssau"
     run_name: str = ""
     parent_run_id: str = ""  # set by `ssau cv` for fold runs
+    tags: dict = field(default_factory=dict)  # extra tags of a fresh run (`ssau compare` names its cell here)
     flush_timeout: float = 60.0  # seconds the end of a run waits for an unreachable server before leaving the journal
 
 

@@ -390,7 +390,8 @@ class Trainer:
                             "corpus": ",".join(read_dataset(d)["corpus"] for d in self.cfg.data.labelled),
                             "label_drop": self.cfg.data.label_drop, "world_size": self.rt.world,
                             "git_commit": git_commit(),
-                            "deepspeed": Path(self.cfg.train.deepspeed).name if self.cfg.train.deepspeed else "off"}
+                            "deepspeed": Path(self.cfg.train.deepspeed).name if self.cfg.train.deepspeed else "off",
+                            **tr.tags}
                     self.run_id = self.tracker.start(tr.run_name or self.run_dir.name, tags, tr.parent_run_id)
                 else:
                     self.tracker.resume(self.run_id)
