@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from corpora import shard_bp4d
+from nets import PixelNet
 from ranks import run_ranks
 from ssau.config import ConfigError, ModelConfig, load_config
 from ssau.data.stream import Batch
@@ -79,15 +80,6 @@ def test_draws_are_a_function_of_seed_rank_step_and_update():
 
 
 # ---------------------------------------------------------------------------------------------------- 2 x B = 1 x 2B
-class PixelNet(nn.Module):
-    """A BatchNorm-free backbone in float64: what every rank computes is a function of its samples alone."""
-
-    def __init__(self, dim: int = 5):
-        super().__init__()
-        self.fc = nn.Linear(3 * S * S, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.fc(x.double().flatten(1)))
 
 
 def small_method(name: str, bn: bool = False):
@@ -96,7 +88,7 @@ def small_method(name: str, bn: bool = False):
     torch.manual_seed(0)
     m = build_method({"name": name}, AUS, ModelConfig(backbone="tiny"))
     if not bn:
-        m.backbone = PixelNet()
+        m.backbone = PixelNet(S)
         m.head = nn.Linear(5, J)
         if hasattr(m, "expr_head"):
             m.expr_head = nn.Linear(5, 7)

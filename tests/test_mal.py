@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from corpora import shard_bp4d, shard_rafdb
+from nets import PixelNet
 from ranks import run_ranks
 from ssau.config import ModelConfig, load_config
 from ssau.data.sources import SourceConfig, StreamConfig, resolve_aus
@@ -26,21 +27,10 @@ AUS = (1, 2, 4, 6)
 J, S = len(AUS), 8  # 8x8 images: the tiny base net below is a linear layer over pixels
 
 
-class PixelNet(nn.Module):
-    """A BatchNorm-free backbone in float64: what every rank computes is a function of its samples alone."""
-
-    def __init__(self, dim: int = 5):
-        super().__init__()
-        self.fc = nn.Linear(3 * S * S, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.fc(x.double().flatten(1)))
-
-
 def tiny_mal(seed: int = 0, zero_meta: bool = False, **params) -> MAL:
     torch.manual_seed(seed)
     m = MAL(MALParams(**params), AUS, ModelConfig(backbone="tiny"))
-    m.backbone, dim = PixelNet(), 5
+    m.backbone, dim = PixelNet(S), 5
     m.head, m.expr_head, m.meta = nn.Linear(dim, J), nn.Linear(dim, 7), nn.Linear(dim, 1)
     if zero_meta:
         nn.init.zeros_(m.meta.weight)
@@ -275,7 +265,7 @@ def test_mtl_loss_is_au_plus_rho_times_expression_loss():
     from ssau.methods.mtl import MTLParams, MultiTask
 
     m = MultiTask(MTLParams(rho=0.25), AUS, ModelConfig(backbone="tiny"))
-    m.backbone, m.head, m.expr_head = PixelNet(), nn.Linear(5, J), nn.Linear(5, 7)
+    m.backbone, m.head, m.expr_head = PixelNet(S), nn.Linear(5, J), nn.Linear(5, 7)
     m.double()
     batch = make_batch()
     f, au, fe = m(torch.cat([batch.images, batch.expr_images]))
