@@ -73,7 +73,7 @@ class TrainingSet:
             hid = torch.tensor([hidden_aus(k, aus, cfg.label_drop, cfg.split_seed) for k in keys],
                                dtype=torch.bool).reshape(-1, len(aus))
         else:
-            hid = torch.tensor([[k in hidden_img] * len(aus) for k in keys], dtype=torch.bool).reshape(-1, len(aus))
+            hid = torch.tensor([k in hidden_img for k in keys], dtype=torch.bool).view(-1, 1).expand(-1, len(aus))
         visible = known * (~hid).float()
         ts = cls(aus, dirs, keys, subjects, folds, v.clamp_min(0), known, visible, hidden_img,
                  ValidationSplit([], torch.zeros(0, len(aus)), torch.zeros(0, len(aus)), 0),
