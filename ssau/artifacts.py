@@ -4,6 +4,7 @@ method reports (MAL's sample weights). Each is written under a temporary name in
 from __future__ import annotations
 
 import io
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -33,8 +34,9 @@ def _write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> Path:
 
 
 def eval_artifacts(m: dict, aus_names: list[str], folder: Path) -> list[Path]:
-    """per_au.csv (with both marginals), f1_bar.png, marginal.png (paper 000 Fig. 5) and conditional.png (Fig. 6:
-    true, predicted and gap matrices) for one evaluation, each written atomically; returns the paths written."""
+    """per_au.csv (with both marginals) and per_au.json (the same, as an MLflow table), f1_bar.png, marginal.png
+    (paper 000 Fig. 5) and conditional.png (Fig. 6: true, predicted and gap matrices) for one evaluation, each
+    written atomically; returns the paths written. Values are fractions (0-1), as in MLflow."""
     from ssau.metrics import figures
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -44,6 +46,12 @@ def eval_artifacts(m: dict, aus_names: list[str], folder: Path) -> list[Path]:
     rows = [",".join(("au",) + PER_AU_COLUMNS)]
     rows += [",".join([k] + [fmt(v[c]) for c in PER_AU_COLUMNS]) for k, v in m["per_au"].items()]
     out = [_write_atomic(folder / "per_au.csv", lambda f: f.write(("\n".join(rows) + "\n").encode()))]
+    # The same table as MLflow's log_table writes it (pandas orient="split"): the UI's table view and
+    # MlflowClient.load_table read per_au.json of several runs together.
+    table = {"columns": ["au", *PER_AU_COLUMNS],
+             "data": [[k] + [None if isinstance(v[c], float) and not np.isfinite(v[c]) else v[c] for c in PER_AU_COLUMNS]
+                      for k, v in m["per_au"].items()]}
+    out.append(_write_atomic(folder / "per_au.json", lambda f: f.write(json.dumps(table).encode())))
     figs = figures(m, aus_names)
     import matplotlib.pyplot as plt  # after figures() chose the Agg backend
 

@@ -112,6 +112,14 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ui(args: argparse.Namespace) -> int:
+    from ssau.run import ui
+
+    if not 1 <= args.port <= 65535:
+        raise UserError(f"--port {args.port}: not a TCP port")
+    return ui(args.uri, args.host, args.port)
+
+
 def _upload(args: argparse.Namespace) -> int:
     from ssau.journal import JournalError, upload
 
@@ -234,6 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--frames", type=int, default=40, help="frames per sequence (4 sequences per subject)")
     de.add_argument("--workers", type=int, default=2)
     de.set_defaults(run=_demo)
+
+    ui = sub.add_parser("ui", help="open MLflow's UI on ssau's tracking store (http://127.0.0.1:5000)")
+    ui.add_argument("--uri", default="sqlite:///mlflow.db", help="the store (tracking.uri of the runs)")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(run=_ui)
 
     up = sub.add_parser("upload", help="send a run directory's tracking journal to MLflow: what its run misses, or "
                                        "everything to a new run on another server (running it twice sends nothing)")

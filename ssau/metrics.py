@@ -103,7 +103,7 @@ def au_metrics(probs: np.ndarray, targets: np.ndarray, mask: np.ndarray, aus: tu
 
 def format_table(m: dict) -> str:
     """The per-AU table printed by `ssau eval`, `ssau demo` and `ssau cv`."""
-    lines = [f"{'AU':<6}{'F1':>7}{'AUC':>7}{'Acc':>7}{'n':>8}{'pos':>7}"]
+    lines = [f"{'AU':<6}{'F1 %':>7}{'AUC %':>7}{'Acc %':>7}{'n':>8}{'pos':>7}"]
     for name, v in m["per_au"].items():
         lines.append(f"{name:<6}{100 * v['f1']:7.1f}{100 * v['auc']:7.1f}{100 * v['acc']:7.1f}{v['n']:8d}"
                      f"{v['positives']:7d}")

@@ -19,6 +19,34 @@ from ssau.evaluate import evaluate_method
 from ssau.trainer import Trainer
 
 
+def ssau_command() -> str:
+    """How this process was started, as a command that works when typed (README command 1 never activates the
+    venv, so a bare `ssau` or `mlflow` is not on PATH)."""
+    import shlex
+    import sys
+
+    argv0 = Path(sys.argv[0])
+    if argv0.name == "ssau" and argv0.is_file():
+        return shlex.quote(str(argv0))
+    return f"{shlex.quote(sys.executable)} -m ssau"
+
+
+def ui(uri: str, host: str, port: int) -> int:
+    """`ssau ui`: MLflow's UI on the store ssau writes, from this environment's mlflow (no activated venv needed)."""
+    import subprocess
+    import sys
+
+    from ssau.tracking import check_uri
+
+    check_uri(uri, reach=False)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise ConfigError(f"--uri {uri}: no store there yet (`ssau demo` or `ssau train` writes sqlite:///mlflow.db "
+                          f"in the directory they run in)")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    print(f"MLflow UI on http://{host}:{port} for {uri} (Ctrl-C stops it)", flush=True)
+    return subprocess.call(cmd)
+
+
 def train(config: str | None, overrides: list[str]) -> dict:
     cfg = load_config(config, overrides)
     trainer = Trainer(cfg)
@@ -162,5 +190,5 @@ def demo(out: str, steps: int, backbone: str, size: int, subjects: int, frames: 
               f"evaluated on fold 1 (per-AU, %):")
         print(format_table(metrics))
         print(f"\nMLflow run {trainer.run_id} in experiment 'ssau-demo'. Open it with:\n"
-              f"  mlflow ui --backend-store-uri {uri}")
+              f"  {ssau_command()} ui --uri {uri}      (then http://127.0.0.1:5000 in a browser)")
     return metrics

@@ -7,6 +7,7 @@ no-gradient state, the LR schedules, logging, evaluation and checkpoints, in tha
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections import defaultdict
@@ -23,7 +24,7 @@ from ssau.checkpoints import (CheckpointError, atomic_save, check_training_state
                               write_pointer)
 from ssau.config import Config, ConfigError, check_shards, flatten, to_dict
 from ssau.errors import RunStopped, SourceError
-from ssau.data.sources import SourceConfig, StreamConfig, held_out_notes, read_dataset, resolve_aus, stream_config
+from ssau.data.sources import SourceConfig, StreamConfig, held_out_notes, resolve_aus, stream_config
 from ssau.data.stream import TrainStream
 from ssau.data.trainset import TrainingSet
 from ssau.methods import Method, SetupInfo, Update, build_method, check_groups
@@ -379,20 +380,15 @@ class Trainer:
         error, fresh = None, not self.run_id
         if self.rt.main and tr.enabled:
             from ssau.journal import JOURNAL, journal_run_id
-            from ssau.tracking import Tracker, git_commit
+            from ssau.tracking import Tracker, run_name, run_tags
 
             if fresh and self.cfg.train.resume == "auto" and (earlier := journal_run_id(self.run_dir / JOURNAL)):
                 self.run_id, fresh = earlier, False  # restarted before its first checkpoint: the same MLflow run
             try:
                 self.tracker = Tracker(tr, self.run_dir / JOURNAL)
                 if fresh:
-                    tags = {"method": self.cfg.method["name"], "fold": self.cfg.data.fold,
-                            "corpus": ",".join(read_dataset(d)["corpus"] for d in self.cfg.data.labelled),
-                            "label_drop": self.cfg.data.label_drop, "world_size": self.rt.world,
-                            "git_commit": git_commit(),
-                            "deepspeed": Path(self.cfg.train.deepspeed).name if self.cfg.train.deepspeed else "off",
-                            **tr.tags}
-                    self.run_id = self.tracker.start(tr.run_name or self.run_dir.name, tags, tr.parent_run_id)
+                    tags = run_tags(self.cfg, self.rt.world, self.run_dir)
+                    self.run_id = self.tracker.start(tr.run_name or run_name(self.cfg), tags, tr.parent_run_id)
                 else:
                     self.tracker.resume(self.run_id)
             except Exception as e:  # noqa: BLE001 - rank 0 must not fail alone while the others wait
@@ -404,7 +400,9 @@ class Trainer:
         if error:
             raise ConfigError(error)
         if self.tracker and fresh:  # a resumed run logged its params and config when it started
-            self.tracker.log_params(flatten(to_dict(self.cfg)))
+            from ssau.tracking import experiment_params
+
+            self.tracker.log_params(experiment_params(flatten(to_dict(self.cfg)), type(self.method).uses))
             self.tracker.log_metrics({"data/label_drop_fraction": self.drop["fraction"],
                                       "data/hidden_images": self.drop["hidden_images"]}, 0)
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -419,9 +417,10 @@ class Trainer:
             return
         from ssau.artifacts import eval_artifacts
 
-        if metrics:
+        if metrics:  # at the artifact root, where MLflow's compare view lists them side by side
             for p in eval_artifacts(metrics, [au_name(a) for a in self.aus], self.run_dir / "eval"):
-                self.tracker.log_artifact(p, "eval")
+                self.tracker.log_artifact(p)
+            self.tracker.log_tags({"mlflow.loggedArtifacts": json.dumps([{"path": "per_au.json", "type": "table"}])})
         self.tracker.log_artifact(model, "model")
         self.tracker.log_metrics({"train/refused_updates": self.skipped_updates}, self.step)
         self.tracker.end()

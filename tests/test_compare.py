@@ -162,8 +162,9 @@ def test_warm_start_and_dry_run(setup, capsys, monkeypatch):
     assert set(kids) == {"warm-s3-d0.25-f1", "adversarial-s3-d0.25-f1"}
     warm, cell = kids["warm-s3-d0.25-f1"].data.params, kids["adversarial-s3-d0.25-f1"].data.params
     assert warm["method.name"] == "supervised" and warm["train.steps"] == "1" and cell["train.steps"] == "2"
-    model = Path(warm["train.out"]) / warm["train.name"] / "model.pt"
-    assert cell["train.init_from"] == str(model) and model.is_file() and cell["method.alpha"] == "0.5"
+    model = Path(kids["warm-s3-d0.25-f1"].data.tags["run_dir"]) / "model.pt"
+    assert kids["adversarial-s3-d0.25-f1"].data.tags["warm_start"] == str(model) and model.is_file()
+    assert cell["train.warm_start"] == "True" and cell["method.alpha"] == "0.5"
     assert loaded == [model]  # the adversarial cell started from the warm cell's weights
     assert main(args + ["--dry-run"]) == 0
     assert "2 cells, 2 finished, 0 to run" in capsys.readouterr().out

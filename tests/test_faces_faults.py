@@ -97,7 +97,7 @@ def test_implausible_landmarks_are_counted_not_stored(tmp_path):
     assert main(["shard", "folder", "--images", str(root), "--out", str(out), "--quiet"]) == 0
     doc = json.loads((out / "dataset.json").read_text())
     assert doc["faces"]["landmarks"]["implausible"] == 1 and doc["faces"]["landmarks"]["stored"] == 0
-    assert "landmarks" not in samples_of(out)["far"]["json"]
+    assert samples_of(out)["far"]["json"]["landmarks"] == []  # schema version 2: empty, not a missing key
 
 
 def test_landmarks_of_a_resized_frame_follow_libjpeg_scaled_decoding(tmp_path):

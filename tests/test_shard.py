@@ -68,7 +68,7 @@ def test_bp4d_labels_unknowns_folds_and_passthrough(tmp_path, capsys):
         assert meta["fold"] == part[s] and meta["subject"] == s and meta["sequence"] == t and meta["frame"] == f
         for j, au in enumerate(meta["aus"]):
             assert meta["mask"][j] == (0 if row[au] == 9 else 1)  # 9 = not coded, masked ...
-            assert meta["occurrence"][j] == (1 if row[au] == 1 else 0)  # ... and never read as positive
+            assert meta["occurrence"][j] == {1: 1, 0: 0, 9: -1}[row[au]]  # ... and stored as unknown, never positive
         # Valid RGB JPEGs are passed through byte for byte.
         assert got[f"{s}_{t}_{f:06d}"]["jpg"] == (root / s / t / f"{f:04d}.jpg").read_bytes()
 
@@ -301,7 +301,7 @@ def test_emotionet_csv_rafdb_folder(tmp_path):
     assert shard("folder", "--images", str(img), "--out", str(out), "--folds", "3") == 0
     got = samples_of(out)
     assert got["face-1"]["json"]["bbox"] == [1.0, 2.0, 20.0, 22.0]
-    assert "landmarks" not in got["face-1"]["json"]
+    assert got["face-1"]["json"]["landmarks"] == []  # schema version 2: an empty list, not a missing key
     assert got["face-3"]["json"]["landmarks"] == [[lm68[str(i)]["x"], lm68[str(i)]["y"]] for i in range(68)]
     doc = json.loads((out / "dataset.json").read_text())
     assert doc["skipped_by_reason"] == {"bad-sidecar-ignored": 2} and doc["samples"] == 4

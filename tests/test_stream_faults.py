@@ -304,13 +304,16 @@ def test_a_worker_stuck_in_a_system_call_stops_the_run(tmp_path):
 # ---------------------------------------------------------------------------------------------------- evaluation
 @pytest.fixture(scope="module")
 def damaged(tmp_path_factory) -> Path:
-    """BP4D look-alike shards (fold 1: 24 samples in 6 shards) whose last fold-1 shard is cut in half: its first
-    two samples stay readable."""
+    """BP4D look-alike shards (fold 1: 24 samples in 6 shards) whose last fold-1 shard is cut short inside its
+    third sample's last member: its first two samples stay readable."""
+    import pyarrow.parquet as pq
+
     d = shard_bp4d(tmp_path_factory.mktemp("evalfaults"), frames=6, shard_size=4)
     doc = json.loads((d / "dataset.json").read_text())
     last = [s["name"] for s in doc["shards"] if s["fold"] == 1][-1]
     tar = d / last
-    tar.write_bytes(tar.read_bytes()[:tar.stat().st_size // 2])
+    third = next(r for r in pq.read_table(d / "index.parquet").to_pylist() if r["shard"] == last and r["position"] == 2)
+    tar.write_bytes(tar.read_bytes()[:third["tar_offset"] + third["tar_size"] - 512])
     return d
 
 

@@ -38,6 +38,7 @@ from PIL import Image
 
 from ssau.aus import EXPRESSIONS
 from ssau.data.images import MAX_PIXELS
+from ssau.data.records import SCHEMA_VERSION
 from ssau.data.template import DEFAULT_MARGIN, N_LANDMARKS, flip_landmarks, mean_landmarks
 
 RESIZE_RATIO = 1.143  # 224 of 256, the usual crop ratio
@@ -52,10 +53,17 @@ class DecodeError(Exception):
 
 def check_meta(meta: object, key: object = None) -> dict:
     """``meta`` if it has the shape training reads, else DecodeError: an object; ``aus`` (int AU numbers),
-    ``occurrence`` and ``mask`` (0/1 values) lists of one length, or no ``aus``; ``expression`` an int from -1
-    (none) to the last class of EXPRESSIONS, or absent."""
+    ``occurrence`` and ``mask`` lists of one length, or no ``aus``; ``expression`` an int from -1 (none) to the last
+    class of EXPRESSIONS, or absent; ``schema_version`` absent (1) or one this reader knows.
+
+    Both schema versions (``ssau.data.shardwrite``) read alike: ``mask`` says which AUs are coded, and an unknown
+    occurrence is 0 (version 1) or -1 (version 2) under mask 0, never read; a coded one must be 0 or 1."""
     if not isinstance(meta, dict):
         raise DecodeError(f"{key}: metadata is a json {type(meta).__name__}, not an object")
+    version = meta.get("schema_version", 1)
+    if type(version) is not int or not 1 <= version <= SCHEMA_VERSION:
+        raise DecodeError(f"{key}: schema_version {str(version)[:20]!r} is not one this ssau reads (1 to "
+                          f"{SCHEMA_VERSION}; a newer ssau wrote it)")
     aus = meta.get("aus")
     if aus is not None:
         occ, mask = meta.get("occurrence"), meta.get("mask")
@@ -64,8 +72,10 @@ def check_meta(meta: object, key: object = None) -> dict:
             raise DecodeError(f"{key}: 'aus', 'occurrence' and 'mask' are not lists of one length")
         if not all(type(a) is int for a in aus):
             raise DecodeError(f"{key}: 'aus' holds something other than AU numbers")
-        if not all(type(v) in (int, float, bool) and v in (0, 1) for v in occ + mask):
-            raise DecodeError(f"{key}: 'occurrence' or 'mask' holds a value other than 0 or 1")
+        if not all(type(v) in (int, float, bool) and v in (0, 1) for v in mask):
+            raise DecodeError(f"{key}: 'mask' holds a value other than 0 or 1")
+        if not all(type(v) in (int, float, bool) and v in ((0, 1) if m else (-1, 0, 1)) for v, m in zip(occ, mask)):
+            raise DecodeError(f"{key}: 'occurrence' holds a value other than 0 or 1 (or -1 where 'mask' is 0)")
     e = meta.get("expression", -1)
     if type(e) is not int or not -1 <= e < len(EXPRESSIONS):
         raise DecodeError(f"{key}: expression {str(e)[:20]!r} is not an int from -1 to {len(EXPRESSIONS) - 1}")
@@ -127,8 +137,9 @@ def _landmarks(meta: dict, stored: tuple[int, int], key: object) -> tuple[np.nda
     # that says how it was aligned ("aligned", written since) holds landmarks in its own pixels.
     raw = meta.get("landmarks") if "aligned" in meta else None
     w, h = stored
-    if raw is None:
+    if raw is None or raw == []:  # version 2 stores [] where version 1 left the key out
         margin = meta.get("align_margin", DEFAULT_MARGIN)
+        margin = DEFAULT_MARGIN if margin == -1 and type(margin) in (int, float) else margin  # -1: not aligned
         if type(margin) not in (int, float) or not 0 <= margin < 0.5:
             raise DecodeError(f"{key}: align_margin {str(margin)[:20]!r} is not a fraction in [0, 0.5)")
         return mean_landmarks(w, h, margin), False

@@ -18,6 +18,7 @@ from pathlib import Path
 from ssau.data.video import split_source
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+SCHEMA_VERSION = 2  # of the per-sample json a shard stores (table: ssau.data.shardwrite); absent = 1
 
 
 class LabelError(Exception):
@@ -38,7 +39,6 @@ class Record:
     intensity: list[float] | None = None
     expression: int = -1
     split: str = ""
-    meta: dict = field(default_factory=dict)  # extra fields stored as they are in the sample's json
     origin: str = ""  # the label line that listed it ("file:line"), for skip reports; not stored in shards
     # Face geometry in the SOURCE image's pixels (the shard stores it in the stored image's): 68 iBUG points
     # (a CSV, a sidecar) or 5 (eye centres, nose tip, mouth corners: a sidecar), and a face box (x, y, w, h).
@@ -58,6 +58,7 @@ class Scan:
     warnings: list[str] = field(default_factory=list)  # printed and kept in dataset.json; the run goes on
     searched: str = ""  # where the images were looked for, named when none is found
     landmark_counts: dict = field(default_factory=dict)  # what --landmarks matched (ssau.data.landmarks)
+    root: str = ""  # the absolute --images: samples store their source relative to it (set by run_shard)
 
 
 @dataclass(frozen=True)
@@ -141,5 +142,5 @@ def screen(scan: Scan, images: Path) -> None:
 
 def _labels(r: Record) -> tuple:
     # Everything a sample says about the image; key, source and origin only say where the listing came from.
-    return (r.subject, r.sequence, r.frame, r.occurrence, r.mask, r.intensity, r.expression, r.split, r.meta,
-            r.points, r.bbox)
+    return (r.subject, r.sequence, r.frame, r.occurrence, r.mask, r.intensity, r.expression, r.split, r.points,
+            r.bbox)

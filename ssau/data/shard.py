@@ -32,11 +32,13 @@ from ssau.data.adapters import ADAPTERS, AdapterArgs, Record, Scan, screen
 from ssau.data.images import MIN_SIDE
 from ssau.data.landmarks import LandmarkSource, attach_landmarks
 from ssau.data.pool import WorkerDied, run_tasks
-from ssau.data.shardwrite import (STATE_DIR, ShardError, ShardSettings, atomic_write, init_worker, json_bytes,
-                                  plan_doc, schema, sha256, write_shard)
+from ssau.data.shardwrite import (SCHEMA_VERSION, STATE_DIR, ShardError, ShardSettings, atomic_write, init_worker,
+                                  json_bytes, plan_doc, schema, sha256, write_shard)
 from ssau.data.template import MEAN_68
 
-FORMAT_VERSION = 1
+# 2 since issue 13: index column ``offset`` renamed ``position``, ``tar_offset`` and ``tar_size`` added, dataset.json
+# gained ``schema_version`` (of the per-sample json) and ``images_root``.
+FORMAT_VERSION = 2
 __all__ = ["ShardError", "ShardSettings", "run_shard", "plan_shards", "STATE_DIR"]
 
 
@@ -260,6 +262,7 @@ def run_shard(s: ShardSettings, out: Path, workers: int = 1, overwrite: bool = F
                                           aus=s.aus, unknown=s.unknown, frame_template=s.frame_template,
                                           active_threshold=s.active_threshold))
     screen(scan, Path(s.images))
+    scan.root = os.path.abspath(s.images)  # samples store their source relative to it (shardwrite module doc)
     _dedupe_keys(scan.records)
     landmark_counts = _landmarks_in(scan, s)
     for w in scan.warnings:
@@ -283,7 +286,7 @@ def _write_all(scan: Scan, s: ShardSettings, tasks: list[dict], plan_skipped: li
                progress: bool, t0: float) -> dict:
     done = {t["name"]: st for t in tasks if (st := _verified(out, t)) is not None}
     todo = [t for t in tasks if t["name"] not in done]
-    meta = Scan(scan.corpus, scan.aus, [], [], scan.labelled)  # workers need no record list of their own
+    meta = Scan(scan.corpus, scan.aus, [], [], scan.labelled, root=scan.root)  # workers need no record list
     bar = tqdm(total=sum(len(t["records"]) for t in tasks), unit="img", desc=f"shard {scan.corpus}",
                disable=not progress, initial=sum(len(t["records"]) for t in tasks if t["name"] in done),
                file=sys.stderr, dynamic_ncols=True)
@@ -321,8 +324,11 @@ def _write_all(scan: Scan, s: ShardSettings, tasks: list[dict], plan_skipped: li
 
 
 def _part(path: Path, sch: pa.Schema) -> pa.Table:
-    """A shard's index part in today's schema (parts written before a column existed get it as nulls)."""
+    """A shard's index part in today's schema (parts written before a column existed get it as nulls; the sample's
+    position in its shard was called ``offset`` before issue 13)."""
     t = pq.read_table(path)
+    if "offset" in t.column_names and "position" not in t.column_names:
+        t = t.rename_columns(["position" if c == "offset" else c for c in t.column_names])
     cols = [t.column(f.name).cast(f.type) if f.name in t.column_names else pa.nulls(len(t), f.type) for f in sch]
     return pa.Table.from_arrays(cols, schema=sch)
 
@@ -345,7 +351,8 @@ def _dataset_doc(scan: Scan, s: ShardSettings, shards: list[dict], plan_skipped:
         converted.update(st["converted"])
     samples = sum(st["samples"] for st in shards)
     return {
-        "format_version": FORMAT_VERSION, "corpus": scan.corpus, "labelled": scan.labelled,
+        "format_version": FORMAT_VERSION, "schema_version": SCHEMA_VERSION, "corpus": scan.corpus,
+        "labelled": scan.labelled, "images_root": scan.root,
         "aus": [au_name(au) for au in scan.aus], "au_counts": counts, "expressions": dict(sorted(expressions.items())),
         "samples": samples,
         "shards": [{k: st[k] for k in ("name", "fold", "split", "samples", "sha256", "bytes")} for st in shards],

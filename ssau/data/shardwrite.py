@@ -4,6 +4,49 @@ A worker gets a task (a shard name and its records, in plan order) and writes ``
 name, its index part and its stats file, each renamed into place; the stats file comes last and marks the shard
 done. Every sample's pixels, landmarks, alignment and flow come from ``ssau.data.faces``; whatever one input holds
 costs that input (a skip entry with its reason), never the shard.
+
+Per-sample json, schema version 2 (``SCHEMA_VERSION``; a sample without ``schema_version`` is version 1). Every
+sample of every format has exactly these keys with these types, so a mixed list of shards reads as one table;
+"absent" is a value of the key's own type, never a missing key or a null:
+
+    key              type          absent   meaning
+    schema_version   int           -        2
+    corpus           str           -        bp4d | disfa | emotionet | csv | rafdb | folder
+    key              str           -        the sample's key (tar member names are ``<key>.<ext>``)
+    source           str           -        the input, relative to dataset.json ``images_root``, POSIX separators;
+                                            a video frame is ``<video>#<0-based frame index>``
+    subject          str           ""
+    sequence         str           ""       task / video / sequence id
+    frame            int           -1       the corpus's frame number
+    split            str           ""       the corpus's split (RAF-DB train / test)
+    fold             int           0        0 = no --folds
+    aus              list[int]     []       the corpus's AU ids (1 = AU01), the order of the lists below
+    au_names         list[str]     []       the same AUs named as in the index and MLflow: "AU01", ...
+    occurrence       list[int]     []       per AU: 1 present, 0 absent, -1 unknown (not coded)
+    mask             list[int]     []       per AU: 1 coded, 0 unknown (= occurrence != -1)
+    intensity        list[float]   []       per AU: 0-5, -1.0 unknown (every AU of a corpus without intensities)
+    expression       int           -1       index into ssau.aus.EXPRESSIONS
+    expression_name  str           ""       its name
+    width, height    int           -        the stored image's size
+    aligned          str           -        how the face was placed: landmarks | bbox | detector | none
+    align_margin     float         -1.0     --align's margin; -1.0 when the shard was not aligned
+    landmarks        list[[x, y]]  []       68 iBUG points (float) in the stored image's pixels
+    bbox             list[float]   []       the sidecar's face box x, y, w, h in stored pixels (not aligned)
+    flow_partner     str           ""       the key of frame t+K whose flow ``flow.npy`` holds
+
+Typed readers that infer column types from a few samples read an empty list as null and then fail on a later
+non-empty one (Hugging Face ``datasets`` infers from the first 5 samples of the first tar): ``sample_arrow_type()``
+is this table as an Arrow struct to hand them instead.
+
+Version 1 (before issue 13) left out ``aus``/``occurrence``/``mask``/``intensity`` for corpora without AUs, stored
+``intensity: null`` for BP4D, ``expression_name: null``, omitted landmarks, bbox, align_margin, flow_partner and
+au_names when absent, wrote 0 (with mask 0) for unknown occurrences and an absolute ``source``. ssau's reader
+(``ssau.data.decode``) reads both alike.
+
+Index (``index.parquet``): one row per sample; ``position`` is the sample's 0-based position in its shard (called
+``offset`` before issue 13), ``tar_offset`` the byte offset in the shard of the sample's first tar member's header
+and ``tar_size`` the bytes its members take, headers and padding included: ``f.seek(tar_offset)`` then
+``f.read(tar_size)`` is a small tar of that sample alone.
 """
 
 from __future__ import annotations
@@ -14,17 +57,17 @@ import os
 import traceback
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 
 from ssau.aus import EXPRESSIONS, au_name
-from ssau.data.records import Record, Scan
+from ssau.data.records import SCHEMA_VERSION, Record, Scan
 from ssau.data.faces import FaceOptions, Placed, flow_bytes, place
 from ssau.data.images import JPEG_QUALITY, SkipImage, exception_detail
-from ssau.data.video import keep_frames, read_source
+from ssau.data.video import keep_frames, read_source, split_source
 
 STATE_DIR = ".ssau"
 
@@ -108,14 +151,43 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def relative_source(source: str, root: str) -> str:
+    """``source`` relative to ``root`` (the absolute --images), POSIX separators; a video frame keeps ``#<i>``."""
+    if not root:
+        return source
+    path, frame = split_source(source)
+    rel = os.path.relpath(os.path.abspath(path), root)
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+        # Reached through a link: screen() found it inside the resolved root, so it is relative to that.
+        rel = os.path.relpath(os.path.realpath(path), os.path.realpath(root))
+    rel = PurePath(rel).as_posix()
+    return f"{rel}#{frame}" if frame else rel
+
+
 def record_doc(r: Record, scan: Scan, fold: int) -> dict:
-    doc = {"corpus": scan.corpus, "key": r.key, "subject": r.subject, "sequence": r.sequence, "frame": r.frame,
-           "split": r.split, "fold": fold, "source": r.source,
-           "expression": r.expression, "expression_name": EXPRESSIONS[r.expression] if r.expression >= 0 else None}
-    if scan.aus:
-        doc.update(aus=list(scan.aus), occurrence=r.occurrence, mask=r.mask, intensity=r.intensity)
-    doc.update(r.meta)
-    return doc
+    """A sample's identity and labels, schema version 2 (module doc): the same keys and types for every corpus."""
+    n = len(scan.aus)
+    mask = list(r.mask) if r.mask is not None else [0] * n
+    occ = [int(o) if m else -1 for o, m in zip(r.occurrence, mask)] if r.occurrence is not None else [-1] * n
+    inten = ([float(v) if m else -1.0 for v, m in zip(r.intensity, mask)] if r.intensity is not None
+             else [-1.0] * n)
+    return {"schema_version": SCHEMA_VERSION, "corpus": scan.corpus, "key": r.key, "subject": r.subject,
+            "sequence": r.sequence, "frame": r.frame, "split": r.split, "fold": fold,
+            "source": relative_source(r.source, scan.root),
+            "aus": list(scan.aus), "au_names": [au_name(au) for au in scan.aus], "occurrence": occ, "mask": mask,
+            "intensity": inten, "expression": r.expression,
+            "expression_name": EXPRESSIONS[r.expression] if r.expression >= 0 else ""}
+
+
+def sample_arrow_type() -> pa.StructType:
+    """The per-sample json of schema version 2 (module doc) as an Arrow struct, fields in the json's (sorted) order."""
+    i64, f64, text = pa.int64(), pa.float64(), pa.string()
+    kinds = {"schema_version": i64, "corpus": text, "key": text, "source": text, "subject": text, "sequence": text,
+             "frame": i64, "split": text, "fold": i64, "aus": pa.list_(i64), "au_names": pa.list_(text),
+             "occurrence": pa.list_(i64), "mask": pa.list_(i64), "intensity": pa.list_(f64), "expression": i64,
+             "expression_name": text, "width": i64, "height": i64, "aligned": text, "align_margin": f64,
+             "landmarks": pa.list_(pa.list_(f64)), "bbox": pa.list_(f64), "flow_partner": text}
+    return pa.struct(sorted(kinds.items()))
 
 
 def plan_doc(r: Record, scan: Scan, fold: int) -> dict:
@@ -190,16 +262,14 @@ def _write_shard_to(task: dict, tmp: Path) -> dict:
                 skipped.append(skip)
                 continue
             prep = placed.prepared
-            doc = record_doc(r, scan, task["fold"]) | {"width": prep.width, "height": prep.height,
-                                                       "aligned": placed.aligned}
-            if placed.landmarks is not None:
-                doc["landmarks"] = placed.landmarks
-            if s.align is not None:
-                doc["align_margin"] = s.align_margin
-            elif r.bbox is not None:  # box edges are pixel borders: they scale with the image
+            doc = record_doc(r, scan, task["fold"]) | {
+                "width": prep.width, "height": prep.height, "aligned": placed.aligned,
+                "align_margin": float(s.align_margin) if s.align is not None else -1.0,
+                "landmarks": placed.landmarks or [], "bbox": [], "flow_partner": ""}
+            if s.align is None and r.bbox is not None:  # box edges are pixel borders: they scale with the image
                 sx, sy = placed.matrix[0, 0], placed.matrix[1, 1]
-                doc["bbox"] = [round(r.bbox[0] * sx, 2), round(r.bbox[1] * sy, 2), round(r.bbox[2] * sx, 2),
-                               round(r.bbox[3] * sy, 2)]
+                doc["bbox"] = [round(float(r.bbox[0] * sx), 2), round(float(r.bbox[1] * sy), 2),
+                               round(float(r.bbox[2] * sx), 2), round(float(r.bbox[3] * sy), 2)]
             sample = {"__key__": r.key, "jpg": prep.jpeg}
             if s.flow and r.partner:
                 flow = _flow(r, placed, s, faces)
@@ -208,17 +278,22 @@ def _write_shard_to(task: dict, tmp: Path) -> dict:
                     doc["flow_partner"] = r.partner_key
                     faces["flow"] += 1
             sample["json"] = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+            # tarfile's running archive offset: where this sample's first header goes (the stream-mode writer
+            # buffers, so f.tell() lags behind it).
+            start = sink.tarstream.offset
             sink.write(sample)
+            span = sink.tarstream.offset - start
             if prep.converted:
                 converted[prep.converted] += 1
             faces[f"aligned-{placed.aligned}"] += 1
             faces["with-landmarks" if placed.landmarks is not None else "no-landmarks"] += 1
             if placed.dropped:
                 faces["implausible-landmarks"] += 1
-            row = {"key": r.key, "shard": task["name"], "offset": len(rows), "fold": task["fold"],
+            row = {"key": r.key, "shard": task["name"], "position": len(rows), "tar_offset": start,
+                   "tar_size": span, "fold": task["fold"],
                    "split": r.split, "corpus": scan.corpus, "subject": r.subject, "sequence": r.sequence,
                    "frame": r.frame, "expression": r.expression, "width": prep.width, "height": prep.height,
-                   "source": r.source, "aligned": placed.aligned, "has_flow": "flow.npy" in sample,
+                   "source": doc["source"], "aligned": placed.aligned, "has_flow": "flow.npy" in sample,
                    "landmarks_x": [p[0] for p in placed.landmarks] if placed.landmarks else None,
                    "landmarks_y": [p[1] for p in placed.landmarks] if placed.landmarks else None}
             for j, au in enumerate(scan.aus):
@@ -239,7 +314,8 @@ def _write_shard_to(task: dict, tmp: Path) -> dict:
 
 
 def schema(scan: Scan) -> pa.Schema:
-    fields_ = [("key", pa.string()), ("shard", pa.string()), ("offset", pa.int32()), ("fold", pa.int16()),
+    fields_ = [("key", pa.string()), ("shard", pa.string()), ("position", pa.int32()), ("tar_offset", pa.int64()),
+               ("tar_size", pa.int64()), ("fold", pa.int16()),
                ("split", pa.string()), ("corpus", pa.string()), ("subject", pa.string()), ("sequence", pa.string()),
                ("frame", pa.int32()), ("expression", pa.int8()), ("width", pa.int32()), ("height", pa.int32()),
                ("source", pa.string()), ("aligned", pa.string()), ("has_flow", pa.bool_()),

@@ -120,6 +120,7 @@ def d_accuracy(d_real: torch.Tensor, d_fake: torch.Tensor) -> dict:
 class Adversarial(AUClassifier):
     name = "adversarial"
     Params = AdversarialParams
+    uses = ("unlabelled",)
 
     def __init__(self, params: AdversarialParams, aus: tuple[int, ...], model: ModelConfig):
         super().__init__(params, aus, model)

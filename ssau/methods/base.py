@@ -109,6 +109,7 @@ class Method(nn.Module, abc.ABC):
     name: ClassVar[str]
     Params: ClassVar[type]
     needs: ClassVar[tuple[str, ...]] = ()  # data the method cannot run without: "expression", "validation"
+    uses: ClassVar[tuple[str, ...]] = ()  # data it reads when given: "unlabelled", "expression", "validation"
 
     def __init__(self, params, aus: tuple[int, ...]):
         super().__init__()

@@ -77,7 +77,7 @@ class MALParams:
 class MAL(MultiTask):
     name = "mal"
     Params = MALParams
-    needs = ("expression", "validation")
+    needs = uses = ("expression", "validation")
 
     def __init__(self, params: MALParams, aus: tuple[int, ...], model: ModelConfig):
         super().__init__(params, aus, model)

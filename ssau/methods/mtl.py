@@ -32,7 +32,7 @@ class MTLParams:
 class MultiTask(AUClassifier):
     name = "mtl"
     Params = MTLParams
-    needs = ("expression",)
+    needs = uses = ("expression",)
 
     def __init__(self, params, aus: tuple[int, ...], model: ModelConfig):
         super().__init__(params, aus, model)
