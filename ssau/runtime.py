@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ssau.accelerate_env import accelerate_settings
 from ssau.config import ConfigError, TrainConfig
 
 
@@ -84,7 +85,14 @@ class Runtime:
 
 
 def init_runtime(cfg: TrainConfig) -> Runtime:
+    """Ranks, device and precision. accelerate launch's options are applied to ``cfg`` itself first
+    (``accelerate_settings``: train.precision, train.device, train.deepspeed), because callers read ``cfg`` after
+    this call (the trainer builds DeepSpeed engines from ``cfg.deepspeed``); a refused option is a ConfigError,
+    raised on every rank alike since every rank sees the same environment."""
     from accelerate import PartialState
+
+    resolved = accelerate_settings(cfg)
+    cfg.precision, cfg.device, cfg.deepspeed = resolved.precision, resolved.device, resolved.deepspeed
 
     cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device == "cuda"
     if cfg.device == "cuda" and not torch.cuda.is_available():
