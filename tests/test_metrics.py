@@ -4,6 +4,7 @@ artifacts that show them (ssau/metrics.py, ssau/tracking.py eval_metric_dict, ss
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -113,7 +114,7 @@ def test_eval_artifacts_write_the_figures_and_csv_atomically(tmp_path):
     folder.mkdir()
     (folder / ".marginal.png.tmp-99999").write_bytes(b"half")  # left by a process killed mid-write
     paths = eval_artifacts(m, NAMES, folder)
-    names = {"per_au.csv", "f1_bar.png", "marginal.png", "conditional.png"}
+    names = {"per_au.csv", "per_au.json", "f1_bar.png", "marginal.png", "conditional.png"}
     assert {p.name for p in paths} == names and all(p.parent == folder for p in paths)
     assert {p.name for p in folder.iterdir()} == names  # no temporary file, stale or new
     for p in paths:
@@ -125,6 +126,9 @@ def test_eval_artifacts_write_the_figures_and_csv_atomically(tmp_path):
     assert list(rows[0]) == ["au", "f1", "auc", "acc", "n", "positives", "p_pred", "p_true"]
     assert float(rows[0]["p_pred"]) == pytest.approx(1 / 2) and float(rows[0]["p_true"]) == pytest.approx(3 / 4)
     assert float(rows[2]["p_pred"]) == 0.0 and int(rows[2]["n"]) == 5
+    table = json.loads((folder / "per_au.json").read_text())  # MLflow's table format (pandas orient="split")
+    assert table["columns"] == list(rows[0]) and [r[0] for r in table["data"]] == NAMES
+    assert table["data"][0][-1] == pytest.approx(3 / 4)
 
 
 def test_a_failed_figure_write_keeps_the_previous_file(tmp_path, monkeypatch):
