@@ -73,7 +73,7 @@ def lookup(cfg: Config, name: str, fixed: str) -> dict:
         m = run.data.metrics
         if run.info.status == "FINISHED" and "val/f1_mean" in m:
             done[run.info.run_name] = {"metrics": {k: v for k, v in m.items() if k.startswith("val/")},
-                                       "params": dict(run.data.params)}
+                                       "params": dict(run.data.params), "tags": dict(run.data.tags)}
     steps = [m.step for m in client.get_metric_history(parent.info.run_id, "cmp/cells")]
     return {"parent_id": parent.info.run_id, "done": done, "step": max(steps, default=0)}
 
@@ -192,9 +192,10 @@ def _run(cfg: Config, grid: Grid, sections: dict, cells: list[Cell], plan: dict,
         for i, cell in enumerate(cells, 1):
             where, key = f"compare {name}: cell {i}/{len(cells)} {cell.id}", (cell.seed, cell.drop, cell.fold)
             if cell.id in done:
-                metrics, p = done[cell.id]["metrics"], done[cell.id]["params"]
-                if cell.warm:
-                    warm_models[key] = str(Path(p["train.out"]) / p["train.name"] / "model.pt")
+                metrics, p, tags = done[cell.id]["metrics"], done[cell.id]["params"], done[cell.id]["tags"]
+                if cell.warm:  # its run directory: a tag since params hold the experimental choices only
+                    run_dir = tags.get("run_dir") or str(Path(p["train.out"]) / p["train.name"])
+                    warm_models[key] = str(Path(run_dir) / "model.pt")
                 if rt.main:
                     say(f"{where}: skipped (finished, F1 {100 * metrics['val/f1_mean']:.1f})")
             else:

@@ -175,6 +175,13 @@ def test_warm_start_and_dry_run(setup, capsys, monkeypatch):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0]
     assert len(children(setup, parent.info.run_id)) == 2
+    # the grid grows by a seed: the finished warm cell is skipped (its run directory read back from its tags)
+    grown = args[:6] + ["3,4"] + args[7:]
+    assert main(grown) == 0
+    err = capsys.readouterr().err
+    assert err.count("skipped (finished") == 2 and err.count("running in") == 2
+    warm4 = children(setup, parent.info.run_id)["warm-s4-d0.25-f1"]
+    assert loaded[-1] == Path(warm4.data.tags["run_dir"]) / "model.pt"
 
 
 @pytest.mark.parametrize("flag,value,message", [
