@@ -64,6 +64,44 @@ def eval_artifacts(m: dict, aus_names: list[str], folder: Path) -> list[Path]:
     return out
 
 
+def cv_artifacts(folds: list[dict], folder: Path) -> list[Path]:
+    """For the parent run of ``ssau cv``: per_au.csv and per_au.json (one row per AU and fold: F1, AUC, accuracy, as
+    fractions) and per_au_f1.png, a grouped per-AU bar chart with one bar per fold and the mean over folds (+- std),
+    so the parent shows its children's per-AU results side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    aus = list(folds[0]["per_au"])
+    clean = lambda v: float(v) if np.isfinite(v) else None  # noqa: E731
+    data = [[au, k, *(clean(m["per_au"][au][c]) for c in ("f1", "auc", "acc"))]
+            for k, m in enumerate(folds, 1) for au in aus]
+    text = "au,fold,f1,auc,acc\n" + "".join(",".join("" if v is None else f"{v:.6f}" if isinstance(v, float) else str(v)
+                                                     for v in row) + "\n" for row in data)
+    out = [_write_atomic(folder / "per_au.csv", lambda f: f.write(text.encode())),
+           _write_atomic(folder / "per_au.json", lambda f: f.write(json.dumps(
+               {"columns": ["au", "fold", "f1", "auc", "acc"], "data": data}).encode()))]
+    f1 = np.array([[m["per_au"][au]["f1"] for au in aus] for m in folds]) * 100
+    width = 0.8 / (len(folds) + 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(aus) * (len(folds) + 1)), 3.6))
+    x = np.arange(len(aus))
+    for k in range(len(folds)):
+        ax.bar(x + k * width, f1[k], width, label=f"fold {k + 1}")
+    ax.bar(x + len(folds) * width, np.nanmean(f1, 0), width, yerr=np.nanstd(f1, 0), capsize=2, color="0.3",
+           label="mean +- std")
+    ax.set_xticks(x + 0.4 - width / 2, aus, rotation=60)
+    ax.set_ylabel("F1 (%)")
+    ax.legend(fontsize=7, ncol=len(folds) + 1)
+    fig.tight_layout()
+    try:
+        out.append(_write_atomic(folder / "per_au_f1.png", lambda f: fig.savefig(f, format="png", dpi=100)))
+    finally:
+        plt.close(fig)
+    return out
+
+
 def table_artifacts(name: str, table: dict[str, list], folder: Path) -> list[Path]:
     """<name>.csv of a method's report table and, when it has a ``weight`` column, <name>.png: its histogram, one
     layer per value of the ``group`` column (MAL: expression-sample weights per expression class)."""

@@ -121,7 +121,8 @@ def _ui(args: argparse.Namespace) -> int:
 
 
 def _upload(args: argparse.Namespace) -> int:
-    from ssau.journal import JournalError, upload
+    from ssau.journal import JournalError
+    from ssau.upload import upload
 
     try:
         print(upload(Path(args.run_dir), args.uri, args.experiment))

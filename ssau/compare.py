@@ -234,8 +234,8 @@ def _run(cfg: Config, grid: Grid, sections: dict, cells: list[Cell], plan: dict,
             # that ran none the same values at the last step (dropped as already logged)
             step = plan["step"] + 1 if ran or not plan["step"] else plan["step"]
             tracker.log_metrics({"cmp/cells": len(results), **values}, step)
-            for path in paths:
-                tracker.log_artifact(path, "compare")
+            for path in paths:  # at the root, where MLflow's compare view lists a run's artifacts
+                tracker.log_artifact(path)
             tracker.end()
         print(format_report(report))
         print(f"compare {name}: report in {folder}" + (f", parent MLflow run {tracker.run_id}" if tracker else ""))

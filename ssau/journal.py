@@ -1,4 +1,5 @@
-"""The run directory's tracking journal, and the replay behind ``ssau upload``.
+"""The run directory's tracking journal and the sending of its records (the replay of ``ssau upload`` is in
+ssau/upload.py).
 
 ``<run_dir>/tracking.jsonl`` holds everything a run logs to MLflow, one JSON object a line, appended (one write,
 then flushed to the OS) before the record is queued for the server, so a crash, an outage or ``kill -9`` never loses
@@ -8,7 +9,8 @@ logged work. A record is self-describing::
                                                                     "values": {"train/supervised/loss": 0.41}}}
 
 ``kind`` is one of run (the run's creation: uri, experiment, name, tags, start time), params, metrics, tags,
-artifact (a file path, relative to the run directory when inside it, and the artifact folder) or status. ``seq``
+artifact (a file path, relative to the run directory when inside it, and the artifact folder), inputs (MLflow
+dataset inputs: the shard sets the run reads, see ssau.data.sources.dataset_inputs) or status. ``seq``
 counts the run's records; one journal may hold several runs (a run directory restarted from scratch). A kill can
 leave the last line torn (a full disk, a line cut short): readers skip and count such lines, and a resumed run cuts it off before appending.
 
@@ -30,7 +32,7 @@ from pathlib import Path
 
 JOURNAL = "tracking.jsonl"
 SIDECAR = "tracking.delivered.json"
-KINDS = ("run", "params", "metrics", "tags", "artifact", "status")
+KINDS = ("run", "params", "metrics", "tags", "artifact", "inputs", "status")
 MAX_METRICS, MAX_PARAMS = 1000, 100  # what one MLflow log_batch request may carry
 _TRANSIENT = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"}
 
@@ -65,6 +67,11 @@ def _payload_ok(kind: str, p: dict) -> bool:
         return flat(p.get(kind))
     if kind == "artifact":
         return isinstance(p.get("path"), str) and (p.get("folder") is None or isinstance(p.get("folder"), str))
+    if kind == "inputs":
+        keys = ("name", "digest", "source_type", "source", "profile")
+        d = p.get("datasets")
+        return isinstance(d, list) and all(isinstance(x, dict) and all(isinstance(x.get(k), str) for k in keys)
+                                           and flat(x.get("tags", {})) for x in d)
     if kind == "status":
         return p.get("status") in ("RUNNING", "FINISHED", "FAILED", "KILLED")
     return isinstance(p.get("uri"), str) and flat(p.get("tags", {})) and isinstance(p.get("name", ""), str)
@@ -211,7 +218,7 @@ class Sender:
     def __init__(self, client, run_id: str, base: Path | None):
         self.client, self.run_id, self.base = client, run_id, base
         self.history: dict[str, set[int]] = {}
-        self.sent = {"metrics": 0, "params": 0, "tags": 0, "artifacts": 0, "status": 0}
+        self.sent = {"metrics": 0, "params": 0, "tags": 0, "artifacts": 0, "inputs": 0, "status": 0}
 
     def send(self, group: list[dict], dedupe: bool) -> None:
         from mlflow.entities import Metric, Param, RunTag
@@ -219,7 +226,7 @@ class Sender:
         if not dedupe:
             self.history.clear()  # only needed after a failure; a long outage must not keep it forever
         kind, run = group[0]["kind"], None
-        if dedupe and kind in ("params", "tags", "status"):
+        if dedupe and kind in ("params", "tags", "inputs", "status"):
             run = self.client.get_run(self.run_id)
         if kind == "metrics":
             items = []
@@ -250,6 +257,8 @@ class Sender:
             self.sent["tags"] += len(items)
         elif kind == "artifact":
             self._artifact(group[0]["payload"], dedupe)
+        elif kind == "inputs":
+            self._inputs(group[0]["payload"]["datasets"], run)
         elif kind == "status":
             p = group[0]["payload"]
             if run and run.info.status == p["status"]:
@@ -260,6 +269,21 @@ class Sender:
                 self.client.set_terminated(self.run_id, p["status"], p.get("end_time"))
             self.sent["status"] += 1
         # "run": the run's creation is the caller's business (Tracker.start, or upload to another server)
+
+    def _inputs(self, datasets: list[dict], run) -> None:
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        def key(name, digest, tags):
+            return name, digest, tags.get("mlflow.data.context", "")
+
+        have = {key(i.dataset.name, i.dataset.digest, {t.key: t.value for t in i.tags})
+                for i in (run.inputs.dataset_inputs if run and run.inputs else ())}
+        items = [DatasetInput(Dataset(d["name"], d["digest"], d["source_type"], d["source"], d.get("schema"),
+                                      d["profile"]), [InputTag(k, v) for k, v in d.get("tags", {}).items()])
+                 for d in datasets if key(d["name"], d["digest"], d.get("tags", {})) not in have]
+        if items:
+            self.client.log_inputs(self.run_id, datasets=items)
+        self.sent["inputs"] += len(items)
 
     def _artifact(self, p: dict, dedupe: bool) -> None:
         path = Path(p["path"])
@@ -321,90 +345,3 @@ class Steps:
             self.a.append(step)
         elif step not in self:
             insort(self.a, step)
-
-
-# ---------------------------------------------------------------------------------------------------- upload
-def _target_run(client, uri: str, run: dict, experiment: str | None) -> tuple[str, bool]:
-    """The run on ``uri`` that receives ``run``'s records, and whether it is the original run (same server)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_run(run["run_id"])
-        return run["run_id"], True
-    except MlflowException as e:
-        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-    p = run["payload"]
-    name = experiment or p.get("experiment") or "ssau"
-    exp = client.get_experiment_by_name(name)
-    if exp is None:
-        location = None
-        if uri.startswith("sqlite:///"):  # as Tracker.start: artifacts beside the database, not ./mlruns
-            location = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
-        exp_id = client.create_experiment(name, artifact_location=location)
-    else:
-        exp_id = exp.experiment_id
-    found = client.search_runs([exp_id], f"tags.`ssau.source_run_id` = '{run['run_id']}'", max_results=1)
-    if found:  # an earlier upload created it: idempotent
-        return found[0].info.run_id, False
-    # The parent run id names a run on the original server; keep it as a plain tag.
-    tags = {k: v for k, v in p.get("tags", {}).items() if k != "mlflow.parentRunId"}
-    if "mlflow.parentRunId" in p.get("tags", {}):
-        tags["ssau.source_parent_run_id"] = p["tags"]["mlflow.parentRunId"]
-    tags["ssau.source_run_id"] = run["run_id"]
-    created = client.create_run(exp_id, start_time=p.get("start_time"), tags=tags, run_name=p.get("name") or None)
-    return created.info.run_id, False
-
-
-def upload(run_dir: Path, uri: str | None = None, experiment: str | None = None) -> str:
-    """Replay ``run_dir``'s journal to its server (only what is missing) or to ``uri`` (a new run there, found again
-    by its ``ssau.source_run_id`` tag on a second upload). Returns the one line to print."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    from ssau.tracking import check_uri, quiet_http
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise JournalError(f"{run_dir} is not a directory")
-    path = run_dir / JOURNAL
-    if not path.is_file():
-        raise JournalError(f"{run_dir} has no {JOURNAL} (not an ssau run directory, or tracking was off)")
-    records, torn = read_journal(path)
-    runs: dict[str, list[dict]] = {}
-    for r in records:
-        runs.setdefault(r["run_id"], []).append(r)
-    if not runs:
-        raise JournalError(f"{path} holds no records")
-    lines, missing = [], 0
-    for run_id, recs in runs.items():
-        created = [r for r in recs if r["kind"] == "run"]
-        if not created:
-            raise JournalError(f"{path}: run {run_id} has no 'run' record (where it was created)")
-        target_uri = uri or created[0]["payload"].get("uri") or "sqlite:///mlflow.db"
-        check_uri(target_uri)
-        quiet_http(retries=2)
-        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # our one line is the output
-        client = MlflowClient(tracking_uri=target_uri)
-        try:
-            target, same = _target_run(client, target_uri, created[0], experiment)
-            todo = pending(recs, read_delivered(run_dir).get(run_id)) if same else recs
-            final = [r for r in recs if r["kind"] == "status"][-1:]  # only the last status matters (compared first)
-            todo = [r for r in todo if r["kind"] != "status"] + final
-            sender = Sender(client, target, run_dir)
-            for group in groups(todo):
-                try:
-                    sender.send(group, dedupe=True)
-                except Undeliverable:
-                    missing += 1
-        except (MlflowException, OSError) as e:
-            raise JournalError(f"upload of {run_id} to {target_uri} stopped ({reason(e)}); "
-                               "what was sent stays there, run the command again") from None
-        if same:
-            write_delivered(run_dir, run_id, max(r["seq"] for r in recs) + 1, ())
-        s = sender.sent
-        lines.append(f"{'run' if same else 'new run'} {target} at {target_uri}: sent {s['metrics']} metric values, "
-                     f"{s['params']} params, {s['tags']} tags, {s['artifacts']} artifacts, {s['status']} status")
-    notes = [f"{missing} artifact file(s) no longer exist"] * bool(missing)
-    notes += [f"{torn} damaged line{'s' * (torn > 1)} skipped"] * bool(torn)
-    return "; ".join(lines) + (f" ({', '.join(notes)})" if notes else "")

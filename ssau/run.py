@@ -42,8 +42,14 @@ def ui(uri: str, host: str, port: int) -> int:
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         raise ConfigError(f"--uri {uri}: no store there yet (`ssau demo` or `ssau train` writes sqlite:///mlflow.db "
                           f"in the directory they run in)")
+    from ssau.store import relocate
+
+    if line := relocate(uri):  # a copied store lists the artifacts beside it (ssau/store.py)
+        print(line, file=sys.stderr)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
-    print(f"MLflow UI on http://{host}:{port} for {uri} (Ctrl-C stops it)", flush=True)
+    # workflowType: the UI's classic model-training view (its GenAI view hides runs' metrics and artifacts)
+    print(f"MLflow UI on http://{host}:{port}/#/experiments?workflowType=machine_learning for {uri} "
+          f"(Ctrl-C stops it)", flush=True)
     return subprocess.call(cmd)
 
 
@@ -112,7 +118,12 @@ def cross_validate(config: str | None, overrides: list[str]) -> dict:
         return {}
     summary = summarize_folds(folds)
     if parent:
+        from ssau.artifacts import cv_artifacts
+
         parent.log_metrics(summary, cfg.train.steps)
+        for path in cv_artifacts(folds, Path(cfg.train.out) / base / "cv"):  # at the root: the compare view lists it
+            parent.log_artifact(path)
+        parent.log_tags({"mlflow.loggedArtifacts": json.dumps([{"path": "per_au.json", "type": "table"}])})
         parent.end()
     for k, m in enumerate(folds, 1):
         print(f"fold {k}: F1 {100 * m['f1_mean']:.1f}  AUC {100 * m['auc_mean']:.1f}  Acc {100 * m['acc_mean']:.1f}")
@@ -190,5 +201,6 @@ def demo(out: str, steps: int, backbone: str, size: int, subjects: int, frames: 
               f"evaluated on fold 1 (per-AU, %):")
         print(format_table(metrics))
         print(f"\nMLflow run {trainer.run_id} in experiment 'ssau-demo'. Open it with:\n"
-              f"  {ssau_command()} ui --uri {uri}      (then http://127.0.0.1:5000 in a browser)")
+              f"  {ssau_command()} ui --uri {uri}\n"
+              f"then http://127.0.0.1:5000/#/experiments?workflowType=machine_learning in a browser")
     return metrics

@@ -43,6 +43,7 @@ import numpy as np
 from ssau.config import ConfigError, TrackingConfig
 from ssau.journal import (Journal, JournalError, Sender, Steps, groups, pending, read_delivered, reason,
                           verdict as verdict_of)
+from ssau.store import artifact_root, relocate
 
 MAX_WAIT = 15.0  # seconds between retries at most while the server is away
 REFUSALS = 8  # a record the server answers with an error this many times is dropped (it stays in the journal)
@@ -179,13 +180,11 @@ class Tracker:
         check_uri(self.uri)
         self._client = client = MlflowClient(tracking_uri=self.uri)
         exp = client.get_experiment_by_name(self.cfg.experiment)  # creates/migrates the store
-        if exp is None:
-            # With a SQLite store MLflow's default artifact root is ./mlruns under whatever directory the command
-            # runs in; keep artifacts beside the database instead (a server chooses its own location).
-            location = None
-            if self.uri.startswith("sqlite:///"):
-                location = (Path(self.uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
-            experiment_id = client.create_experiment(self.cfg.experiment, artifact_location=location)
+        if line := relocate(self.uri):  # a copied store: its runs write beside the copy, not into the original
+            self._say(line)
+            exp = client.get_experiment_by_name(self.cfg.experiment)
+        if exp is None:  # artifacts beside a local database (ssau/store.py); a server chooses its own location
+            experiment_id = client.create_experiment(self.cfg.experiment, artifact_location=artifact_root(self.uri))
         else:
             experiment_id = exp.experiment_id
         tags = {k: str(v) for k, v in tags.items()}
@@ -283,6 +282,11 @@ class Tracker:
 
     def log_tags(self, tags: dict) -> None:
         self._record("tags", {"tags": {k: str(v) for k, v in tags.items()}})
+
+    def log_inputs(self, datasets: list[dict]) -> None:
+        """MLflow dataset inputs (ssau.data.sources.dataset_inputs: name, digest, source, profile, tags)."""
+        if datasets:
+            self._record("inputs", {"datasets": datasets})
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         where = self.journal.relative(Path(path)) if self.journal else str(Path(path).resolve())

@@ -24,7 +24,8 @@ from ssau.checkpoints import (CheckpointError, atomic_save, check_training_state
                               write_pointer)
 from ssau.config import Config, ConfigError, check_shards, flatten, to_dict
 from ssau.errors import RunStopped, SourceError
-from ssau.data.sources import SourceConfig, StreamConfig, held_out_notes, resolve_aus, stream_config
+from ssau.data.sources import (SourceConfig, StreamConfig, dataset_inputs, held_out_notes, resolve_aus,
+                               stream_config)
 from ssau.data.stream import TrainStream
 from ssau.data.trainset import TrainingSet
 from ssau.methods import Method, SetupInfo, Update, build_method, check_groups
@@ -403,6 +404,7 @@ class Trainer:
             from ssau.tracking import experiment_params
 
             self.tracker.log_params(experiment_params(flatten(to_dict(self.cfg)), type(self.method).uses))
+            self.tracker.log_inputs(dataset_inputs(self.stream_cfg))
             self.tracker.log_metrics({"data/label_drop_fraction": self.drop["fraction"],
                                       "data/hidden_images": self.drop["hidden_images"]}, 0)
             self.run_dir.mkdir(parents=True, exist_ok=True)

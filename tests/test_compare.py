@@ -49,7 +49,7 @@ def children(setup: dict, parent_id: str) -> dict:
 
 def read_csv(setup: dict, run_id: str, name: str, dst: Path) -> list[dict]:
     dst.mkdir(parents=True, exist_ok=True)
-    path = client(setup).download_artifacts(run_id, f"compare/{name}", str(dst))
+    path = client(setup).download_artifacts(run_id, name, str(dst))  # at the root: the compare view lists it
     with open(path) as f:
         return list(csv.DictReader(f))
 
@@ -111,8 +111,8 @@ def test_compare_reports_skips_and_pairs(setup, capsys, tmp_path, monkeypatch):
     f1_au1 = kids["supervised-s1-d0.5-f1"].data.metrics["val/f1/AU01"]
     (row,) = [r for r in per_au if r["method"] == "supervised" and r["au"] == "AU01"]
     assert float(row["f1_mean"]) == pytest.approx((f1_au + f1_au1) / 2, abs=1e-5)
-    listed = {a.path for a in client(setup).list_artifacts(parent.info.run_id, "compare")}
-    assert {"compare/f1_vs_label_drop.png", "compare/per_au_f1.png"} <= listed
+    listed = {a.path for a in client(setup).list_artifacts(parent.info.run_id)}
+    assert {"f1_vs_label_drop.png", "per_au_f1.png", "summary.csv", "paired.csv", "per_au.csv"} <= listed
 
     # the second call runs nothing: same children, same start times, every cell skipped
     starts = {k: r.info.start_time for k, r in kids.items()}

@@ -1,5 +1,6 @@
 """What a user comparing runs in the MLflow UI gets, read back with MlflowClient: per-AU results of several runs
-side by side (root artifacts, the logged table), run names, params vs the config artifact, MLflow's own tags."""
+side by side (root artifacts, the logged table), run names, params vs the config artifact, MLflow's own tags, the
+shard sets as dataset inputs, and a store that still works when copied elsewhere."""
 
 from __future__ import annotations
 
@@ -17,12 +18,17 @@ def store(tmp_path_factory) -> tuple[Path, object]:
 
     tmp = tmp_path_factory.mktemp("ui")
     shards = shard_bp4d(tmp, shard_size=4)
+    _common[:] = [f"data.labelled=[{shards}]", "model.backbone=tiny", "data.image_size=32", "data.m1=4", "data.m2=4",
+                  "data.workers=0", "data.eval_batch=16", "train.steps=2", "train.log_every=1", "train.progress=false"]
     common = [f"data.labelled=[{shards}]", "model.backbone=tiny", "data.image_size=32", "data.m1=4", "data.m2=4",
               "data.workers=0", "data.eval_batch=16", "train.steps=2", "train.log_every=1", f"train.out={tmp / 'runs'}",
               "train.progress=false", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}"]
     assert main(["train", *common, "train.seed=0"]) == 0
     assert main(["train", *common, "train.seed=1", "method.name=adversarial", "data.label_drop=0.5"]) == 0
     return tmp, MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+
+
+_common: list[str] = []  # the fixture's training overrides without out and uri
 
 
 def _runs(client):
@@ -115,3 +121,77 @@ def test_ssau_ui_serves_the_store_on_loopback(store, capsys):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_dataset_inputs_name_the_shards_each_run_read(store):
+    import hashlib
+    import json
+
+    tmp, client = store
+    _, runs = _runs(client)
+    shards = tmp / "bp4d"
+    doc = json.loads((shards / "dataset.json").read_text())
+
+    def digest(folds):  # by hand: the sha256 of every shard read, in dataset.json's order
+        lines = "".join(f"{sh['name']}:{sh['sha256']}\n" for sh in doc["shards"] if sh["fold"] in folds)
+        return hashlib.sha256(lines.encode()).hexdigest()[:16]
+
+    for r in runs.values():
+        got = {}
+        for i in r.inputs.dataset_inputs:
+            tags = {t.key: t.value for t in i.tags}
+            got[tags["mlflow.data.context"]] = (i.dataset.name, i.dataset.digest, tags["folds"], i.dataset.source)
+            profile = json.loads(i.dataset.profile)
+            assert profile["corpus"] == "bp4d" and profile["shards"] >= 1 and profile["samples"] >= 1
+        source = json.dumps({"uri": shards.resolve().as_uri()})
+        assert got == {"train": ("bp4d", digest({2, 3}), "2,3", source),
+                       "eval": ("bp4d", digest({1}), "1", source)}, got
+        assert got["train"][1] != got["eval"][1]
+
+
+def test_a_copied_store_lists_its_artifacts_and_new_runs_write_into_the_copy(store, tmp_path, capsys):
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    tmp, client = store
+    copy = tmp_path / "elsewhere"
+    copy.mkdir()
+    shutil.copy2(tmp / "mlflow.db", copy / "mlflow.db")
+    shutil.copytree(tmp / "mlartifacts", copy / "mlartifacts")
+    before = {p.name for p in (tmp / "mlartifacts").iterdir()}
+    capsys.readouterr()
+    assert main(["train", *_common, f"train.out={copy / 'runs'}", f"tracking.uri=sqlite:///{copy / 'mlflow.db'}",
+                 "train.seed=7"]) == 0
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "copied or moved" in x]
+    assert f"{tmp / 'mlartifacts'}" in line and f"now keep them in {copy / 'mlartifacts'}" in line
+    assert "2 run(s)" in line
+    moved = MlflowClient(tracking_uri=f"sqlite:///{copy / 'mlflow.db'}")
+    exp = moved.get_experiment_by_name("ssau")
+    assert exp.artifact_location == (copy / "mlartifacts").as_uri()
+    runs = moved.search_runs([exp.experiment_id])
+    assert len(runs) == 3
+    for r in runs:  # the copied runs and the new one: artifacts listed from the copy, written into the copy
+        assert r.info.artifact_uri.startswith((copy / "mlartifacts").as_uri() + "/")
+        assert "per_au.json" in {a.path for a in moved.list_artifacts(r.info.run_id)}
+    new = [r for r in runs if r.info.run_name.endswith("-s7-fold1")][0].info.run_id
+    assert (copy / "mlartifacts" / new / "artifacts" / "per_au.json").is_file()
+    assert {p.name for p in (tmp / "mlartifacts").iterdir()} == before  # the original folder is untouched
+    exp0 = client.get_experiment_by_name("ssau")
+    assert exp0.artifact_location == (tmp / "mlartifacts").as_uri()  # and so is the original store
+
+
+def test_a_database_copied_without_its_artifacts_is_left_pointing_at_them(store, tmp_path):
+    import shutil
+
+    from ssau.store import relocate
+
+    tmp, client = store
+    shutil.copy2(tmp / "mlflow.db", tmp_path / "mlflow.db")
+    line = relocate(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert line.startswith("ssau: warning: ") and "copy the mlartifacts/ folder beside the database" in line
+    from mlflow.tracking import MlflowClient
+
+    exp = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_experiment_by_name("ssau")
+    assert exp.artifact_location == (tmp / "mlartifacts").as_uri()
+    assert relocate(f"sqlite:///{tmp / 'mlflow.db'}") == ""  # a store where it was made: nothing to do

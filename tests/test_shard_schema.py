@@ -22,7 +22,7 @@ from ssau.cli import main
 from ssau.data.decode import au_targets, decode_eval, decode_sample
 from ssau.data.evaluation import eval_loader
 from ssau.data.shard import _part
-from ssau.data.shardwrite import relative_source, sample_arrow_type
+from ssau.data.shardwrite import hf_features, relative_source, sample_arrow_type
 from ssau.data.template import MEAN_68
 
 # The documented schema (ssau/data/shardwrite.py): [t] is a list of t.
@@ -260,3 +260,29 @@ def test_an_index_part_written_with_offset_is_read_as_position(tmp_path, corpora
     back = _part(tmp_path / "old.parquet", new.schema)
     assert back.column("position").to_pylist() == new.column("position").to_pylist()
     assert back.column("tar_offset").null_count == len(back)  # unknown for a part written before it existed
+
+
+@pytest.mark.parametrize("first", ["bp4d", "rafdb"])
+def test_hugging_face_datasets_loads_bp4d_rafdb_and_unlabelled_tars_in_one_call(corpora, tmp_path, monkeypatch, first):
+    # The reader: one load_dataset("webdataset") call over mixed tars failed with a cast error in one order
+    # and dropped every BP4D sample's AU labels in the other. datasets infers types from the first 5 samples, where
+    # empty landmark and box lists read as null: handed ssau's features, every order loads every label.
+    # Offline: the builder ships with the package.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    from datasets import load_dataset
+
+    order = [first, "folder", "rafdb" if first == "bp4d" else "bp4d"]
+    urls = [u for c in order for u in tars(corpora[c])]
+    ds = load_dataset("webdataset", data_files={"train": urls}, split="train", cache_dir=str(tmp_path / "hf"),
+                      features=hf_features())
+    docs = ds["json"]
+    expected = {c: sum(s["samples"] for s in json.loads((corpora[c] / "dataset.json").read_text())["shards"])
+                for c in order}
+    assert {c: sum(d["corpus"] == c for d in docs) for c in order} == expected
+    direct = {(d["corpus"], d["key"]): d for u in urls for d in
+              (s["json"] for s in wds.WebDataset([u], shardshuffle=False).decode())}
+    for d in docs:  # every sample's labels exactly as plain webdataset reads them
+        assert d == direct[(d["corpus"], d["key"])]
+    assert all(len(d["aus"]) == 12 and len(d["occurrence"]) == 12 for d in docs if d["corpus"] == "bp4d")
+    assert ds[0]["jpg"].size == (docs[0]["width"], docs[0]["height"])  # the image decodes too

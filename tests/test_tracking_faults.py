@@ -256,9 +256,12 @@ def test_server_that_never_returns_then_upload_to_another_server(shards, tmp_pat
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     arts |= {a.path for a in client.list_artifacts(run.info.run_id, "model")}
     assert {"config.yaml", "model/model.pt", "per_au.csv", "f1_bar.png"} <= arts
+    inputs = {(i.dataset.name, {t.key: t.value for t in i.tags}["mlflow.data.context"])
+              for i in run.inputs.dataset_inputs}  # the journal's dataset inputs, through a real server
+    assert inputs == {(Path(shards).name, "train"), (Path(shards).name, "eval")}
     # Twice: nothing more is sent, no second run.
     assert main(["upload", str(run_dir), "--uri", other.uri, "--experiment", "recovered"]) == 0
-    assert "sent 0 metric values, 0 params, 0 tags, 0 artifacts, 0 status" in capsys.readouterr().out
+    assert "sent 0 metric values, 0 params, 0 tags, 0 artifacts, 0 dataset inputs, 0 status" in capsys.readouterr().out
     assert len(client.search_runs([run.info.experiment_id])) == 1
     _assert_holds_journal_once(client, run.info.run_id, run_dir)
 
@@ -389,7 +392,7 @@ def test_a_record_that_cannot_be_delivered_does_not_hold_up_the_rest(tmp_path, c
     assert client.get_run(run_id).info.status == "FINISHED"
     (run_dir / "later.txt").write_text("now\n")
     assert main(["upload", str(run_dir)]) == 0
-    assert "sent 0 metric values, 0 params, 0 tags, 1 artifacts, 0 status" in capsys.readouterr().out
+    assert "sent 0 metric values, 0 params, 0 tags, 1 artifacts, 0 dataset inputs, 0 status" in capsys.readouterr().out
     assert [a.path for a in client.list_artifacts(run_id)] == ["later.txt"]
     assert [m.step for m in client.get_metric_history(run_id, LOSS)] == [1]
 

@@ -186,6 +186,18 @@ def test_cv_runs_folds_as_child_runs_with_means(shards, tmp_path, capsys):
     assert parents[0].data.metrics["cv/f1_mean"] == pytest.approx(np.mean(f1s))
     assert parents[0].data.metrics["cv/f1_mean_std"] == pytest.approx(np.std(f1s))
     assert "cv/f1/AU01" in parents[0].data.metrics
+    # The children's per-AU results side by side in the parent, at the artifact root (the compare view lists it).
+    pid = parents[0].info.run_id
+    assert {"per_au.csv", "per_au.json", "per_au_f1.png"} <= {a.path for a in client.list_artifacts(pid)}
+    import json
+
+    table = json.loads(Path(client.download_artifacts(pid, "per_au.json", str(tmp_path / "dl"))).read_text())
+    rows = {(r[0], r[1]): r[2] for r in table["data"]}
+    by_fold = {int(r.data.tags["fold"]): r.data.metrics for r in children}
+    assert len(rows) == 3 * 12 and table["columns"] == ["au", "fold", "f1", "auc", "acc"]
+    for k in (1, 2, 3):
+        assert rows[("AU01", k)] == pytest.approx(by_fold[k]["val/f1/AU01"], abs=1e-6)
+    assert '"per_au.json"' in parents[0].data.tags["mlflow.loggedArtifacts"]
 
 
 def test_gradient_accumulation_equals_one_step_on_the_mean_loss(shards, tmp_path):

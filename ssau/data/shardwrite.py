@@ -35,8 +35,10 @@ sample of every format has exactly these keys with these types, so a mixed list 
     flow_partner     str           ""       the key of frame t+K whose flow ``flow.npy`` holds
 
 Typed readers that infer column types from a few samples read an empty list as null and then fail on a later
-non-empty one (Hugging Face ``datasets`` infers from the first 5 samples of the first tar): ``sample_arrow_type()``
-is this table as an Arrow struct to hand them instead.
+non-empty one (Hugging Face ``datasets`` infers from the first 5 samples of the first tar, so shards whose first
+samples have no landmarks or box fail with "Couldn't cast array of type double to null"): ``sample_arrow_type()``
+is this table as an Arrow struct to hand them instead, and ``hf_features()`` the whole sample as ``datasets``
+Features: ``load_dataset("webdataset", data_files=..., features=hf_features())``.
 
 Version 1 (before issue 13) left out ``aus``/``occurrence``/``mask``/``intensity`` for corpora without AUs, stored
 ``intensity: null`` for BP4D, ``expression_name: null``, omitted landmarks, bbox, align_margin, flow_partner and
@@ -188,6 +190,20 @@ def sample_arrow_type() -> pa.StructType:
              "expression_name": text, "width": i64, "height": i64, "aligned": text, "align_margin": f64,
              "landmarks": pa.list_(pa.list_(f64)), "bbox": pa.list_(f64), "flow_partner": text}
     return pa.struct(sorted(kinds.items()))
+
+
+def hf_features(flow_shape: tuple[int, int, int] | None = None):
+    """A shard sample as Hugging Face ``datasets`` Features (its ``webdataset`` builder's fields: ``__key__``,
+    ``__url__``, the image ``jpg``, the ``json`` doc typed as ``sample_arrow_type()``; ``flow.npy`` as a float16
+    Array3D of ``flow_shape`` = (2, h, w) for shards written with --flow). Needs the ``datasets`` package."""
+    import datasets
+
+    doc = datasets.Features.from_arrow_schema(pa.schema(list(sample_arrow_type())))
+    out = {"__key__": datasets.Value("string"), "__url__": datasets.Value("string"), "jpg": datasets.Image(),
+           "json": dict(doc)}
+    if flow_shape is not None:
+        out["flow.npy"] = datasets.Array3D(shape=tuple(flow_shape), dtype="float16")
+    return datasets.Features(out)
 
 
 def plan_doc(r: Record, scan: Scan, fold: int) -> dict:

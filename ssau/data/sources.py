@@ -113,6 +113,34 @@ def shard_urls(d: str | Path, folds: tuple[int, ...] | None, held_out: int = 0) 
             if (folds is None or s["fold"] in folds) and not (held_out and s["fold"] == held_out)]
 
 
+def dataset_inputs(cfg: StreamConfig) -> list[dict]:
+    """MLflow dataset inputs, one per shard directory and use (context train, unlabelled, expression, and eval for
+    the labelled directories' held-out fold): named by the directory, a digest over the sha256 of exactly the shards
+    read (so runs on different data, or other folds of it, are told apart), the directory as source, and shard and
+    sample counts, folds and corpus as profile. Fields as ssau.journal's ``inputs`` records carry them."""
+    uses = [("train", cfg.labelled, cfg.labelled.folds, cfg.labelled.held_out)]
+    uses += [(what, src, src.folds, src.held_out) for what, src in (("unlabelled", cfg.unlabelled),
+                                                                     ("expression", cfg.expression)) if src]
+    if cfg.labelled.held_out:
+        uses.append(("eval", cfg.labelled, (cfg.labelled.held_out,), 0))
+    out = []
+    for context, src, folds, held_out in uses:
+        for d in src.dirs:
+            doc = read_dataset(d)
+            shards = [sh for sh in doc["shards"]
+                      if (folds is None or sh["fold"] in folds) and not (held_out and sh["fold"] == held_out)]
+            h = hashlib.sha256()
+            for sh in shards:  # a dataset.json without per-shard sha256 (older shards): name, size and count
+                h.update(f"{sh['name']}:{sh.get('sha256') or (sh.get('bytes'), sh['samples'])}\n".encode())
+            used = sorted({sh["fold"] for sh in shards})
+            profile = {"corpus": doc["corpus"], "shards": len(shards), "samples": sum(sh["samples"] for sh in shards),
+                       "folds": used, "schema_version": doc.get("schema_version", 1)}
+            out.append({"name": Path(d).name, "digest": h.hexdigest()[:16], "source_type": "local",
+                        "source": json.dumps({"uri": Path(d).resolve().as_uri()}), "profile": json.dumps(profile),
+                        "tags": {"mlflow.data.context": context, "folds": ",".join(map(str, used))}})
+    return out
+
+
 def held_out_notes(cfg: StreamConfig) -> list[str]:
     """A line per unlabelled or expression directory that has shards in the evaluation fold: they are not read."""
     lines = []
