@@ -305,6 +305,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.expression: method {name} needs an expression corpus (shard one with `ssau shard rafdb`)")
     if "validation" in needs and d.validation <= 0:
         raise ConfigError(f"data.validation: method {name} needs an AU validation fraction above 0 (the paper's: 0.02)")
+    METHODS[name].check(cfg)
 
 
 def _shard_folds(key: str, directory: str) -> set[int]:

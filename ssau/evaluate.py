@@ -12,7 +12,7 @@ from ssau.config import Config
 from ssau.data.evaluation import eval_loader
 from ssau.errors import SourceError
 from ssau.methods import Method
-from ssau.metrics import au_metrics
+from ssau.metrics import au_metrics, view_metrics
 from ssau.runtime import Runtime
 
 
@@ -23,7 +23,7 @@ def evaluate_method(method: Method, cfg: Config, aus: tuple[int, ...], rt: Runti
     d = cfg.data
     dirs = dirs or tuple(d.labelled)
     folds = folds if folds is not None else ((d.fold,) if d.fold else None)
-    probs, targets, masks = [], [], []
+    probs, targets, masks, view_probs, names = [], [], [], [], []
     loader = eval_loader(dirs, folds, aus, d.eval_batch, d.image_size, rt.rank, rt.world, min(d.workers, 2))
     if loader.expected == 0:  # the same on every rank (from dataset.json): nothing to score is not a result
         what = f"folds {', '.join(map(str, folds))}" if folds else "all folds"
@@ -34,16 +34,20 @@ def evaluate_method(method: Method, cfg: Config, aus: tuple[int, ...], rt: Runti
             images = images.contiguous(memory_format=torch.channels_last)
         with rt.autocast():
             p = method.predict(images).float()
-        rows = torch.cat([p, b.targets.to(rt.device), b.mask.to(rt.device), b.valid.to(rt.device).float()[:, None]], 1)
+            views = {k: v.float() for k, v in method.predict_views(images).items()}
+        names = list(views)
+        rows = torch.cat([p, *views.values(), b.targets.to(rt.device), b.mask.to(rt.device),
+                          b.valid.to(rt.device).float()[:, None]], 1)
         if rt.world > 1:  # every rank yields the same number of equally sized batches
             gathered = [torch.empty_like(rows) for _ in range(rt.world)]
             dist.all_gather(gathered, rows)
             rows = torch.cat(gathered)
         rows = rows[rows[:, -1] > 0].cpu()
-        J = len(aus)
+        J, V = len(aus), len(names)
         probs.append(rows[:, :J])
-        targets.append(rows[:, J:2 * J])
-        masks.append(rows[:, 2 * J:3 * J])
+        view_probs.append(rows[:, J:(1 + V) * J])
+        targets.append(rows[:, (1 + V) * J:(2 + V) * J])
+        masks.append(rows[:, (2 + V) * J:(3 + V) * J])
     scored = sum(len(p) for p in probs)  # valid rows of every rank: each rank counts the same and decides the same
     problems = loader.problems[:1]
     if scored != loader.expected:  # every rank is here: name the first problem any rank found
@@ -54,4 +58,9 @@ def evaluate_method(method: Method, cfg: Config, aus: tuple[int, ...], rt: Runti
     if not probs:
         warnings.warn("evaluation fold is empty", stacklevel=2)
         return {}
-    return au_metrics(torch.cat(probs).numpy(), torch.cat(targets).numpy(), torch.cat(masks).numpy(), aus) | counts
+    t, m = torch.cat(targets).numpy(), torch.cat(masks).numpy()
+    out = au_metrics(torch.cat(probs).numpy(), t, m, aus) | counts
+    if names:  # a multi-view method: every view scored too (predict's output is their ensemble)
+        vp, J = torch.cat(view_probs).numpy(), len(aus)
+        out |= view_metrics({n: vp[:, i * J:(i + 1) * J] for i, n in enumerate(names)}, t, m, aus)
+    return out

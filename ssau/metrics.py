@@ -101,6 +101,24 @@ def au_metrics(probs: np.ndarray, targets: np.ndarray, mask: np.ndarray, aus: tu
     } | conditional_gap(pred, targets, mask)
 
 
+def view_metrics(views: dict[str, np.ndarray], targets: np.ndarray, mask: np.ndarray, aus: tuple[int, ...],
+                 threshold: float = 0.5) -> dict:
+    """Scores of a multi-view method's views (MLCR's twins): each view's au_metrics, ``f1_views`` (the mean of the
+    views' per-AU F1, averaged over AUs: MLCR's headline, Sec. 4.1.3) and, for two views, the inconsistency rate
+    (paper 001 Fig. 3a): per AU the fraction of images on which the views' 0/1 predictions differ (all images,
+    labels known or not), its mean over AUs, and the fraction of images with any AU differing."""
+    per_view = {name: au_metrics(p, targets, mask, aus, threshold) for name, p in views.items()}
+    out = {"views": per_view, "f1_views": float(np.mean([m["f1_mean"] for m in per_view.values()]))}
+    if len(views) == 2:
+        a, b = ((np.asarray(p) >= threshold) for p in views.values())
+        differ = a != b
+        out["inconsistency"] = {au_name(au): float(differ[:, j].mean()) if len(differ) else float("nan")
+                                for j, au in enumerate(aus)}
+        out["inconsistency_mean"] = float(differ.mean()) if differ.size else float("nan")
+        out["inconsistency_any"] = float(differ.any(1).mean()) if len(differ) else float("nan")
+    return out
+
+
 def format_table(m: dict) -> str:
     """The per-AU table printed by `ssau eval`, `ssau demo` and `ssau cv`."""
     lines = [f"{'AU':<6}{'F1 %':>7}{'AUC %':>7}{'Acc %':>7}{'n':>8}{'pos':>7}"]

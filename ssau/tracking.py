@@ -397,6 +397,18 @@ def eval_metric_dict(m: dict, prefix: str = "val") -> dict[str, float]:
     for name, v in m["per_au"].items():
         for k in ("f1", "auc", "p_pred", "p_true"):
             out[f"{prefix}/{k}/{name}"] = v[k]
+    if "views" in m:  # a multi-view method (MLCR): each view, the views' mean F1 (its paper's headline), agreement
+        out[f"{prefix}/f1_views"] = m["f1_views"]
+        for view, vm in m["views"].items():
+            for k in ("f1_mean", "auc_mean", "acc_mean"):
+                out[f"{prefix}/{view}/{k}"] = vm[k]
+            for name, v in vm["per_au"].items():
+                out[f"{prefix}/{view}/f1/{name}"] = v["f1"]
+        for k in ("inconsistency_mean", "inconsistency_any"):
+            if k in m:
+                out[f"{prefix}/{k}"] = m[k]
+        for name, v in m.get("inconsistency", {}).items():
+            out[f"{prefix}/inconsistency/{name}"] = v
     for key in ("eval_scored", "eval_expected", "eval_skipped"):  # samples scored vs what the index lists
         if key in m:
             out[f"{prefix}/samples_{key.removeprefix('eval_')}"] = m[key]

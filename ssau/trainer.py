@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from collections import defaultdict
 from functools import partial
 from pathlib import Path
@@ -77,7 +78,7 @@ class Trainer:
         self.optimizers, self.schedulers, self.engines = {}, {}, {}
         for name, g in self.groups.items():
             opt = build_optimizer(group_config(cfg.optim, name, cfg.optim.lr * g.lr_scale, g.optim), g.params)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, cfg.optim, t.steps))
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(self._lr, name))
             if t.deepspeed and g.deepspeed:
                 self.engines[name] = deepspeed_engine(g.params, opt, sched, t.deepspeed, cfg.data.m1,
                                                       cfg.optim.accumulate, cfg.optim.clip_grad)
@@ -88,6 +89,10 @@ class Trainer:
         self._last_good = ""  # the newest checkpoint known complete (named when a run has to stop)
 
     # ------------------------------------------------------------------------------------------------ building
+    def _lr(self, group: str, step: int) -> float:
+        """The schedule's factor at ``step`` times the method's factor for the group (stages)."""
+        return lr_factor(self.cfg.optim, self.cfg.train.steps, step) * self.method.lr_scale(group, step)
+
     def _run_dir(self) -> Path:
         t = self.cfg.train
         if t.resume == "auto" and not t.name:
@@ -102,15 +107,21 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ one update
     def _run_update(self, upd: Update, batches, previous):
-        """Freeze, zero_grad, forward/backward over micro-batches, average, clip, finite check, step."""
-        rt, params = self.rt, self.groups[upd.group].params
+        """Freeze, zero_grad, forward/backward over micro-batches (one backward for all of the update's groups),
+        then per group: average, clip, finite check, step."""
+        rt, names = self.rt, upd.groups
+        params = [p for g in names for p in self.groups[g].params]
         frozen = [p for g in upd.freeze for p in self.groups[g].params if p.requires_grad]
         for p in frozen:
             p.requires_grad_(False)  # e.g. D while R trains: no gradient, and ZeRO-2 sees one reduction per param
-        engine = self.engines.get(upd.group)
-        opt = self.optimizers[upd.group]
-        if engine is None:
-            opt.zero_grad(set_to_none=True)
+        engines = [g for g in names if g in self.engines]
+        if len(engines) > 1:
+            raise ConfigError(f"update {upd.name!r} steps DeepSpeed engines {', '.join(engines)} from one backward; "
+                              f"at most one of its groups may be an engine (declare the others deepspeed=False)")
+        engine = self.engines[engines[0]] if engines else None
+        for g in names:
+            if g not in self.engines:
+                self.optimizers[g].zero_grad(set_to_none=True)
         parts, batch, accumulate = defaultdict(float), previous, self.cfg.optim.accumulate
         for micro in range(accumulate):
             if upd.new_batch or batch is None or micro > 0:
@@ -125,30 +136,37 @@ class Trainer:
                 parts["nonfinite"] = 1.0
                 break
             if engine is not None:
-                engine.backward(loss)  # DeepSpeed scales by accumulation itself
-            else:  # gradients for this group only: nothing else is stepped (MAL's inner-step copies need none)
+                engine.backward(loss)  # DeepSpeed scales by accumulation itself (and fills plain groups' grads)
+            else:  # gradients for this update's groups only: nothing else is stepped (MAL's inner-step copies)
                 (loss / accumulate).backward(inputs=params)
         for p in frozen:
             p.requires_grad_(True)
         if parts.get("nonfinite"):
             self._refuse(upd, "non-finite loss")
-            if engine is None:
-                opt.zero_grad(set_to_none=True)
+            for g in names:
+                if g not in self.engines:
+                    self.optimizers[g].zero_grad(set_to_none=True)
             return batch, parts
+        steps = []  # (group, params) that pass their gradient check, stepped only when all of them pass
+        for g in names:
+            if g in self.engines:
+                continue
+            own = self.groups[g].params
+            average_gradients(own, rt)
+            norm = torch.nn.utils.clip_grad_norm_(own, self.cfg.optim.clip_grad or float("inf"))
+            if not torch.isfinite(norm):  # gradients are averaged, so every rank sees the same norm
+                self._refuse(upd, f"non-finite gradient norm{f' in group {g!r}' if len(names) > 1 else ''}")
+                for h in names:
+                    if h not in self.engines:
+                        self.optimizers[h].zero_grad(set_to_none=True)
+                return batch, parts
+            parts["grad_norm" if len(names) == 1 else f"grad_norm_{g}"] = float(norm)
+            steps.append(g)
         if engine is not None:
             engine.step()  # reduce, clip, step, zero_grad (ZeRO)
-            self._check_params(upd, params)
-            return batch, parts
-        average_gradients(params, rt)
-        clip = self.cfg.optim.clip_grad or float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        if not torch.isfinite(norm):  # gradients are averaged, so every rank sees the same norm
-            self._refuse(upd, "non-finite gradient norm")
-            opt.zero_grad(set_to_none=True)
-            return batch, parts
-        opt.step()
+        for g in steps:
+            self.optimizers[g].step()
         self._check_params(upd, params)
-        parts["grad_norm"] = float(norm)
         return batch, parts
 
     def _check_params(self, upd: Update, params: list) -> None:
@@ -255,7 +273,9 @@ class Trainer:
         average_buffers(self.method, self.rt)
         for name, s in self.schedulers.items():
             if name not in self.engines:  # DeepSpeed engines step their own schedules
-                s.step()
+                with warnings.catch_warnings():  # a group no update stepped yet (MLCR's GCN in stage 1)
+                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+                    s.step()
         self.step += 1
         return batch, window
 

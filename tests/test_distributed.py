@@ -35,6 +35,8 @@ def _method_args(method: str, expression: Path) -> list[str]:
     if method == "mal":  # the expression stream and the AU validation set; no unlabelled images
         return [f"data.expression=[{expression}]", "data.m_expr=4", "data.validation=0.1", "data.val_batch=4",
                 "data.m2=0"]
+    if method == "mlcr":  # 3 steps crossing the stage switch: 2 of co-regularisation, then the GCN stage
+        return ["data.label_drop=0.5", "data.m2=4", "method.stage1_steps=2", "method.stage2_steps=1"]
     return ["data.label_drop=0.5", "data.m2=4"]
 
 
@@ -78,7 +80,7 @@ def _assert_data_parallel(reports: list[dict]) -> None:
     assert reports[0]["state_sha256"] == reports[1]["state_sha256"]  # equal parameters (and buffers) after
 
 
-@pytest.mark.parametrize("method", ["supervised", "adversarial", "mal"])
+@pytest.mark.parametrize("method", ["supervised", "adversarial", "mal", "mlcr"])
 def test_two_cpu_ranks_with_accelerate_launch_and_deepspeed_zero2(shards, expression, tmp_path, method):
     from mlflow.tracking import MlflowClient
 
@@ -115,17 +117,21 @@ def test_two_cpu_ranks_with_accelerate_launch_and_deepspeed_zero2(shards, expres
     from ssau.runtime import seed_all
 
     seed_all(0)
-    cfg = load_config(None, ["data.labelled=[x]", "model.backbone=tiny", f"method.name={method}", *extra])
+    cfg = load_config(None, ["data.labelled=[x]", "model.backbone=tiny", f"method.name={method}", "train.steps=3",
+                             *extra])
     init = build_method(cfg.method, tuple(range(12)), cfg.model).state_dict()
     assert any(not torch.equal(init[k], a[k]) for k in a if a[k].is_floating_point())
     if method == "mal":  # psi left its zero initialisation, identically on both ranks (the digests above)
         assert a["meta.weight"].abs().max() > 0
+    if method == "mlcr":  # the switch was crossed: W^0 taken (the stage-1 classifiers), the GCN trained after it
+        assert a["switched"] == 1 and torch.equal(a["w0"][0, :, :-1], a["twins.0.head.weight"])
+        assert not torch.equal(init["gcn.h0"], a["gcn.h0"])
 
     # Rank 0 alone logged, after reducing across ranks: one run, world_size 2.
     client = MlflowClient(tracking_uri=db)
     (run,) = client.search_runs([client.get_experiment_by_name("ssau").experiment_id])
     assert run.data.tags["world_size"] == "2"
-    first_update = {"supervised": "supervised", "adversarial": "discriminator", "mal": "meta"}[method]
+    first_update = {"supervised": "supervised", "adversarial": "discriminator", "mal": "meta", "mlcr": "mlcr"}[method]
     assert [m.step for m in client.get_metric_history(run.info.run_id, f"train/{first_update}/loss")] == [1, 2, 3]
 
 

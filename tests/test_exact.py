@@ -86,8 +86,14 @@ def small_method(name: str, bn: bool = False):
     from ssau.methods import build_method
 
     torch.manual_seed(0)
-    m = build_method({"name": name}, AUS, ModelConfig(backbone="tiny"))
-    if not bn:
+    # MLCR's selective learning keeps a random choice of negatives (its count is global, tests/test_mlcr.py)
+    m = build_method({"name": name, **({"selective": False} if name == "mlcr" else {})}, AUS,
+                     ModelConfig(backbone="tiny"))
+    if name == "mlcr":  # two BatchNorm-free twins
+        for t in m.twins:
+            t.backbone, t.head, t.dropout = PixelNet(S), nn.Linear(5, J), nn.Identity()
+        m.double()
+    elif not bn:
         m.backbone = PixelNet(S)
         m.head = nn.Linear(5, J)
         if hasattr(m, "expr_head"):
@@ -135,7 +141,7 @@ def update_grads(m, batch: Batch, rt: Runtime, sync_bn: bool = False) -> dict:
     m.train()
     groups, out = m.groups(), {}
     for upd in m.updates(0):
-        params = groups[upd.group].params
+        params = [p for g in upd.groups for p in groups[g].params]
         frozen = [p for g in upd.freeze for p in groups[g].params]
         for p in frozen:
             p.requires_grad_(False)
@@ -158,7 +164,7 @@ def _rank_update_grads(rank: int, world: int, name: str, bn: bool) -> dict:
 
 
 @pytest.mark.parametrize("name,bn", [("supervised", False), ("adversarial", False), ("mtl", False),
-                                     ("supervised", True)])
+                                     ("mlcr", False), ("supervised", True)])
 def test_two_ranks_of_b_equal_one_process_of_2b(name, bn):
     """bn=True: the tiny backbone's BatchNorm layers with model.sync_bn (global-batch statistics)."""
     single = update_grads(small_method(name, bn), global_batch(), cpu_rt())

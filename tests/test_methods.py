@@ -51,12 +51,13 @@ def test_updates_are_finite_and_reach_exactly_their_group(name):
         out["loss"].backward()
         for p in frozen:
             p.requires_grad_(True)
-        mine = {id(p) for p in groups[upd.group].params}
-        got = [p for p in groups[upd.group].params if p.grad is not None and p.grad.abs().sum() > 0]
-        assert got, f"{upd.name}: no gradient reached group {upd.group}"
+        mine = {id(p) for g in upd.groups for p in groups[g].params}
+        for g in upd.groups:
+            got = [p for p in groups[g].params if p.grad is not None and p.grad.abs().sum() > 0]
+            assert got, f"{upd.name}: no gradient reached group {g}"
         assert all(p.grad is None for p in frozen), f"{upd.name}: a frozen group received gradients"
         strays = [p for p in method.parameters() if id(p) not in mine and p.grad is not None]
-        assert not strays, f"{upd.name}: gradients reached parameters outside group {upd.group}"
+        assert not strays, f"{upd.name}: gradients reached parameters outside groups {upd.groups}"
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))

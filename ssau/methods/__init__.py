@@ -7,6 +7,7 @@ import dataclasses
 from ssau.methods.base import Group, Method, SetupInfo, Update
 from ssau.methods.adversarial import Adversarial
 from ssau.methods.mal import MAL
+from ssau.methods.mlcr import MLCR
 from ssau.methods.mtl import MultiTask
 from ssau.methods.supervised import Supervised
 
@@ -15,6 +16,7 @@ METHODS: dict[str, type[Method]] = {
     MultiTask.name: MultiTask,
     Adversarial.name: Adversarial,
     MAL.name: MAL,
+    MLCR.name: MLCR,
 }
 
 

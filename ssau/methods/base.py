@@ -8,12 +8,19 @@ never touches loaders, devices, the accelerator, ranks or checkpoint files. It d
   optimiser and one LR schedule per group, and averages each group's gradients across ranks (or, under
   ``train.deepspeed``, hands the group to a DeepSpeed engine unless ``deepspeed=False``).
 - ``updates(step)``: the ordered updates of one training step, each ``Update(name, group, loss, repeat,
-  new_batch, freeze)``. ``loss(batch, step)`` returns a dict with a required ``loss`` tensor and named float parts
+  new_batch, freeze)``; ``group`` names one group or several (a tuple: MLCR's stage 2 steps the twins and the GCN
+  from one loss). ``loss(batch, step)`` returns a dict with a required ``loss`` tensor and named float parts
   for logging. The trainer runs every update the same way, in one visible place (``Trainer._run_update``):
-  freeze the listed groups, zero_grad, forward + backward (over ``accumulate`` micro-batches), average gradients
-  across ranks, clip, finite check (a NaN/Inf update is refused on every rank and reported), step. ``repeat``
-  runs an update several times per step; ``new_batch=False`` reuses the previous update's batch instead of
-  drawing a new one. A method changes what trains between stages by returning different updates for a step.
+  freeze the listed groups, zero_grad, forward + backward (over ``accumulate`` micro-batches; one backward for all
+  of the update's groups), then per group: average gradients across ranks, clip, finite check (a NaN/Inf update
+  is refused on every rank and reported), step. ``repeat`` runs an update several times per step;
+  ``new_batch=False`` reuses the previous update's batch instead of drawing a new one. A method changes what
+  trains between stages by returning different updates for a step. Under ``train.deepspeed`` at most one of an
+  update's groups may be an engine (the others are declared ``deepspeed=False``: ZeRO-2 reduces each parameter
+  once per backward, and one backward cannot drive two engines); the engine's backward also fills the plain
+  groups' gradients, which are then averaged by hand.
+- ``lr_scale(group, step)``: a factor on the group's learning rate at ``step`` (default 1), multiplied into the
+  trainer's schedule (warm-up, cosine: the schedules stay the trainer's); MLCR's stage 2 lowers the twins' rate.
 - ``after_step(batch, step)``: state updated without gradients (centroids, banks), under ``torch.no_grad``;
   the trainer then averages floating-point buffers across ranks so every rank holds the same state.
 - ``predict(images) -> [B, J]`` AU probabilities, for evaluation.
@@ -33,10 +40,12 @@ Adversarial (Wang et al., Alg. 1): groups ``classifier`` (R) and ``discriminator
 ``Update("classifier", "classifier", line-10 loss, repeat=H_R, freeze=("discriminator",))``. Freezing D during the
 classifier update is what lets ZeRO-2 accept a loss that flows through D. The label bank comes from ``setup``.
 
-MLCR (Niu et al., Sec. 4.1.2): groups ``twins`` (two backbones + classifiers) and ``gcn``. Stage 1 (pre-training,
-``step < stage1_steps``): one update on ``twins`` with per-view BCE + lambda_mv orthogonality + lambda_cr JS
-co-regularisation; stage 2: updates on ``twins`` and ``gcn`` together (two groups, two LRs: 1e-4 and 1e-3) without
-the orthogonality term. ``updates(step)`` returns one list or the other.
+MLCR (Niu et al., Sec. 3-4.1): groups ``twins`` (two backbones), ``heads`` (their AU classifiers) and ``gcn``
+(both ``deepspeed=False``). Stage 1 (``step < stage1_steps``): one update on ``("twins", "heads")`` with the
+per-view selective BCE + lambda_mv orthogonality + lambda_cr JS co-regularisation; then ``after_step`` takes the
+frozen classifier copies W^0; stage 2: one update naming ``("twins", "gcn")`` (one backward, two optimisers; the
+heads frozen) without the orthogonality term, with ``lr_scale`` giving the twins 1e-4 against the GCN's 1e-3.
+``updates(step)`` returns one or the other.
 
 MAL (Li & Shan, Alg. 1): groups ``meta`` (psi) and ``base`` (theta). Update 1 ``meta``: inside its loss, the
 meta-train step theta -> theta*(psi) is taken functionally (``torch.func.functional_call`` on detached copies of
@@ -85,11 +94,15 @@ class Group:
 @dataclass(frozen=True)
 class Update:
     name: str
-    group: str
+    group: str | tuple[str, ...]  # one group, or several stepped from one backward
     loss: Callable[[Batch, int], dict]
     repeat: int = 1
     new_batch: bool = True
     freeze: tuple[str, ...] = ()
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        return (self.group,) if isinstance(self.group, str) else tuple(self.group)
 
 
 @dataclass
@@ -122,6 +135,10 @@ class Method(nn.Module, abc.ABC):
         """uint8 NCHW -> normalised float, in the dtype/memory format of the images' device."""
         return (images.float() / 255.0 - self.mean) / self.std
 
+    @classmethod
+    def check(cls, cfg) -> None:
+        """Settings that must agree with the rest of the config (one ConfigError line); the default has none."""
+
     def setup(self, info: SetupInfo) -> None:
         """Training-set facts before the first step; the default needs none."""
 
@@ -140,6 +157,15 @@ class Method(nn.Module, abc.ABC):
     @abc.abstractmethod
     def updates(self, step: int) -> list[Update]:
         """See the module docstring."""
+
+    def lr_scale(self, group: str, step: int) -> float:
+        """A factor on ``group``'s learning rate at ``step`` (stages); the default keeps the schedule's."""
+        return 1.0
+
+    def predict_views(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-view AU probabilities of a multi-view method (MLCR's twins), scored beside ``predict``'s; none by
+        default."""
+        return {}
 
     def after_step(self, batch: Batch, step: int) -> None:
         """No-gradient state updates; the default has none."""

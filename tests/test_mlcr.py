@@ -1,0 +1,217 @@
+"""MLCR (Niu et al.): each loss term against a hand computation, the AU relation graph, the GCN, the stage switch
+(groups, learning rates, W^0 through checkpoint and resume), per-view evaluation, and selective learning's global
+counts on 2 real ranks."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from corpora import shard_bp4d
+from ranks import run_ranks
+from ssau.cli import main
+from ssau.config import ModelConfig
+from ssau.methods import build_method, resolve_params
+from ssau.methods.mlcr import (GCN, a_c_values, js_divergence, multi_view_loss, normalise_adjacency, relation_matrix,
+                               selective_mask)
+
+BP4D = (1, 2, 4, 6, 7, 10, 12, 14, 15, 17, 23, 24)
+
+
+def test_selective_learning_keeps_ceil_ac_n_negatives():
+    # 10 images: AU a has 1 positive (< 0.3 * 10): ceil(3) of its 9 negatives kept; AU b has 5 positives: all kept;
+    # AU c: 2 unknown, 1 positive of 8 known -> ceil(0.3 * 8) = 3 negatives of 7.
+    t = torch.zeros(10, 3)
+    t[0, 0] = 1
+    t[:5, 1] = 1
+    t[0, 2] = 1
+    mask = torch.ones(10, 3)
+    mask[8:, 2] = 0
+    torch.manual_seed(0)
+    m = selective_mask(t, mask, [0.3, 0.3, 0.3])
+    assert m[0, 0] == 1 and m[1:, 0].sum() == 3  # the positive and 3 negatives
+    assert torch.equal(m[:, 1], mask[:, 1])
+    assert m[0, 2] == 1 and m[1:8, 2].sum() == 3 and m[8:, 2].sum() == 0
+    # kept negatives are a random choice: another draw, another set, the same count
+    torch.manual_seed(1)
+    m2 = selective_mask(t, mask, [0.3, 0.3, 0.3])
+    assert m2[1:, 0].sum() == 3 and not torch.equal(m[:, 0], m2[:, 0])
+    # no negative to drop: nothing masked (1 negative left over would be dropped; none here)
+    assert torch.equal(selective_mask(t[:2], mask[:2], [0.9, 0.9, 0.9]), mask[:2])
+
+
+def test_a_c_tables_follow_the_corpus_au_list():
+    p = lambda **kw: build_method(resolve_params({"name": "mlcr", **kw}), BP4D, ModelConfig(backbone="tiny")).params  # noqa: E731
+    assert a_c_values(BP4D, p()) == [.3, .3, .5, .3, .3, .5, .3, .5, .3, .3, .3, .3]
+    emo = (1, 2, 4, 5, 6, 9, 12, 17, 20, 25, 26, 43)
+    assert a_c_values(emo, p()) == [.2, .3, .2, .2, .5, .2, .5, .2, .1, .5, .2, .3]
+    assert a_c_values((1, 2, 4, 6, 9, 12, 25, 26), p()) == [0.3] * 8  # DISFA: the default
+    assert a_c_values((1, 2), p(a_c_default=0.4)) == [0.4, 0.4]
+
+
+def test_multi_view_loss_parallel_orthogonal_antiparallel():
+    w = torch.tensor([[1.0, 2.0, 0.5], [0.0, 1.0, -1.0]])
+    orth = torch.tensor([[2.0, -1.0, 0.0], [0.0, 1.0, 1.0]])  # row-wise orthogonal to w
+    for absolute in (True, False):
+        assert multi_view_loss(w, 3 * w, absolute).item() == pytest.approx(1.0)
+        assert multi_view_loss(w, orth, absolute).item() == pytest.approx(0.0, abs=1e-7)
+    assert multi_view_loss(w, -w, True).item() == pytest.approx(1.0)  # the code's |cos|: anti-parallel is bad
+    assert multi_view_loss(w, -w, False).item() == pytest.approx(-1.0)  # the paper's signed cosine prefers it
+    mixed = torch.stack([w[0], orth[1]])  # AU 1 parallel, AU 2 orthogonal: the mean over AUs
+    assert multi_view_loss(w, mixed, True).item() == pytest.approx(0.5)
+
+
+def test_js_divergence_zero_for_equal_views_and_a_worked_pair():
+    p = torch.tensor([[0.2, 0.7, 0.5]])
+    assert torch.allclose(js_divergence(p, p), torch.zeros_like(p), atol=1e-7)
+    h = lambda x: -(x * math.log(x) + (1 - x) * math.log(1 - x))  # noqa: E731
+    got = js_divergence(torch.tensor([[0.9]]), torch.tensor([[0.1]])).item()
+    assert got == pytest.approx(h(0.5) - (h(0.9) + h(0.1)) / 2, rel=1e-5)
+    assert got == pytest.approx(0.36806, abs=1e-4)
+    # saturated outputs are clamped to [1e-3, 1 - 1e-3], not masked: a finite term
+    edge = js_divergence(torch.tensor([[0.0]]), torch.tensor([[1.0]])).item()
+    assert edge == pytest.approx(h(0.5) - h(1e-3), rel=1e-4)
+
+
+def test_relation_matrix_independent_dependent_and_worked_values():
+    # AU1 and AU2 independent (each combination once): no link. AU3 = AU1: full link; AU4 = 1 - AU1: full link too.
+    y = torch.tensor([[0, 0, 0, 1], [0, 1, 0, 1], [1, 0, 1, 0], [1, 1, 1, 0]], dtype=torch.float32)
+    a = relation_matrix(y, torch.ones_like(y))
+    assert a[0, 1] == 0 and a[1, 0] == 0
+    assert a[0, 2] == 1 and a[0, 3] == 1 and torch.equal(a.diag(), torch.ones(4))
+    # Worked: a = [1,1,0,0,0], b = [1,0,0,0,0]. P(a=1|b=1) = 1, P(a=0|b=0) = 3/4 -> P_dep 0.875 -> A[a,b] = 0.75;
+    # P(b=1|a=1) = 1/2, P(b=0|a=0) = 1 -> 0.75 -> A[b,a] = 0.5. A sixth image with b unknown is left out.
+    y = torch.tensor([[1, 1], [1, 0], [0, 0], [0, 0], [0, 0], [1, 1]], dtype=torch.float32)
+    m = torch.ones_like(y)
+    m[5, 1] = 0
+    a = relation_matrix(y, m)
+    assert a[0, 1].item() == pytest.approx(0.75) and a[1, 0].item() == pytest.approx(0.5)
+    # A conditional on no image at all is "no information": 0.5, no link.
+    y = torch.tensor([[0, 1], [0, 0]], dtype=torch.float32)  # AU1 never positive
+    assert relation_matrix(y, torch.ones_like(y))[1, 0].item() == pytest.approx(abs(2 * ((0.5 + 0.5) / 2 - 0.5)))
+    adj = normalise_adjacency(torch.tensor([[1.0, 0.5], [0.25, 1.0]]))
+    d = torch.tensor([1.5, 1.25]).pow(-0.5)
+    assert torch.allclose(adj, d[:, None] * torch.tensor([[1.0, 0.25], [0.5, 1.0]]) * d[None, :])
+
+
+def test_gcn_identity_initialisation_reproduces_w0_and_random_does_not():
+    torch.manual_seed(0)
+    w0, adj = torch.randn(5, 9), normalise_adjacency(torch.rand(5, 5) + torch.eye(5))
+    assert torch.allclose(GCN(9, "identity")(w0, adj), w0)
+    random = GCN(9, "random")
+    assert not torch.allclose(random(w0, adj), w0)
+    x = torch.nn.functional.leaky_relu(adj @ (w0 @ random.h0), 0.2)  # Eq. 6 as written
+    assert torch.allclose(random(w0, adj), adj @ (x @ random.h1))
+
+
+def test_twins_are_initialised_differently_and_predict_is_their_ensemble():
+    torch.manual_seed(0)
+    m = build_method(resolve_params({"name": "mlcr"}), BP4D, ModelConfig(backbone="tiny")).eval()
+    assert not torch.equal(m.twins[0].head.weight, m.twins[1].head.weight)
+    x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        v = m.predict_views(x)
+        assert not torch.allclose(v["view1"], v["view2"])
+        assert torch.allclose(m.predict(x), (v["view1"] + v["view2"]) / 2)
+
+
+def test_train_steps_must_be_the_two_stages():
+    from ssau.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="is not method.stage1_steps \\+ method.stage2_steps"):
+        load_config(None, ["data.labelled=[x]", "method.name=mlcr", "train.steps=5"])
+    load_config(None, ["data.labelled=[x]", "method.name=mlcr", "train.steps=5", "method.stage1_steps=5",
+                       "method.stage2_steps=0"])
+
+
+# ---------------------------------------------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return shard_bp4d(tmp_path_factory.mktemp("mlcr"), shard_size=3)
+
+
+def _args(shards: Path, out: Path, name: str, *extra: str) -> list[str]:
+    return ["train", f"data.labelled=[{shards}]", "model.backbone=tiny", "data.image_size=32", "data.m1=4",
+            "data.m2=4", "data.label_drop=0.5", "data.workers=0", "data.eval_batch=8", "train.steps=4",
+            "method.name=mlcr", "method.stage1_steps=2", "method.stage2_steps=2", "optim.schedule=constant",
+            f"train.out={out}", f"train.name={name}", "train.checkpoint_every=1", "train.keep_checkpoints=10",
+            "train.log_every=1", "train.progress=false", f"tracking.uri=sqlite:///{out / 'mlflow.db'}", *extra]
+
+
+def _ckpt(run: Path, step: int) -> dict:
+    return torch.load(run / "checkpoints" / f"step-{step:07d}.pt", weights_only=True)
+
+
+def test_stage_switch_groups_learning_rates_and_w0_through_resume(shards, tmp_path):
+    from ssau.config import load_config
+    from ssau.data.stream import TrainStream
+    from ssau.trainer import Trainer
+
+    assert main(_args(shards, tmp_path, "a")) == 0
+    run = tmp_path / "a"
+    s1, s2, s3, s4 = (_ckpt(run, k)["method"] for k in (1, 2, 3, 4))
+    # Stage 1 (steps 1-2): the twins train, the GCN does not, no W^0 yet.
+    assert s1["switched"] == 0 and torch.equal(s1["gcn.h0"], s2["gcn.h0"])
+    assert not torch.equal(s1["twins.0.head.weight"], s2["twins.0.head.weight"])
+    # The switch after step 2: W^0 = the stage-1 classifiers [w b] of each view, then frozen.
+    assert s2["switched"] == 1
+    for i in (0, 1):
+        assert torch.equal(s2["w0"][i], torch.cat([s2[f"twins.{i}.head.weight"], s2[f"twins.{i}.head.bias"][:, None]], 1))
+    # Stage 2 (steps 3-4): the GCN and the backbones train; the stage-1 classifiers and W^0 stay.
+    assert not torch.equal(s2["gcn.h0"], s3["gcn.h0"]) and not torch.equal(s3["gcn.h1"], s4["gcn.h1"])
+    assert not torch.equal(s2["twins.1.backbone.body.0.weight"], s3["twins.1.backbone.body.0.weight"])
+    assert torch.equal(s2["twins.0.head.weight"], s4["twins.0.head.weight"]) and torch.equal(s2["w0"], s4["w0"])
+    # Learning rates by stage (constant schedule): 1e-3 for the twins in stage 1, then 1e-4; the GCN at 1e-3.
+    cfg = load_config(None, _args(shards, tmp_path, "lr")[1:])
+    t = Trainer(cfg)
+    lrs = lambda: {g: o.param_groups[0]["lr"] for g, o in t.optimizers.items()}  # noqa: E731
+    assert [(u.groups, u.freeze) for u in t.method.updates(0)] == [(("twins", "heads"), ("gcn",))]
+    assert [(u.groups, u.freeze) for u in t.method.updates(2)] == [(("twins", "gcn"), ("heads",))]
+    assert lrs() == pytest.approx({"twins": 1e-3, "heads": 1e-3, "gcn": 1e-3})
+    batches = iter(TrainStream(t.stream_cfg, 0, 1, t.trainset))
+    for _ in range(2):
+        t.train_step(batches)
+    assert lrs() == pytest.approx({"twins": 1e-4, "heads": 1e-3, "gcn": 1e-3})
+    # Resume from the step-3 checkpoint: W^0 and the switch come back from it and stay.
+    resumed = tmp_path / "b"
+    (resumed / "checkpoints").mkdir(parents=True)
+    (resumed / "checkpoints" / "step-0000003.pt").write_bytes((run / "checkpoints" / "step-0000003.pt").read_bytes())
+    assert main(_args(shards, tmp_path, "b", "train.resume=auto", "tracking.enabled=false")) == 0
+    end = torch.load(resumed / "model.pt", weights_only=True)["method"]
+    assert end["switched"] == 1 and torch.equal(end["w0"], s3["w0"])
+    assert torch.equal(end["adj"], s4["adj"]) and not torch.equal(end["adj"], torch.eye(12))
+
+
+def test_evaluation_logs_each_view_their_mean_and_inconsistency(shards, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    assert main(_args(shards, tmp_path, "v", "method.gcn_init=identity")) == 0
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("ssau").experiment_id])
+    m = run.data.metrics
+    assert m["val/f1_views"] == pytest.approx((m["val/view1/f1_mean"] + m["val/view2/f1_mean"]) / 2)
+    incons = [m[f"val/inconsistency/AU{a:02d}"] for a in BP4D]
+    assert m["val/inconsistency_mean"] == pytest.approx(sum(incons) / 12)
+    assert all(0 <= x <= 1 for x in incons) and m["val/inconsistency_any"] >= max(incons)
+    assert "val/view1/f1/AU01" in m and "val/f1_mean" in m  # the ensemble keeps the common name
+
+
+def _two_rank_selective(rank: int, world: int) -> list[float]:
+    torch.manual_seed(rank)
+    t = torch.zeros(10, 2)
+    t[0, 0] = 1  # AU1: 1 positive per rank -> 2 of 20 known globally, ceil(0.3 * 20) = 6 negatives kept
+    mask = torch.ones(10, 2)
+    if rank == 1:
+        mask[:4, 1] = 0  # AU2: no positive; 10 + 6 = 16 known, ceil(4.8) = 5 kept, split 10:6 -> 3 + 2
+    m = selective_mask(t, mask, [0.3, 0.3])
+    assert torch.distributed.get_world_size() == 2
+    return [float(((m > 0) & (t == 0))[:, j].sum()) for j in (0, 1)]
+
+
+def test_selective_learning_counts_the_global_batch_on_two_ranks():
+    kept = run_ranks(_two_rank_selective, 2)
+    assert [k[0] for k in kept] == [3, 3]  # 6 negatives of AU1 in all, shared in proportion to 9 : 9
+    assert [k[1] for k in kept] == [3, 2]  # 5 of AU2's, in proportion to 10 : 6 (largest remainder)
