@@ -19,6 +19,11 @@ from pathlib import Path
 # short name (CSV column, metric name) -> the child run's metric
 METRICS = {"f1": "val/f1_mean", "auc": "val/auc_mean", "acc": "val/acc_mean", "marginal_gap": "val/marginal_gap",
            "conditional_gap": "val/conditional_gap"}
+# Reported only when a compared method logs them (MLCR): the mean of the views' F1 (a single-view method's is its
+# F1, so the paired difference to the baseline is defined) and the views' inconsistency rate.
+EXTRA = {"f1_views": "val/f1_views", "inconsistency": "val/inconsistency_mean"}
+HEADS = {"f1": "F1", "auc": "AUC", "acc": "Acc", "marginal_gap": "marginal gap", "conditional_gap": "cond. gap",
+         "f1_views": "F1 views", "inconsistency": "inconsistency"}
 NAN = float("nan")
 
 
@@ -31,6 +36,7 @@ class Report:
     paired: list[dict] = field(default_factory=list)  # method, baseline, label_drop, n_pairs, seeds, <m>_diff, _se
     per_au: list[dict] = field(default_factory=list)  # method, label_drop, au, n_seeds, f1_mean, f1_std
     per_seed: dict = field(default_factory=dict)  # (method, drop) -> {seed: {short or "f1/<AU>": value}}
+    keys: tuple[str, ...] = tuple(METRICS)  # METRICS, then the EXTRA ones some cell logged
 
 
 def _std(xs: list[float]) -> float:
@@ -46,7 +52,7 @@ def _fold_means(results: list[dict]) -> dict:
     out: dict = {}
     for r in results:
         m = r["metrics"]
-        values = {k: m[v] for k, v in METRICS.items() if v in m}
+        values = {k: m[v] for k, v in (METRICS | EXTRA).items() if v in m}
         values.update({"f1/" + k[len("val/f1/"):]: v for k, v in m.items() if k.startswith("val/f1/")})
         out.setdefault((r["method"], _drop_key(r["drop"]), r["seed"]), {})[r["fold"]] = values
     return out
@@ -60,17 +66,23 @@ def _seed_value(folds: dict, key: str, only: set | None = None) -> float:
 def summarize(results: list[dict], methods: tuple[str, ...], drops: tuple[float, ...], baseline: str) -> Report:
     """``results``: one dict per evaluated cell: method, seed, drop, fold, metrics (the child's val/* metrics)."""
     cells = _fold_means(results)
-    rep = Report(tuple(methods), tuple(drops), baseline)
+    extra = tuple(k for k in EXTRA if any(k in v for f in cells.values() for v in f.values()))
+    if "f1_views" in extra:
+        for f in cells.values():
+            for v in f.values():
+                if "f1" in v:
+                    v.setdefault("f1_views", v["f1"])
+    rep = Report(tuple(methods), tuple(drops), baseline, keys=(*METRICS, *extra))
     aus = sorted({k[3:] for f in cells.values() for v in f.values() for k in v if k.startswith("f1/")})
     for p in drops:
         d = _drop_key(p)
         for method in methods:
             seeds = sorted(s for (m, dk, s) in cells if m == method and dk == d)
-            per_seed = {s: {k: _seed_value(cells[(method, d, s)], k) for k in [*METRICS, *("f1/" + a for a in aus)]}
+            per_seed = {s: {k: _seed_value(cells[(method, d, s)], k) for k in [*rep.keys, *("f1/" + a for a in aus)]}
                         for s in seeds}
             rep.per_seed[(method, d)] = per_seed
             row = {"method": method, "label_drop": p, "n_seeds": len(seeds)}
-            for k in METRICS:
+            for k in rep.keys:
                 xs = [v[k] for v in per_seed.values() if not math.isnan(v[k])]
                 row[f"{k}_mean"], row[f"{k}_std"] = (statistics.fmean(xs) if xs else NAN), _std(xs)
             rep.summary.append(row)
@@ -83,7 +95,7 @@ def summarize(results: list[dict], methods: tuple[str, ...], drops: tuple[float,
             pairs = sorted(s for s in seeds if (baseline, d, s) in cells)
             row = {"method": method, "baseline": baseline, "label_drop": p, "n_pairs": len(pairs),
                    "seeds": " ".join(map(str, pairs))}
-            for k in METRICS:
+            for k in rep.keys:
                 diffs = []
                 for s in pairs:  # the same folds on both sides: a missing fold must not bias one side
                     mine, theirs = cells[(method, d, s)], cells[(baseline, d, s)]
@@ -102,12 +114,12 @@ def parent_metrics(rep: Report) -> dict[str, float]:
     for row in rep.summary:
         base = f"cmp/{row['method']}/drop{_drop_key(row['label_drop'])}"
         out[f"{base}/n_seeds"] = row["n_seeds"]
-        for k in METRICS:
+        for k in rep.keys:
             out[f"{base}/{k}_mean"], out[f"{base}/{k}_std"] = row[f"{k}_mean"], row[f"{k}_std"]
     for row in rep.paired:
         base = f"cmp/{row['method']}/drop{_drop_key(row['label_drop'])}"
         out[f"{base}/n_pairs"] = row["n_pairs"]
-        for k in METRICS:
+        for k in rep.keys:
             out[f"{base}/{k}_diff"], out[f"{base}/{k}_diff_se"] = row[f"{k}_diff"], row[f"{k}_diff_se"]
     for row in rep.per_au:
         out[f"cmp/{row['method']}/drop{_drop_key(row['label_drop'])}/f1/{row['au']}"] = row["f1_mean"]
@@ -190,15 +202,15 @@ def _pm(mean: float, spread: float, sign: str = "") -> str:
 
 def format_report(rep: Report) -> str:
     """The summary (mean ± std over seeds) and paired (mean ± SE) tables, in percentage points."""
-    heads = "".join(f"{h:>15}" for h in ("F1", "AUC", "Acc", "marginal gap", "cond. gap"))
+    heads = "".join(f"{HEADS[k]:>15}" for k in rep.keys)
     lines = ["mean ± std over seeds (%):", f"{'method':<22}{'drop':>6}{'seeds':>6}{heads}"]
     for r in rep.summary:
         lines.append(f"{r['method']:<22}{_drop_key(r['label_drop']):>6}{r['n_seeds']:>6}"
-                     + "".join(f"  {_pm(r[f'{k}_mean'], r[f'{k}_std'])}" for k in METRICS))
+                     + "".join(f"  {_pm(r[f'{k}_mean'], r[f'{k}_std'])}" for k in rep.keys))
     if rep.paired:
         lines += [f"paired difference to {rep.baseline}, mean ± standard error over seeds (points):",
                   f"{'method':<22}{'drop':>6}{'pairs':>6}{heads}"]
         for r in rep.paired:
             lines.append(f"{r['method']:<22}{_drop_key(r['label_drop']):>6}{r['n_pairs']:>6}"
-                         + "".join(f"  {_pm(r[f'{k}_diff'], r[f'{k}_diff_se'], '+')}" for k in METRICS))
+                         + "".join(f"  {_pm(r[f'{k}_diff'], r[f'{k}_diff_se'], '+')}" for k in rep.keys))
     return "\n".join(lines)

@@ -197,3 +197,30 @@ def test_bad_grid_is_one_line(flag, value, message, capsys):
     assert main(["compare", *[x for kv in argv.items() for x in kv], "data.labelled=[nowhere]"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ssau: error: ") and message in err[0]
+
+
+def test_views_mean_f1_and_inconsistency_are_reported_when_a_method_logs_them():
+    from ssau.compare_report import format_report, parent_metrics, summarize
+
+    def cell(method, seed, f1, views=None, inc=None):
+        m = {"val/f1_mean": f1, "val/auc_mean": 0.7, "val/acc_mean": 0.9, "val/marginal_gap": 0.1,
+             "val/conditional_gap": 0.2}
+        if views is not None:
+            m |= {"val/f1_views": views, "val/inconsistency_mean": inc}
+        return {"method": method, "seed": seed, "drop": 0.5, "fold": 1, "metrics": m}
+
+    results = [cell("supervised", 0, 0.40), cell("supervised", 1, 0.44),
+               cell("mlcr", 0, 0.46, 0.43, 0.10), cell("mlcr", 1, 0.47, 0.49, 0.20)]
+    rep = summarize(results, ("supervised", "mlcr"), (0.5,), "supervised")
+    assert rep.keys[-2:] == ("f1_views", "inconsistency")
+    sup, mlcr = rep.summary
+    assert sup["f1_views_mean"] == pytest.approx(0.42)  # a single view's "views' mean" is its F1
+    assert math.isnan(sup["inconsistency_mean"]) and mlcr["inconsistency_mean"] == pytest.approx(0.15)
+    (paired,) = rep.paired  # by hand: (0.43 - 0.40, 0.49 - 0.44) -> mean 0.04, SE std(0.03, 0.05) / sqrt(2)
+    assert paired["f1_views_diff"] == pytest.approx(0.04)
+    assert paired["f1_views_diff_se"] == pytest.approx(statistics.stdev([0.03, 0.05]) / math.sqrt(2))
+    assert paired["f1_diff"] == pytest.approx(0.045)
+    assert parent_metrics(rep)["cmp/mlcr/drop0.5/f1_views_diff"] == pytest.approx(0.04)
+    assert "F1 views" in format_report(rep) and "inconsistency" in format_report(rep)
+    plain = summarize(results[:2], ("supervised",), (0.5,), "supervised")  # no method logs views: no columns
+    assert plain.keys == ("f1", "auc", "acc", "marginal_gap", "conditional_gap")
