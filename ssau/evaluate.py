@@ -33,8 +33,8 @@ def evaluate_method(method: Method, cfg: Config, aus: tuple[int, ...], rt: Runti
         if rt.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with rt.autocast():
-            p = method.predict(images).float()
-            views = {k: v.float() for k, v in method.predict_views(images).items()}
+            p, views = method.predict_all(images)
+            p, views = p.float(), {k: v.float() for k, v in views.items()}
         names = list(views)
         rows = torch.cat([p, *views.values(), b.targets.to(rt.device), b.mask.to(rt.device),
                           b.valid.to(rt.device).float()[:, None]], 1)

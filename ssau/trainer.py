@@ -90,8 +90,11 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ building
     def _lr(self, group: str, step: int) -> float:
-        """The schedule's factor at ``step`` times the method's factor for the group (stages)."""
-        return lr_factor(self.cfg.optim, self.cfg.train.steps, step) * self.method.lr_scale(group, step)
+        """The schedule's factor at ``step``, restarted at each of the method's stage starts, times the method's
+        factor for the group."""
+        bounds = [0, *(b for b in self.method.stage_starts() if 0 < b < self.cfg.train.steps), self.cfg.train.steps]
+        k = max(i for i in range(len(bounds) - 1) if bounds[i] <= step or i == 0)
+        return lr_factor(self.cfg.optim, bounds[k + 1] - bounds[k], step - bounds[k]) * self.method.lr_scale(group, step)
 
     def _run_dir(self) -> Path:
         t = self.cfg.train
@@ -147,26 +150,26 @@ class Trainer:
                 if g not in self.engines:
                     self.optimizers[g].zero_grad(set_to_none=True)
             return batch, parts
-        steps = []  # (group, params) that pass their gradient check, stepped only when all of them pass
-        for g in names:
-            if g in self.engines:
-                continue
-            own = self.groups[g].params
+        plain = [g for g in names if g not in self.engines]
+        own = [p for g in plain for p in self.groups[g].params]
+        if own:  # the plain groups together, as one update's parameters: averaged, clipped to one norm, checked
             average_gradients(own, rt)
             norm = torch.nn.utils.clip_grad_norm_(own, self.cfg.optim.clip_grad or float("inf"))
             if not torch.isfinite(norm):  # gradients are averaged, so every rank sees the same norm
-                self._refuse(upd, f"non-finite gradient norm{f' in group {g!r}' if len(names) > 1 else ''}")
-                for h in names:
-                    if h not in self.engines:
-                        self.optimizers[h].zero_grad(set_to_none=True)
-                return batch, parts
-            parts["grad_norm" if len(names) == 1 else f"grad_norm_{g}"] = float(norm)
-            steps.append(g)
+                for g in plain:
+                    self.optimizers[g].zero_grad(set_to_none=True)
+                # An engine has reduced its share already and DeepSpeed has no call to discard it: it steps alone.
+                self._refuse(upd, "non-finite gradient norm" + (f" in {', '.join(plain)}; the DeepSpeed engine "
+                                                                "steps alone" if engine is not None else ""))
+                plain = []
+            else:
+                parts["grad_norm"] = float(norm)
         if engine is not None:
             engine.step()  # reduce, clip, step, zero_grad (ZeRO)
-        for g in steps:
+        for g in plain:
             self.optimizers[g].step()
-        self._check_params(upd, params)
+        if engine is not None or plain:
+            self._check_params(upd, params)
         return batch, parts
 
     def _check_params(self, upd: Update, params: list) -> None:

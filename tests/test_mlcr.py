@@ -41,6 +41,13 @@ def test_selective_learning_keeps_ceil_ac_n_negatives():
     assert m2[1:, 0].sum() == 3 and not torch.equal(m[:, 0], m2[:, 0])
     # no negative to drop: nothing masked (1 negative left over would be dropped; none here)
     assert torch.equal(selective_mask(t[:2], mask[:2], [0.9, 0.9, 0.9]), mask[:2])
+    # Through the method's own a_c (exact Python floats: a float32 0.3 times 10 rounds up to 4 negatives)
+    m = build_method(resolve_params({"name": "mlcr"}), BP4D, ModelConfig(backbone="tiny"))
+    t12, mask12 = torch.zeros(10, 12), torch.ones(10, 12)
+    t12[0] = 1
+    kept = selective_mask(t12, mask12, m.a_c)
+    assert m.a_c[0] == 0.3 and kept[1:, 0].sum() == 3  # ceil(0.3 * 10)
+    assert kept[1:, 2].sum() == 5  # AU04's a_c 0.5: ceil(5)
 
 
 def test_a_c_tables_follow_the_corpus_au_list():
@@ -175,6 +182,11 @@ def test_stage_switch_groups_learning_rates_and_w0_through_resume(shards, tmp_pa
     for _ in range(2):
         t.train_step(batches)
     assert lrs() == pytest.approx({"twins": 1e-4, "heads": 1e-3, "gcn": 1e-3})
+    # A cosine schedule starts afresh at the switch: the paper's initial rates for stage 2 (1e-3 GCN, 1e-4 twins).
+    cos = Trainer(load_config(None, [*_args(shards, tmp_path, "cos")[1:], "optim.schedule=cosine"]))
+    assert cos._lr("twins", 0) == 1.0 and cos._lr("twins", 1) == pytest.approx(0.5)  # within stage 1 (2 steps)
+    assert cos._lr("twins", 2) == pytest.approx(0.1) and cos._lr("gcn", 2) == pytest.approx(1.0)
+    assert cos._lr("gcn", 3) == pytest.approx(0.5)
     # Resume from the step-3 checkpoint: W^0 and the switch come back from it and stay.
     resumed = tmp_path / "b"
     (resumed / "checkpoints").mkdir(parents=True)

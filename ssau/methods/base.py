@@ -21,6 +21,9 @@ never touches loaders, devices, the accelerator, ranks or checkpoint files. It d
   groups' gradients, which are then averaged by hand.
 - ``lr_scale(group, step)``: a factor on the group's learning rate at ``step`` (default 1), multiplied into the
   trainer's schedule (warm-up, cosine: the schedules stay the trainer's); MLCR's stage 2 lowers the twins' rate.
+  ``stage_starts()``: steps where that schedule starts afresh (warm-up and decay run within each stage).
+- ``predict_views(images)``: per-view probabilities of a multi-view method, scored beside ``predict``'s
+  (``predict_all`` returns both from one pass).
 - ``after_step(batch, step)``: state updated without gradients (centroids, banks), under ``torch.no_grad``;
   the trainer then averages floating-point buffers across ranks so every rank holds the same state.
 - ``predict(images) -> [B, J]`` AU probabilities, for evaluation.
@@ -166,6 +169,15 @@ class Method(nn.Module, abc.ABC):
         """Per-view AU probabilities of a multi-view method (MLCR's twins), scored beside ``predict``'s; none by
         default."""
         return {}
+
+    def predict_all(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``predict`` and ``predict_views`` together (evaluation); a multi-view method computes both in one pass."""
+        return self.predict(images), self.predict_views(images)
+
+    def stage_starts(self) -> tuple[int, ...]:
+        """Steps at which the trainer's schedule (warm-up, decay) starts afresh (a method's stages); none by
+        default."""
+        return ()
 
     def after_step(self, batch: Batch, step: int) -> None:
         """No-gradient state updates; the default has none."""

@@ -6,7 +6,8 @@ Niu, Han, Shan, Chen, "Multi-label Co-regularization for Semi-supervised Facial 
 
 Networks: two twins, each a backbone f_i and an AU classifier W_i = [w_i b_i] (Eq. 1: p_i = sigmoid(w_i^T f_i + b_i)),
 built one after the other from the seeded generator, so initialised differently (identically on every rank: rank
-0's weights are broadcast); a GCN (Eq. 6) shared by the views. Groups: ``twins`` (both backbones, an engine under
+0's weights are broadcast; with ``model.pretrained=imagenet`` both backbones load the same weights and only the
+classifiers start apart); a GCN (Eq. 6) shared by the views. Groups: ``twins`` (both backbones, an engine under
 DeepSpeed), ``heads`` (both stage-1 classifiers) and ``gcn``, the last two plain optimisers with their gradients
 averaged by hand (one backward cannot drive two ZeRO-2 engines, ../shared/STACK-NOTES.md). The classifiers are a
 group of their own so that stage 2 leaves them exactly as they were: an optimiser that still stepped them (with
@@ -31,14 +32,17 @@ L = 1/2 (L_v1 + L_v2) + lambda_mv L_mv + lambda_cr L_cr
   masked as in the code, so every rank averages the same number of terms), averaged over AUs and the global image
   count. The code's |mean H(p) - mean H|-form is not used.
 - ``labelled_pass: true`` adds a second update per step on a fresh batch's labelled images only (per-view BCE, and
-  lambda_mv L_mv in stage 1): Sec. 4.1.2's labelled-only pass of every epoch, here per step (off by default).
+  lambda_mv L_mv in stage 1): Sec. 4.1.2's labelled-only pass of every epoch, here per step (off by default; not
+  with ``train.deepspeed``, whose engine steps its schedule once per update).
 
 Stage switch: after step ``stage1_steps - 1`` (``after_step``, the same step on every rank) the classifiers are
 copied into the frozen W^0 buffers (checkpointed). Stage 2 (``stage2_steps`` steps), one update naming
 ``("twins", "gcn")`` (``heads`` frozen): L = 1/2 (L_v1 + L_v2) + lambda_cr L_cr (L_mv off, Sec. 4.1.2), each view's classifier
 W_i^t = GCN(W_i^0) (Eq. 6: A LeakyReLU_0.2(A W^0 H0) H1, H of (D+1) x (D+1); the code's GraphConvolution without
-bias), the twins at 1e-4 and the GCN at 1e-3 (``stage2_twins_lr_scale`` 0.1 and ``gcn_lr_scale`` 1.0 times
-optim.lr = 1e-3, through ``lr_scale``). The stage-1 classifiers get no gradient in stage 2.
+bias; computed in float32 under autocast), the twins at 1e-4 and the GCN at 1e-3 (``stage2_twins_lr_scale`` 0.1
+and ``gcn_lr_scale`` 1.0 times optim.lr = 1e-3, through ``lr_scale``). Stage 2 starts the trainer's schedule
+afresh (``stage_starts``: warm-up and cosine run within each stage), so these are its initial rates, as the paper
+gives them. The stage-1 classifiers get no gradient in stage 2.
 - Adjacency (Eq. 7-8): A = |2 (P_dep - 0.5)|, P_dep(i, j) = 1/2 [P(L_i=1 | L_j=1) + P(L_i=0 | L_j=0)], counted on
   the label bank (training folds' known, not label-dropped labels) over images with both labels known; a
   conditional with no image is 0.5 (no link); the diagonal is 1 (Sec. 3.4); normalised as D^-1/2 A^T D^-1/2 with
@@ -231,7 +235,7 @@ class MLCR(Method):
         self.register_buffer("adj", torch.eye(J))  # normalised; setup computes it
         self.register_buffer("w0", torch.zeros(2, J, dim))  # the frozen stage-1 classifiers
         self.register_buffer("switched", torch.zeros(()))  # 1 once W^0 is taken
-        self.register_buffer("a_c", torch.tensor(a_c_values(aus, params)), persistent=False)
+        self.a_c = a_c_values(aus, params)  # Python floats: ceil(0.3 * 10) is 3 (a float32 0.3 would make it 4)
 
     @classmethod
     def check(cls, cfg) -> None:
@@ -239,6 +243,9 @@ class MLCR(Method):
         if p.stage1_steps + p.stage2_steps != cfg.train.steps:
             raise ConfigError(f"train.steps: {cfg.train.steps} is not method.stage1_steps + method.stage2_steps "
                               f"({p.stage1_steps} + {p.stage2_steps}); set them to add up")
+        if p.labelled_pass and cfg.train.deepspeed:  # DeepSpeed steps an engine's schedule once per update
+            raise ConfigError("method.labelled_pass: not with train.deepspeed (the twins' engine would advance its "
+                              "learning-rate schedule twice per step)")
 
     def setup(self, info: SetupInfo) -> None:
         if self.params.stage2_steps:
@@ -261,7 +268,8 @@ class MLCR(Method):
         for i, t in enumerate(self.twins):
             f = t.dropout(t.backbone(x))
             if self.switched > 0:  # stage 2 (and every prediction after it): the GCN's classifier
-                w = self.gcn(self.w0[i], self.adj)
+                with torch.autocast(f.device.type, enabled=False):  # a [J, D+1] product: float32 under bf16 too
+                    w = self.gcn(self.w0[i].float(), self.adj.float())
                 out.append(f @ w[:, :-1].T.to(f.dtype) + w[:, -1].to(f.dtype))
             else:
                 out.append(t.head(f))
@@ -272,13 +280,17 @@ class MLCR(Method):
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """The ensemble: the mean of the two views' probabilities."""
+        return self.predict_all(images)[0]
+
+    def predict_all(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The ensemble and the views from one pass of each twin (evaluation)."""
         p = self.predict_views(images)
-        return (p["view1"] + p["view2"]) / 2
+        return (p["view1"] + p["view2"]) / 2, p
 
     # ------------------------------------------------------------------------------------------------ losses
     def view_bce(self, logits: list[torch.Tensor], batch: Batch) -> tuple[torch.Tensor, dict]:
         """1/2 (L_v1 + L_v2) over the labelled images, each summed over AUs, divided by the global image count."""
-        m = selective_mask(batch.targets, batch.mask, self.a_c.tolist()) if self.params.selective else batch.mask
+        m = selective_mask(batch.targets, batch.mask, self.a_c) if self.params.selective else batch.mask
         n = torch.tensor(float(len(batch.targets)), device=batch.targets.device)
         parts = []
         for z in logits:
@@ -321,6 +333,10 @@ class MLCR(Method):
         return {"twins": Group([p for t in self.twins for p in t.backbone.parameters()]),
                 "heads": Group([p for t in self.twins for p in t.head.parameters()], deepspeed=False),
                 "gcn": Group(list(self.gcn.parameters()), self.params.gcn_lr_scale, deepspeed=False)}
+
+    def stage_starts(self) -> tuple[int, ...]:
+        """Stage 2 starts the trainer's schedule afresh: the paper's initial rates 1e-3 / 1e-4 of Sec. 4.1.2."""
+        return (self.params.stage1_steps,) if self.params.stage2_steps and self.params.stage1_steps else ()
 
     def lr_scale(self, group: str, step: int) -> float:
         if group == "twins" and self.stage2(step):
