@@ -150,20 +150,21 @@ class Trainer:
                 if g not in self.engines:
                     self.optimizers[g].zero_grad(set_to_none=True)
             return batch, parts
-        plain = [g for g in names if g not in self.engines]
-        own = [p for g in plain for p in self.groups[g].params]
-        if own:  # the plain groups together, as one update's parameters: averaged, clipped to one norm, checked
-            average_gradients(own, rt)
-            norm = torch.nn.utils.clip_grad_norm_(own, self.cfg.optim.clip_grad or float("inf"))
-            if not torch.isfinite(norm):  # gradients are averaged, so every rank sees the same norm
-                for g in plain:
-                    self.optimizers[g].zero_grad(set_to_none=True)
-                # An engine has reduced its share already and DeepSpeed has no call to discard it: it steps alone.
-                self._refuse(upd, "non-finite gradient norm" + (f" in {', '.join(plain)}; the DeepSpeed engine "
-                                                                "steps alone" if engine is not None else ""))
-                plain = []
-            else:
-                parts["grad_norm"] = float(norm)
+        # Each group is averaged and clipped to its own norm, as a DeepSpeed engine clips its own parameters: plain
+        # averaging and ZeRO then reach the same state. Any non-finite plain group refuses every plain group.
+        plain, norms = [g for g in names if g not in self.engines], {}
+        for g in plain:
+            average_gradients(self.groups[g].params, rt)
+            norms[g] = torch.nn.utils.clip_grad_norm_(self.groups[g].params, self.cfg.optim.clip_grad or float("inf"))
+        if not all(torch.isfinite(n) for n in norms.values()):  # averaged gradients: the same verdict on every rank
+            for g in plain:
+                self.optimizers[g].zero_grad(set_to_none=True)
+            # An engine has reduced its share already and DeepSpeed has no call to discard it: it steps alone.
+            self._refuse(upd, "non-finite gradient norm" + (f" in {', '.join(plain)}; the DeepSpeed engine steps "
+                                                            "alone" if engine is not None else ""))
+            plain = []
+        for g in plain:
+            parts["grad_norm" if len(names) == 1 else f"grad_norm_{g}"] = float(norms[g])
         if engine is not None:
             engine.step()  # reduce, clip, step, zero_grad (ZeRO)
         for g in plain:

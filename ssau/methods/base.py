@@ -12,7 +12,8 @@ never touches loaders, devices, the accelerator, ranks or checkpoint files. It d
   from one loss). ``loss(batch, step)`` returns a dict with a required ``loss`` tensor and named float parts
   for logging. The trainer runs every update the same way, in one visible place (``Trainer._run_update``):
   freeze the listed groups, zero_grad, forward + backward (over ``accumulate`` micro-batches; one backward for all
-  of the update's groups), then per group: average gradients across ranks, clip, finite check (a NaN/Inf update
+  of the update's groups), then per group: average gradients across ranks, clip to the group's own norm (as a
+  DeepSpeed engine clips its own parameters, so plain averaging and ZeRO agree), finite check (a NaN/Inf update
   is refused on every rank and reported), step. ``repeat`` runs an update several times per step;
   ``new_batch=False`` reuses the previous update's batch instead of drawing a new one. A method changes what
   trains between stages by returning different updates for a step. Under ``train.deepspeed`` at most one of an
