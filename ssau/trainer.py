@@ -1,8 +1,8 @@
 """The training loop: build, train in steps, evaluate, checkpoint, track.
 
-One training step runs the method's ordered updates; every update goes through ``Trainer._run_update``: freeze,
-zero_grad, forward/backward over micro-batches, average gradients across ranks, clip, finite check, step. Then the
-no-gradient state, the LR schedules, logging, evaluation and checkpoints, in that order.
+One training step runs the method's ordered updates; every update goes through ``ssau.updates.Updates.run``:
+freeze, zero_grad, forward/backward over micro-batches, then per group average gradients across ranks, clip, finite
+check, step. Then the no-gradient state, the LR schedules, logging, evaluation and checkpoints, in that order.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from ssau.data.trainset import TrainingSet
 from ssau.methods import Method, SetupInfo, Update, build_method, check_groups
 from ssau.evaluate import evaluate_method
 from ssau.optim import build_optimizer, check_group_names, group_config, lr_factor
-from ssau.runtime import (Runtime, average_buffers, average_gradients, broadcast_module, deepspeed_engine,
+from ssau.updates import Updates
+from ssau.runtime import (Runtime, average_buffers, broadcast_module, deepspeed_engine,
                           init_runtime, rng_state, seed_all, seed_draws, set_rng_state, sigterm_as_exit,
                           write_rank_report)
 
@@ -84,7 +85,8 @@ class Trainer:
                                                       cfg.optim.accumulate, cfg.optim.clip_grad)
                 opt, sched = self.engines[name].optimizer, self.engines[name].lr_scheduler
             self.optimizers[name], self.schedulers[name] = opt, sched
-        self.step, self.starts, self.skipped_updates, self.skipped_samples, self.run_id = 0, 0, 0, 0, ""
+        self.updates = Updates(cfg, rt, self.groups, self.optimizers, self.engines)
+        self.step, self.starts, self.skipped_samples, self.run_id = 0, 0, 0, ""
         self.tracker = None
         self._last_good = ""  # the newest checkpoint known complete (named when a run has to stop)
 
@@ -110,77 +112,21 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ one update
     def _run_update(self, upd: Update, batches, previous):
-        """Freeze, zero_grad, forward/backward over micro-batches (one backward for all of the update's groups),
-        then per group: average, clip, finite check, step."""
-        rt, names = self.rt, upd.groups
-        params = [p for g in names for p in self.groups[g].params]
-        frozen = [p for g in upd.freeze for p in self.groups[g].params if p.requires_grad]
-        for p in frozen:
-            p.requires_grad_(False)  # e.g. D while R trains: no gradient, and ZeRO-2 sees one reduction per param
-        engines = [g for g in names if g in self.engines]
-        if len(engines) > 1:
-            raise ConfigError(f"update {upd.name!r} steps DeepSpeed engines {', '.join(engines)} from one backward; "
-                              f"at most one of its groups may be an engine (declare the others deepspeed=False)")
-        engine = self.engines[engines[0]] if engines else None
-        for g in names:
-            if g not in self.engines:
-                self.optimizers[g].zero_grad(set_to_none=True)
-        parts, batch, accumulate = defaultdict(float), previous, self.cfg.optim.accumulate
-        for micro in range(accumulate):
-            if upd.new_batch or batch is None or micro > 0:
-                batch = self._next_batch(batches)
-                self.skipped_samples += batch.skipped
-            with rt.autocast():
-                out = upd.loss(batch, self.step)
-            loss = out["loss"]
-            for k, v in out.items():
-                parts[k] += float(v.detach() if torch.is_tensor(v) else v) / accumulate
-            if rt.any_true(not bool(torch.isfinite(loss.detach()))):  # every rank refuses together
-                parts["nonfinite"] = 1.0
-                break
-            if engine is not None:
-                engine.backward(loss)  # DeepSpeed scales by accumulation itself (and fills plain groups' grads)
-            else:  # gradients for this update's groups only: nothing else is stepped (MAL's inner-step copies)
-                (loss / accumulate).backward(inputs=params)
-        for p in frozen:
-            p.requires_grad_(True)
-        if parts.get("nonfinite"):
-            self._refuse(upd, "non-finite loss")
-            for g in names:
-                if g not in self.engines:
-                    self.optimizers[g].zero_grad(set_to_none=True)
-            return batch, parts
-        # Each group is averaged and clipped to its own norm, as a DeepSpeed engine clips its own parameters: plain
-        # averaging and ZeRO then reach the same state. Any non-finite plain group refuses every plain group.
-        plain, norms = [g for g in names if g not in self.engines], {}
-        for g in plain:
-            average_gradients(self.groups[g].params, rt)
-            norms[g] = torch.nn.utils.clip_grad_norm_(self.groups[g].params, self.cfg.optim.clip_grad or float("inf"))
-        if not all(torch.isfinite(n) for n in norms.values()):  # averaged gradients: the same verdict on every rank
-            for g in plain:
-                self.optimizers[g].zero_grad(set_to_none=True)
-            # An engine has reduced its share already and DeepSpeed has no call to discard it: it steps alone.
-            self._refuse(upd, "non-finite gradient norm" + (f" in {', '.join(plain)}; the DeepSpeed engine steps "
-                                                            "alone" if engine is not None else ""))
-            plain = []
-        for g in plain:
-            parts["grad_norm" if len(names) == 1 else f"grad_norm_{g}"] = float(norms[g])
-        if engine is not None:
-            engine.step()  # reduce, clip, step, zero_grad (ZeRO)
-        for g in plain:
-            self.optimizers[g].step()
-        if engine is not None or plain:
-            self._check_params(upd, params)
-        return batch, parts
+        """One update through ``ssau.updates.Updates`` (the per-update path, in one visible place)."""
+        def draw():
+            batch = self._next_batch(batches)
+            self.skipped_samples += batch.skipped
+            return batch
 
-    def _check_params(self, upd: Update, params: list) -> None:
-        """A finite loss and gradient can still step into inf (optim.lr far too large): check what the step made,
-        with one fused norm per update, and stop before anything non-finite is logged or saved."""
-        norms = torch._foreach_norm([p.detach() for p in params])
-        if self.rt.any_true(not bool(torch.isfinite(torch.stack(norms)).all())):
-            raise RunStopped(f"step {self.step + 1}: update {upd.name!r} left NaN or inf in the parameters "
-                             f"(optim.lr={self.cfg.optim.lr:g}); stopped without saving them; "
-                             f"the last good checkpoint is {self._last_good or 'none'}")
+        return self.updates.run(upd, draw, previous, self.step, self._last_good)
+
+    @property
+    def skipped_updates(self) -> int:
+        return self.updates.refused
+
+    @skipped_updates.setter
+    def skipped_updates(self, n: int) -> None:
+        self.updates.refused = n
 
     def _next_batch(self, batches):
         """The next batch, or SourceError on every rank together: a source that fails on one rank (nothing readable,
@@ -193,12 +139,6 @@ class Trainer:
         if self.rt.any_true(error is not None):
             raise SourceError(error or "a data source failed on another rank (its line is printed there)")
         return self._to_device(batch)
-
-    def _refuse(self, upd: Update, why: str) -> None:
-        self.skipped_updates += 1
-        if self.rt.main:
-            tqdm.write(f"step {self.step + 1}: update {upd.name!r} refused: {why}; parameters left unchanged",
-                       file=sys.stderr)
 
     def _to_device(self, batch):
         b = batch.to(self.rt.device)
