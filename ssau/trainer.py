@@ -94,9 +94,11 @@ class Trainer:
     def _lr(self, group: str, step: int) -> float:
         """The schedule's factor at ``step``, restarted at each of the method's stage starts, times the method's
         factor for the group."""
-        bounds = [0, *(b for b in self.method.stage_starts() if 0 < b < self.cfg.train.steps), self.cfg.train.steps]
-        k = max(i for i in range(len(bounds) - 1) if bounds[i] <= step or i == 0)
-        return lr_factor(self.cfg.optim, bounds[k + 1] - bounds[k], step - bounds[k]) * self.method.lr_scale(group, step)
+        total = self.cfg.train.steps
+        starts = [0, *(b for b in self.method.stage_starts() if 0 < b < total)]
+        k = sum(b <= step for b in starts) - 1  # the stage holding this step
+        end = starts[k + 1] if k + 1 < len(starts) else total
+        return lr_factor(self.cfg.optim, end - starts[k], step - starts[k]) * self.method.lr_scale(group, step)
 
     def _run_dir(self) -> Path:
         t = self.cfg.train
