@@ -33,6 +33,17 @@ def _write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> Path:
     return path
 
 
+def _save_png(fig, path: Path) -> Path:
+    """A matplotlib figure laid out, written atomically as PNG, and closed."""
+    import matplotlib.pyplot as plt
+
+    try:
+        fig.tight_layout()
+        return _write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(fig)
+
+
 def eval_artifacts(m: dict, aus_names: list[str], folder: Path) -> list[Path]:
     """per_au.csv (with both marginals) and per_au.json (the same, as an MLflow table), f1_bar.png, marginal.png
     (paper 000 Fig. 5) and conditional.png (Fig. 6: true, predicted and gap matrices) for one evaluation, each
@@ -62,6 +73,13 @@ def eval_artifacts(m: dict, aus_names: list[str], folder: Path) -> list[Path]:
         for fig in figs.values():
             plt.close(fig)
     return out
+
+
+def result_artifacts(m: dict, aus_names: list[str], folder: Path) -> list[Path]:
+    """The files of a run's last evaluation: ``eval_artifacts`` for the AU task, ``expression_artifacts`` for the
+    expression task, whichever it has."""
+    out = eval_artifacts(m, aus_names, folder) if "per_au" in m else []
+    return out + (expression_artifacts(m["expression"], folder) if "expression" in m else [])
 
 
 def cv_artifacts(folds: list[dict], folder: Path) -> list[Path]:
@@ -94,17 +112,64 @@ def cv_artifacts(folds: list[dict], folder: Path) -> list[Path]:
     ax.set_xticks(x + 0.4 - width / 2, aus, rotation=60)
     ax.set_ylabel("F1 (%)")
     ax.legend(fontsize=7, ncol=len(folds) + 1)
-    fig.tight_layout()
-    try:
-        out.append(_write_atomic(folder / "per_au_f1.png", lambda f: fig.savefig(f, format="png", dpi=100)))
-    finally:
-        plt.close(fig)
+    out.append(_save_png(fig, folder / "per_au_f1.png"))
     return out
+
+
+def expression_artifacts(m: dict, folder: Path) -> list[Path]:
+    """per_expression.csv (accuracy and images per class) and confusion.png (the confusion matrix, rows the true
+    class, each row normalised) of an expression evaluation (``ssau.metrics.expression_metrics``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(m["per_class"])
+    acc = lambda v: f"{v:.6f}" if np.isfinite(v) else ""  # noqa: E731 - a class with no test image: empty
+    text = "class,acc,n\n" + "".join(f"{k},{acc(v['acc'])},{v['n']}\n" for k, v in m["per_class"].items())
+    out = [_write_atomic(folder / "per_expression.csv", lambda f: f.write(text.encode()))]
+    conf = np.asarray(m["confusion"], dtype=float)
+    rows = conf / np.maximum(conf.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(5.2, 4.4))
+    im = ax.imshow(rows, vmin=0, vmax=1, cmap="viridis")
+    for i in range(len(names)):
+        for j in range(len(names)):
+            ax.text(j, i, f"{int(conf[i, j])}", ha="center", va="center", fontsize=7,
+                    color="w" if rows[i, j] < 0.6 else "k")
+    ax.set_xticks(range(len(names)), names, rotation=60, fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"accuracy {100 * m['acc']:.1f} %, mean class accuracy {100 * m['mean_class_acc']:.1f} %", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    out.append(_save_png(fig, folder / "confusion.png"))
+    return out
+
+
+def _curves(name: str, table: dict[str, list], folder: Path) -> Path:
+    """<name>.png of a table with ``step``, ``group`` and ``shift`` columns: each group's shift per step on a log
+    scale (large margin's centroids: how far each pseudo-class centroid moved, paper 003 Fig. 4)."""
+    import matplotlib.pyplot as plt
+
+    steps, groups = np.asarray(table["step"]), np.asarray(table["group"])
+    shift = np.asarray(table["shift"], dtype=float)
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for g in sorted(set(groups.tolist())):
+        keep = (groups == g) & np.isfinite(shift) & (shift > 0)
+        ax.plot(steps[keep], shift[keep], lw=1, label=g)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("centroid shift (L2)")
+    ax.set_title(name.replace("_", " "))
+    ax.legend(fontsize=7, ncol=2)
+    return _save_png(fig, folder / f"{name}.png")
 
 
 def table_artifacts(name: str, table: dict[str, list], folder: Path) -> list[Path]:
     """<name>.csv of a method's report table and, when it has a ``weight`` column, <name>.png: its histogram, one
-    layer per value of the ``group`` column (MAL: expression-sample weights per expression class)."""
+    layer per value of the ``group`` column (MAL: expression-sample weights per expression class); with ``step``
+    and ``shift`` columns instead, <name>.png holds each group's curve over the steps (large margin's centroids)."""
     import csv
 
     import matplotlib
@@ -119,7 +184,9 @@ def table_artifacts(name: str, table: dict[str, list], folder: Path) -> list[Pat
     w.writerow(cols)
     w.writerows(zip(*(table[c] for c in cols)))
     out = [_write_atomic(folder / f"{name}.csv", lambda f: f.write(text.getvalue().encode()))]
-    if "weight" in table and table["weight"]:
+    if {"step", "group", "shift"} <= set(table) and table["step"]:
+        out.append(_curves(name, table, folder))
+    elif "weight" in table and table["weight"]:
         weights = np.asarray(table["weight"], dtype=float)
         groups = np.asarray(table.get("group", ["all"] * len(weights)))
         names = sorted(set(groups.tolist()))
@@ -130,11 +197,7 @@ def table_artifacts(name: str, table: dict[str, list], folder: Path) -> list[Pat
         ax.set_ylabel("samples")
         ax.set_title(name.replace("_", " "))
         ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        try:
-            out.append(_write_atomic(folder / f"{name}.png", lambda f: fig.savefig(f, format="png", dpi=100)))
-        finally:
-            plt.close(fig)
+        out.append(_save_png(fig, folder / f"{name}.png"))
     return out
 
 

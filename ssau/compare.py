@@ -119,6 +119,12 @@ def compare(config: str | None, methods: str, seeds: str, drops: str, folds: str
     grid = Grid(labels, seed_list, drop_list, parse_folds(folds, cfg.data.folds) if folds else (cfg.data.fold,),
                 baseline, warm, (warm_steps or cfg.train.steps) if warm else 0)
     sections = method_sections(cfg, labels + ("supervised",) * (warm and "supervised" not in labels), per_label)
+    from ssau.methods import scores_au
+
+    for label, section in sections.items():
+        if not scores_au(section):
+            raise UserError(f"--methods: {label} is scored on expressions, not AU F1; ssau compare compares AU "
+                            f"recognisers (launch/experiments/fer-large-margin.sh loops ssau train instead)")
     fixed = digest(settings(cfg, grid))
     name = name or (f"compare-{Path(config).stem if config else 'cli'}-"
                     f"{digest([fixed, sections, grid.methods, grid.seeds, grid.drops, grid.folds])}")

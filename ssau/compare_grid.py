@@ -16,7 +16,7 @@ from ssau.cli import UserError
 from ssau.config import Config, ConfigError, to_dict, validate
 from ssau.methods import METHODS, resolve_params
 
-LABEL = re.compile(r"(?P<method>[a-z]+)(-[A-Za-z0-9_]+)?")
+LABEL = re.compile(r"(?P<method>[a-z][a-z_]*)(-[A-Za-z0-9_]+)?")  # large_margin-center
 # Keys the grid sets for each cell; giving them as key=value as well would be silently overwritten.
 RESERVED = ("method.name", "train.seed", "data.label_drop", "data.fold", "train.name", "train.resume",
             "tracking.parent_run_id", "tracking.run_name")

@@ -119,6 +119,33 @@ def view_metrics(views: dict[str, np.ndarray], targets: np.ndarray, mask: np.nda
     return out
 
 
+def expression_metrics(probs: np.ndarray, labels: np.ndarray, names: tuple[str, ...]) -> dict:
+    """Scores of a mutually exclusive expression task (RAF-DB's two accuracies, paper 003 Sec. 4.3): ``acc`` over
+    all images, ``mean_class_acc`` the mean of the confusion matrix's diagonal (per-class recall) over the classes
+    present, ``per_class`` {name: {acc, n}} (acc nan for a class with no image), ``confusion`` [C, C] counts (row:
+    true class, column: predicted)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    pred = np.asarray(probs).argmax(1) if len(labels) else np.zeros(0, dtype=np.int64)
+    C = len(names)
+    confusion = np.zeros((C, C), dtype=np.int64)
+    np.add.at(confusion, (labels, pred), 1)
+    n = confusion.sum(1)
+    per = {name: {"acc": float(confusion[c, c] / n[c]) if n[c] else float("nan"), "n": int(n[c])}
+           for c, name in enumerate(names)}
+    present = n > 0
+    return {"acc": float(np.trace(confusion) / len(labels)) if len(labels) else float("nan"),
+            "mean_class_acc": float(np.mean(np.diag(confusion)[present] / n[present])) if present.any() else float("nan"),
+            "per_class": per, "confusion": confusion}
+
+
+def format_expression_table(m: dict) -> str:
+    """The per-class table of an expression evaluation."""
+    lines = [f"{'class':<10}{'Acc %':>7}{'n':>7}"]
+    lines += [f"{name:<10}{100 * v['acc']:7.1f}{v['n']:7d}" for name, v in m["per_class"].items()]
+    lines.append(f"accuracy {100 * m['acc']:.1f} %   mean class accuracy {100 * m['mean_class_acc']:.1f} %")
+    return "\n".join(lines)
+
+
 def format_table(m: dict) -> str:
     """The per-AU table printed by `ssau eval`, `ssau demo` and `ssau cv`."""
     lines = [f"{'AU':<6}{'F1 %':>7}{'AUC %':>7}{'Acc %':>7}{'n':>8}{'pos':>7}"]

@@ -12,8 +12,8 @@ from pathlib import Path
 from ssau.errors import CheckpointError
 from ssau.checkpoints import check_training_state, load_into, safe_load
 from ssau.config import Config, ConfigError, TrainConfig, build, load_config, validate
-from ssau.methods import build_method, resolve_params
-from ssau.metrics import format_table
+from ssau.methods import build_method, resolve_params, scores_au
+from ssau.metrics import format_expression_table, format_table
 from ssau.runtime import init_runtime
 from ssau.evaluate import evaluate_method
 from ssau.trainer import Trainer
@@ -58,7 +58,10 @@ def train(config: str | None, overrides: list[str]) -> dict:
     trainer = Trainer(cfg)
     metrics = trainer.fit()
     if trainer.rt.main and metrics:
-        print(format_table(metrics))
+        if "per_au" in metrics:
+            print(format_table(metrics))
+        if "expression" in metrics:
+            print(format_expression_table(metrics["expression"]))
         print(f"run directory: {trainer.run_dir}")
     return metrics
 
@@ -83,6 +86,9 @@ def evaluate(checkpoint: str, shards: list[str], folds: list[int] | None, batch:
     aus = tuple(state["aus"])
     rt = init_runtime(TrainConfig(device="auto", precision="fp32"))
     method = build_method(cfg.method, aus, cfg.model)
+    if "au" not in method.tasks():
+        raise ConfigError(f"{path}: a {cfg.method['name']} model of the {'/'.join(method.tasks())} task has no AU "
+                          f"output to score (its training run logged val/expr_acc)")
     load_into(method, state["method"], "model", path)
     method.to(rt.device)
     metrics = evaluate_method(method, cfg, aus, rt, dirs=tuple(shards), folds=tuple(folds) if folds else None)
@@ -94,6 +100,9 @@ def evaluate(checkpoint: str, shards: list[str], folds: list[int] | None, batch:
 def cross_validate(config: str | None, overrides: list[str]) -> dict:
     """The folds in turn, each a child MLflow run of one parent run holding the across-fold means and stds."""
     cfg = load_config(config, overrides)
+    if not scores_au(cfg.method):
+        raise ConfigError(f"method {cfg.method['name']}: this setting is scored on expressions, not AU folds; "
+                          f"`ssau cv` cross-validates AU recognisers (train it with `ssau train`)")
     rt = init_runtime(cfg.train)
     base = cfg.train.name or f"{cfg.method['name']}-cv-{time.strftime('%Y%m%d-%H%M%S')}"
     base = rt.broadcast_object(base)

@@ -393,8 +393,14 @@ def eval_metric_dict(m: dict, prefix: str = "val") -> dict[str, float]:
     per AU the F1, AUC and both marginals (so paper 000 Fig. 5 can be redrawn from the store)."""
     out = {f"{prefix}/{k}": m[k] for k in ("f1_mean", "auc_mean", "acc_mean", "marginal_gap", "conditional_gap",
                                            "conditional_pairs", "conditional_undefined_pred",
-                                           "conditional_undefined_true")}
-    for name, v in m["per_au"].items():
+                                           "conditional_undefined_true") if k in m}
+    if "expression" in m:  # the expression task, named in parallel: val/expr_acc, val/expr_acc/<class>
+        e = m["expression"]
+        out |= {f"{prefix}/expr_acc": e["acc"], f"{prefix}/expr_mean_class_acc": e["mean_class_acc"]}
+        out |= {f"{prefix}/expr_acc/{name}": v["acc"] for name, v in e["per_class"].items()}
+        out |= {f"{prefix}/expr_samples_{k.removeprefix('eval_')}": e[k] for k in ("eval_scored", "eval_expected",
+                                                                                   "eval_skipped") if k in e}
+    for name, v in m.get("per_au", {}).items():
         for k in ("f1", "auc", "p_pred", "p_true"):
             out[f"{prefix}/{k}/{name}"] = v[k]
     if "views" in m:  # a multi-view method (MLCR): each view, the views' mean F1 (its paper's headline), agreement

@@ -30,7 +30,7 @@ from ssau.data.sources import (SourceConfig, StreamConfig, dataset_inputs, held_
 from ssau.data.stream import TrainStream
 from ssau.data.trainset import TrainingSet
 from ssau.methods import Method, SetupInfo, Update, build_method, check_groups
-from ssau.evaluate import evaluate_method
+from ssau.evaluate import evaluate_tasks
 from ssau.optim import build_optimizer, check_group_names, group_config, lr_factor
 from ssau.updates import Updates
 from ssau.runtime import (Runtime, average_buffers, broadcast_module, deepspeed_engine,
@@ -217,6 +217,8 @@ class Trainer:
         with torch.no_grad():
             self.method.after_step(batch, self.step)
         average_buffers(self.method, self.rt)
+        for k, v in self.method.step_metrics().items():
+            window[f"train/state/{k}"] += v
         for name, s in self.schedulers.items():
             if name not in self.engines:  # DeepSpeed engines step their own schedules
                 with warnings.catch_warnings():  # a group no update stepped yet (MLCR's GCN in stage 1)
@@ -242,7 +244,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Exact-once evaluation of the held-out fold over all ranks; metrics on rank 0 (others get {})."""
-        metrics = evaluate_method(self.method, self.cfg, self.aus, self.rt)
+        metrics = evaluate_tasks(self.method, self.cfg, self.aus, self.rt)
         if self.rt.main and metrics and self.tracker:
             from ssau.tracking import eval_metric_dict
 
@@ -383,11 +385,12 @@ class Trainer:
         atomic_save({"method": self.method.state_dict(), "config": to_dict(self.cfg), "aus": list(self.aus)}, model)
         if not self.tracker:
             return
-        from ssau.artifacts import eval_artifacts
+        from ssau.artifacts import result_artifacts
 
-        if metrics:  # at the artifact root, where MLflow's compare view lists them side by side
-            for p in eval_artifacts(metrics, [au_name(a) for a in self.aus], self.run_dir / "eval"):
-                self.tracker.log_artifact(p)
+        # at the artifact root, where MLflow's compare view lists them side by side
+        for p in result_artifacts(metrics, [au_name(a) for a in self.aus], self.run_dir / "eval"):
+            self.tracker.log_artifact(p)
+        if "per_au" in metrics:
             self.tracker.log_tags({"mlflow.loggedArtifacts": json.dumps([{"path": "per_au.json", "type": "table"}])})
         self.tracker.log_artifact(model, "model")
         self.tracker.log_metrics({"train/refused_updates": self.skipped_updates}, self.step)

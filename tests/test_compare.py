@@ -224,3 +224,12 @@ def test_views_mean_f1_and_inconsistency_are_reported_when_a_method_logs_them():
     assert "F1 views" in format_report(rep) and "inconsistency" in format_report(rep)
     plain = summarize(results[:2], ("supervised",), (0.5,), "supervised")  # no method logs views: no columns
     assert plain.keys == ("f1", "auc", "acc", "marginal_gap", "conditional_gap")
+
+
+def test_methods_with_an_underscore_and_their_variants_are_compared():
+    from ssau.compare_grid import method_of, parse_methods, split_overrides
+
+    labels = parse_methods("supervised,large_margin,large_margin-center")
+    assert [method_of(x) for x in labels] == ["supervised", "large_margin", "large_margin"]
+    base, per = split_overrides(["train.steps=5", "large_margin-center.margin=center"], labels)
+    assert base == ["train.steps=5"] and per == {"large_margin-center": {"margin": "center"}}

@@ -37,6 +37,8 @@ def _method_args(method: str, expression: Path) -> list[str]:
                 "data.m2=0"]
     if method == "mlcr":  # 3 steps crossing the stage switch: 2 of co-regularisation, then the GCN stage
         return ["data.label_drop=0.5", "data.m2=4", "method.stage1_steps=2", "method.stage2_steps=1"]
+    if method == "large_margin":  # the balance measured over steps 2-3 (step 1 has no centroid yet)
+        return ["data.label_drop=0.5", "data.m2=4", "method.balance_steps=2"]
     return ["data.label_drop=0.5", "data.m2=4"]
 
 
@@ -80,7 +82,7 @@ def _assert_data_parallel(reports: list[dict]) -> None:
     assert reports[0]["state_sha256"] == reports[1]["state_sha256"]  # equal parameters (and buffers) after
 
 
-@pytest.mark.parametrize("method", ["supervised", "adversarial", "mal", "mlcr"])
+@pytest.mark.parametrize("method", ["supervised", "adversarial", "mal", "mlcr", "large_margin"])
 def test_two_cpu_ranks_with_accelerate_launch_and_deepspeed_zero2(shards, expression, tmp_path, method):
     from mlflow.tracking import MlflowClient
 
@@ -126,12 +128,15 @@ def test_two_cpu_ranks_with_accelerate_launch_and_deepspeed_zero2(shards, expres
     if method == "mlcr":  # the switch was crossed: W^0 taken (the stage-1 classifiers), the GCN trained after it
         assert a["switched"] == 1 and torch.equal(a["w0"][0, :, :-1], a["twins.0.head.weight"])
         assert not torch.equal(init["gcn.h0"], a["gcn.h0"])
+    if method == "large_margin":  # centroids from every step's global batch (4 + 4 images on 2 ranks), balanced
+        assert a["counts"].sum() == 3 * 16 and a["centroids"].abs().sum() > 0 and a["lambda_auto"] > 0
 
     # Rank 0 alone logged, after reducing across ranks: one run, world_size 2.
     client = MlflowClient(tracking_uri=db)
     (run,) = client.search_runs([client.get_experiment_by_name("ssau").experiment_id])
     assert run.data.tags["world_size"] == "2"
-    first_update = {"supervised": "supervised", "adversarial": "discriminator", "mal": "meta", "mlcr": "mlcr"}[method]
+    first_update = {"supervised": "supervised", "adversarial": "discriminator", "mal": "meta", "mlcr": "mlcr",
+                    "large_margin": "large_margin"}[method]
     assert [m.step for m in client.get_metric_history(run.info.run_id, f"train/{first_update}/loss")] == [1, 2, 3]
 
 

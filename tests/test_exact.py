@@ -93,6 +93,11 @@ def small_method(name: str, bn: bool = False):
         for t in m.twins:
             t.backbone, t.head, t.dropout = PixelNet(S), nn.Linear(5, J), nn.Identity()
         m.double()
+    elif name == "large_margin":  # centroids already seen, so that L_M (a global mean too) takes part
+        m.backbone, m.embed, m.head = PixelNet(S), nn.Linear(5, 4), nn.Linear(4, J)
+        m.centroids = torch.randn(len(m.classes), 4, generator=torch.Generator().manual_seed(2))
+        m.counts.fill_(1.0)
+        m.double()
     elif not bn:
         m.backbone = PixelNet(S)
         m.head = nn.Linear(5, J)
@@ -164,7 +169,7 @@ def _rank_update_grads(rank: int, world: int, name: str, bn: bool) -> dict:
 
 
 @pytest.mark.parametrize("name,bn", [("supervised", False), ("adversarial", False), ("mtl", False),
-                                     ("mlcr", False), ("supervised", True)])
+                                     ("mlcr", False), ("large_margin", False), ("supervised", True)])
 def test_two_ranks_of_b_equal_one_process_of_2b(name, bn):
     """bn=True: the tiny backbone's BatchNorm layers with model.sync_bn (global-batch statistics)."""
     single = update_grads(small_method(name, bn), global_batch(), cpu_rt())

@@ -88,3 +88,15 @@ def test_every_parameter_belongs_to_one_group():
         method = make_method(name)
         ids = [id(p) for g in method.groups().values() for p in g.params]
         assert len(ids) == len(set(ids)) == len(list(method.parameters())), name
+
+
+def test_every_shipped_recipe_is_a_valid_config():
+    from pathlib import Path
+
+    from ssau.config import load_config
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "launch" / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 10
+    for path in recipes:
+        cfg = load_config(path)  # strict: an unknown key or a bad value fails here
+        assert cfg.method["name"] in METHODS, path.name

@@ -53,7 +53,8 @@ class DecodeError(Exception):
 
 def check_meta(meta: object, key: object = None) -> dict:
     """``meta`` if it has the shape training reads, else DecodeError: an object; ``aus`` (int AU numbers),
-    ``occurrence`` and ``mask`` lists of one length, or no ``aus``; ``expression`` an int from -1 (none) to the last
+    ``occurrence`` and ``mask`` lists of one length, or no ``aus``; ``intensity`` absent, null or one number per AU
+    (0-5, -1 unknown); ``expression`` an int from -1 (none) to the last
     class of EXPRESSIONS, or absent; ``schema_version`` absent (1) or one this reader knows.
 
     Both schema versions (``ssau.data.shardwrite``) read alike: ``mask`` says which AUs are coded, and an unknown
@@ -76,6 +77,10 @@ def check_meta(meta: object, key: object = None) -> dict:
             raise DecodeError(f"{key}: 'mask' holds a value other than 0 or 1")
         if not all(type(v) in (int, float, bool) and v in ((0, 1) if m else (-1, 0, 1)) for v, m in zip(occ, mask)):
             raise DecodeError(f"{key}: 'occurrence' holds a value other than 0 or 1 (or -1 where 'mask' is 0)")
+    inten = meta.get("intensity")
+    if inten is not None and not (isinstance(inten, list) and len(inten) == len(aus or ())
+                                  and all(type(v) in (int, float) and (v == -1 or 0 <= v <= 5) for v in inten)):
+        raise DecodeError(f"{key}: 'intensity' is not a list of one number per AU (0-5, or -1 for unknown)")
     e = meta.get("expression", -1)
     if type(e) is not int or not -1 <= e < len(EXPRESSIONS):
         raise DecodeError(f"{key}: expression {str(e)[:20]!r} is not an int from -1 to {len(EXPRESSIONS) - 1}")
@@ -246,3 +251,17 @@ def au_targets(meta: dict, aus: tuple[int, ...], hidden: list[bool] | None = Non
         if j is not None and meta["mask"][j] and not (hidden and hidden[i]):
             t[i], m[i] = float(meta["occurrence"][j]), 1.0
     return t, m  # lists: tensors are made once per batch
+
+
+def au_intensity(meta: dict, aus: tuple[int, ...], hidden: list[bool] | None = None) -> tuple[list[float], list[float]]:
+    """Intensities (0-5) and their mask over ``aus``, as ``au_targets`` masks occurrences: known only where the AU is
+    coded, not hidden by label drop, and the corpus stores an intensity for it (DISFA; BP4D's occurrence-only
+    labels store -1, version-1 shards null). ``meta`` is checked by ``check_meta``."""
+    pos = {au: j for j, au in enumerate(meta.get("aus") or [])}
+    inten = meta.get("intensity") or []
+    v, m = [0.0] * len(aus), [0.0] * len(aus)
+    for i, au in enumerate(aus):
+        j = pos.get(au)
+        if j is not None and j < len(inten) and meta["mask"][j] and inten[j] >= 0 and not (hidden and hidden[i]):
+            v[i], m[i] = float(inten[j]), 1.0
+    return v, m

@@ -30,16 +30,18 @@ class EvalBatch:
     mask: torch.Tensor
     keys: list[str]
     valid: torch.Tensor  # bool [B]: False marks padding
+    expression: torch.Tensor | None = None  # int64 [B]: the expression class, -1 where a sample has none
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
-def _eval_segments(dirs: tuple[str, ...], folds: tuple[int, ...] | None, world: int
+def _eval_segments(dirs: tuple[str, ...], folds: tuple[int, ...] | None, world: int, split: str | None = None
                    ) -> tuple[list[list[tuple[str, int, int]]], int]:
-    """-> (per rank: [(url, first offset, end offset)], total samples). Every rank computes the same plan."""
+    """-> (per rank: [(url, first offset, end offset)], total samples); ``split``: only that split's shards (the
+    expression corpus's test split). Every rank computes the same plan."""
     order: list[tuple[str, int]] = []  # (url, samples in it) in global order
     for d in dirs:
         for s in read_dataset(d)["shards"]:
-            if (folds is None or s["fold"] in folds) and s["samples"]:
+            if (folds is None or s["fold"] in folds) and s["samples"] and (split is None or s.get("split") == split):
                 order.append((str(Path(d) / s["name"]), s["samples"]))
     total = sum(n for _, n in order)
     plans = []
@@ -104,7 +106,7 @@ class _EvalDataset(IterableDataset):
                     note(f"{Path(url).name}: {e}")
                     continue
                 t, m = au_targets(meta, self.aus)
-                rows.append((img, t, m, s["__key__"]))
+                rows.append((img, t, m, s["__key__"], meta.get("expression", -1)))
                 if len(rows) == self.batch:
                     yield _collate_eval(rows) | {"problems": problems}
                     rows, problems = [], []
@@ -118,8 +120,9 @@ class _EvalDataset(IterableDataset):
 
 
 def _collate_eval(rows: list) -> dict:
-    imgs, ts, ms, keys = zip(*rows)
-    return {"images": torch.stack(imgs), "targets": torch.tensor(ts), "mask": torch.tensor(ms), "keys": list(keys)}
+    imgs, ts, ms, keys, es = zip(*rows)
+    return {"images": torch.stack(imgs), "targets": torch.tensor(ts), "mask": torch.tensor(ms), "keys": list(keys),
+            "expression": torch.tensor(es, dtype=torch.int64)}
 
 
 class EvalLoader:
@@ -131,11 +134,12 @@ class EvalLoader:
     """
 
     def __init__(self, dirs: tuple[str, ...], folds: tuple[int, ...] | None, aus: tuple[int, ...],
-                 batch_size: int = 64, image_size: int = 64, rank: int = 0, world: int = 1, workers: int = 1):
+                 batch_size: int = 64, image_size: int = 64, rank: int = 0, world: int = 1, workers: int = 1,
+                 split: str | None = None):
         self.dirs, self.folds, self.aus, self.batch_size, self.image_size = dirs, folds, aus, batch_size, image_size
-        self.workers = workers
-        plans, self.expected = _eval_segments(dirs, folds, world)
-        self.target = eval_batches_per_rank(dirs, folds, batch_size, world, workers)  # the busiest rank's count
+        self.workers, self.split = workers, split
+        plans, self.expected = _eval_segments(dirs, folds, world, split)
+        self.target = eval_batches_per_rank(dirs, folds, batch_size, world, workers, split)  # the busiest rank's
         self.pieces = _split(plans[rank], max(1, workers))
         self.problems: list[str] = []
 
@@ -158,11 +162,12 @@ class EvalLoader:
                 b["images"] = torch.cat([b["images"], b["images"].new_zeros(missing, *b["images"].shape[1:])])
                 b["targets"] = torch.cat([b["targets"], b["targets"].new_zeros(missing, len(aus))])
                 b["mask"] = torch.cat([b["mask"], b["mask"].new_zeros(missing, len(aus))])
-            yield EvalBatch(b["images"], b["targets"], b["mask"], b["keys"], valid)
+                b["expression"] = torch.cat([b["expression"], b["expression"].new_full((missing,), -1)])
+            yield EvalBatch(b["images"], b["targets"], b["mask"], b["keys"], valid, b["expression"])
         pad = torch.zeros(batch_size, 3, image_size, image_size, dtype=torch.uint8)
         for _ in range(self.target - n):
             yield EvalBatch(pad, torch.zeros(batch_size, len(aus)), torch.zeros(batch_size, len(aus)), [],
-                            torch.zeros(batch_size, dtype=torch.bool))
+                            torch.zeros(batch_size, dtype=torch.bool), torch.full((batch_size,), -1))
 
     def finish(self, scored: int, problems: list[str], incomplete: str = "fail", main: bool = True) -> dict[str, int]:
         """The completeness metrics of a pass that scored ``scored`` samples over all ranks. Fewer than
@@ -170,7 +175,8 @@ class EvalLoader:
         rank (``'warn'``); ``problems`` are the first reasons any rank found. Every rank passes the same count, so
         every rank raises, or none does."""
         if scored != self.expected:
-            what = f"fold {','.join(map(str, self.folds))}" if self.folds else "all folds"
+            what = (f"fold {','.join(map(str, self.folds))}" if self.folds else
+                    f"the {self.split} split" if self.split else "all folds")
             line = (f"evaluation of {what} of {', '.join(self.dirs)} scored {scored} of the {self.expected} samples "
                     f"dataset.json lists ({self.expected - scored} unreadable or missing); the first problem: "
                     f"{problems[0] if problems else 'unknown'}")
@@ -182,14 +188,16 @@ class EvalLoader:
 
 
 def eval_loader(dirs: tuple[str, ...], folds: tuple[int, ...] | None, aus: tuple[int, ...], batch_size: int = 64,
-                image_size: int = 64, rank: int = 0, world: int = 1, workers: int = 1) -> EvalLoader:
-    """Every sample of ``folds`` exactly once over all ranks; the same number of batches on every rank."""
-    return EvalLoader(dirs, folds, aus, batch_size, image_size, rank, world, workers)
+                image_size: int = 64, rank: int = 0, world: int = 1, workers: int = 1,
+                split: str | None = None) -> EvalLoader:
+    """Every sample of ``folds`` (and ``split``) exactly once over all ranks; the same number of batches on every
+    rank."""
+    return EvalLoader(dirs, folds, aus, batch_size, image_size, rank, world, workers, split)
 
 
 def eval_batches_per_rank(dirs: tuple[str, ...], folds: tuple[int, ...] | None, batch_size: int,
-                          world: int, workers: int) -> int:
+                          world: int, workers: int, split: str | None = None) -> int:
     """The number of batches every rank yields (what the busiest rank has; the others pad up to it)."""
-    plans, _ = _eval_segments(dirs, folds, world)
+    plans, _ = _eval_segments(dirs, folds, world, split)
     return max(sum(-(-sum(b - a for _, a, b in p) // batch_size) for p in _split(segs, max(1, workers)))
                for segs in plans)

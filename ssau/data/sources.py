@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -29,6 +29,7 @@ class SourceConfig:
     weights: tuple[float, ...] | None = None
     folds: tuple[int, ...] | None = None
     held_out: int = 0  # a fold never read from any of these directories (the evaluation fold); 0: none
+    exclude_split: str = ""  # shards of this split are never read (the expression corpus's "test": its evaluation)
 
 
 @dataclass(frozen=True)
@@ -107,10 +108,15 @@ def _index_read(d: str | Path, read):
         raise ConfigError(f"{path}: unreadable or damaged ({str(e).splitlines()[0][:120]})") from None
 
 
-def shard_urls(d: str | Path, folds: tuple[int, ...] | None, held_out: int = 0) -> list[str]:
-    doc = read_dataset(d)
-    return [str(Path(d) / s["name"]) for s in doc["shards"]
-            if (folds is None or s["fold"] in folds) and not (held_out and s["fold"] == held_out)]
+def read_shards(doc: dict, folds: tuple[int, ...] | None, held_out: int = 0, exclude_split: str = "") -> list[dict]:
+    """The shard entries of a dataset.json that a source reads: in ``folds`` (None: all), not in the held-out fold,
+    not of the excluded split."""
+    return [s for s in doc["shards"] if (folds is None or s["fold"] in folds) and not (held_out and s["fold"] == held_out)
+            and not (exclude_split and s.get("split") == exclude_split)]
+
+
+def shard_urls(d: str | Path, folds: tuple[int, ...] | None, held_out: int = 0, exclude_split: str = "") -> list[str]:
+    return [str(Path(d) / s["name"]) for s in read_shards(read_dataset(d), folds, held_out, exclude_split)]
 
 
 def dataset_inputs(cfg: StreamConfig) -> list[dict]:
@@ -127,8 +133,7 @@ def dataset_inputs(cfg: StreamConfig) -> list[dict]:
     for context, src, folds, held_out in uses:
         for d in src.dirs:
             doc = read_dataset(d)
-            shards = [sh for sh in doc["shards"]
-                      if (folds is None or sh["fold"] in folds) and not (held_out and sh["fold"] == held_out)]
+            shards = read_shards(doc, folds, held_out, src.exclude_split if context != "eval" else "")
             h = hashlib.sha256()
             for sh in shards:  # a dataset.json without per-shard sha256 (older shards): name, size and count
                 h.update(f"{sh['name']}:{sh.get('sha256') or (sh.get('bytes'), sh['samples'])}\n".encode())
@@ -181,11 +186,13 @@ def stream_config(cfg: "Config", aus: tuple[int, ...]) -> StreamConfig:
     train_folds = None if d.fold == 0 else tuple(k for k in range(1, d.folds + 1) if k != d.fold)
     # No leakage: the evaluation fold is held out of every training source whose shards carry folds (an unlabelled
     # source pointed at the labelled shards would otherwise train on the test fold's images). Shards of fold 0
-    # (no subject folds: a folder of faces) are never held out.
+    # (no subject folds: a folder of faces) are never held out. The expression corpus's test split (RAF-DB's) is
+    # never trained on: it is where the expression task is evaluated.
     src = lambda dirs, w, folds=None: SourceConfig(tuple(dirs), tuple(w) if w else None, folds, d.fold)  # noqa: E731
     return StreamConfig(labelled=src(d.labelled, d.labelled_weights, train_folds),
                         unlabelled=src(d.unlabelled, d.unlabelled_weights) if d.unlabelled else None,
-                        expression=src(d.expression, None) if d.expression else None, aus=aus, m1=d.m1, m2=d.m2,
+                        expression=replace(src(d.expression, None), exclude_split="test") if d.expression else None,
+                        aus=aus, m1=d.m1, m2=d.m2,
                         m_expr=d.m_expr, image_size=d.image_size, label_drop=d.label_drop,
                         label_drop_mode=d.label_drop_mode, seed=cfg.train.seed, split_seed=d.split_seed,
                         workers=d.workers,

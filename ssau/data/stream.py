@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ssau.data.decode import DecodeError, TrainSample, au_targets, decode_eval, decode_sample
+from ssau.data.decode import DecodeError, TrainSample, au_intensity, au_targets, decode_eval, decode_sample
 from ssau.data.sources import SourceConfig, StreamConfig, hidden_aus, is_hidden, resolve_aus, shard_urls
 from ssau.data.trainset import TrainingSet
 from ssau.data.tario import SkipCounter, tar_samples
@@ -48,6 +48,8 @@ class Batch:
     targets: torch.Tensor  # [m1, J] 0/1 float
     mask: torch.Tensor  # [m1, J] 1 = label known
     keys: list[str]
+    intensity: torch.Tensor | None = None  # [m1, J] float 0-5 where the corpus codes intensity (DISFA), else 0
+    intensity_mask: torch.Tensor | None = None  # [m1, J] 1 = intensity known (coded, not hidden by label drop)
     unlabelled: torch.Tensor | None = None  # [m2, 3, S, S]
     unlabelled_keys: list[str] = field(default_factory=list)
     expr_images: torch.Tensor | None = None  # [m_expr, 3, S, S]
@@ -152,18 +154,19 @@ class _SourceDataset(IterableDataset):
         self.shards, self.batch, self.cfg, self.aus, self.kind, self.keep = shards, batch, cfg, aus, kind, keep
         self.what = f"{kind} source ({', '.join(dirs)})"
 
-    def _example(self, s: dict, rng: random.Random) -> tuple[TrainSample, list | None, list | None, int | None]:
-        """(decoded sample, AU targets, AU mask, expression) of one sample; DecodeError when it cannot be used."""
+    def _example(self, s: dict, rng: random.Random) -> tuple[TrainSample, tuple | None, int | None]:
+        """(decoded sample, AU labels (targets, mask, intensity, intensity mask), expression) of one sample;
+        DecodeError when it cannot be used."""
         ex = decode_sample(s, self.cfg.image_size, rng, flow=self.cfg.flow and self.kind != "expression")
         if self.kind == "labelled":
             hidden = (hidden_aus(s["__key__"], self.aus, self.cfg.label_drop, self.cfg.split_seed)
                       if self.cfg.label_drop_mode == "au" else None)
-            return (ex, *au_targets(ex.meta, self.aus, hidden), None)
+            return ex, (*au_targets(ex.meta, self.aus, hidden), *au_intensity(ex.meta, self.aus, hidden)), None
         if self.kind == "expression":
             if ex.meta.get("expression", -1) < 0:
                 raise DecodeError(f"{s['__key__']}: no expression label")
-            return ex, None, None, ex.meta["expression"]
-        return ex, None, None, None
+            return ex, None, ex.meta["expression"]
+        return ex, None, None
 
     def _probe(self) -> None:
         """Raise SourceError unless one of this slot's shards holds a usable sample. Reads until the first one
@@ -207,11 +210,11 @@ class _SourceDataset(IterableDataset):
         bad = SkipCounter()
         clock = _Clock(self.cfg.source_timeout, self.what, bad)
         samples = _shuffle(self.cfg.shuffle_buffer, rng)(self._samples(bad, clock))  # buffers hold bytes
-        examples, targets, masks, keys, exprs = [], [], [], [], []
+        examples, labels, keys, exprs = [], [], [], []
         reported = 0
         for s in samples:
             try:
-                ex, t, m, e = self._example(s, rng)
+                ex, lab, e = self._example(s, rng)
             except DecodeError as exn:
                 bad(exn)
                 clock.check()
@@ -219,15 +222,15 @@ class _SourceDataset(IterableDataset):
             clock.ok()
             examples.append(ex)
             keys.append(s["__key__"])
-            if t is not None:
-                targets.append(t)
-                masks.append(m)
+            if lab is not None:
+                labels.append(lab)
             if e is not None:
                 exprs.append(e)
             if len(examples) == self.batch:
                 out = {"images": torch.stack([x.image for x in examples]), "keys": keys, "skipped": bad.n - reported}
-                if targets:
-                    out["targets"], out["mask"] = torch.tensor(targets), torch.tensor(masks)
+                if labels:
+                    out["targets"], out["mask"], out["intensity"], out["intensity_mask"] = (
+                        torch.tensor(list(col)) for col in zip(*labels))
                 if exprs:
                     out["labels"] = torch.tensor(exprs, dtype=torch.int64)
                 if self.kind != "expression":
@@ -235,7 +238,7 @@ class _SourceDataset(IterableDataset):
                 reported = bad.n
                 yield out
                 clock.ok()  # the consumer's pace is not the source's fault
-                examples, targets, masks, keys, exprs = [], [], [], [], []
+                examples, labels, keys, exprs = [], [], [], []
 
 
 def _geometry(examples: list[TrainSample]) -> dict[str, torch.Tensor]:
@@ -345,13 +348,15 @@ class TrainStream:
         return samples
 
     def _lists(self, src: SourceConfig) -> tuple[list[list[str]], list[float]]:
-        lists = [shard_urls(d, src.folds, src.held_out) for d in src.dirs]
+        lists = [shard_urls(d, src.folds, src.held_out, src.exclude_split) for d in src.dirs]
         weights = list(src.weights) if src.weights is not None else [1.0] * len(src.dirs)
         if len(weights) != len(src.dirs):
             raise ValueError(f"{len(weights)} weights for {len(src.dirs)} shard directories")
         for d, urls in zip(src.dirs, lists):
             if not urls:
                 raise ValueError(f"{d}: no shards in folds {src.folds}" if src.folds is not None else
+                                 f"{d}: no shards outside its {src.exclude_split!r} split (kept for evaluation)"
+                                 if src.exclude_split else
                                  f"{d}: every shard is in fold {src.held_out}, the evaluation fold (held out of "
                                  f"training so that its images never leak into it)")
         return lists, weights
@@ -396,6 +401,7 @@ class TrainStream:
             lab, unl, ex, val = (parts.get(k) for k in ("labelled", "unlabelled", "expression", "validation"))
             unl = unl or {}
             yield Batch(images=lab["images"], targets=lab["targets"], mask=lab["mask"], keys=lab["keys"],
+                        intensity=lab["intensity"], intensity_mask=lab["intensity_mask"],
                         unlabelled=unl.get("images"), unlabelled_keys=unl.get("keys", []),
                         expr_images=ex["images"] if ex else None, expr_labels=ex["labels"] if ex else None,
                         expr_keys=ex["keys"] if ex else [],

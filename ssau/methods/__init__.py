@@ -6,6 +6,7 @@ import dataclasses
 
 from ssau.methods.base import Group, Method, SetupInfo, Update
 from ssau.methods.adversarial import Adversarial
+from ssau.methods.large_margin import LargeMargin
 from ssau.methods.mal import MAL
 from ssau.methods.mlcr import MLCR
 from ssau.methods.mtl import MultiTask
@@ -17,6 +18,7 @@ METHODS: dict[str, type[Method]] = {
     Adversarial.name: Adversarial,
     MAL.name: MAL,
     MLCR.name: MLCR,
+    LargeMargin.name: LargeMargin,
 }
 
 
@@ -42,10 +44,17 @@ def check_groups(name: str, groups: dict) -> None:
             seen[id(p)] = group
 
 
+def scores_au(section: dict) -> bool:
+    """Whether a method section's runs are scored by AU F1 (``ssau cv`` and ``ssau compare`` read it)."""
+    cls = METHODS[section["name"]]
+    return "au" in cls.eval_tasks(cls.Params(**{k: v for k, v in section.items() if k != "name"}))
+
+
 def build_method(section: dict, aus: tuple[int, ...], model) -> Method:
     cls = METHODS[section["name"]]
     params = cls.Params(**{k: v for k, v in section.items() if k != "name"})
     return cls(params, aus, model)
 
 
-__all__ = ["METHODS", "Group", "Method", "SetupInfo", "Update", "build_method", "check_groups", "resolve_params"]
+__all__ = ["METHODS", "Group", "Method", "SetupInfo", "Update", "build_method", "check_groups", "resolve_params",
+           "scores_au"]

@@ -27,7 +27,11 @@ never touches loaders, devices, the accelerator, ranks or checkpoint files. It d
   (``predict_all`` returns both from one pass).
 - ``after_step(batch, step)``: state updated without gradients (centroids, banks), under ``torch.no_grad``;
   the trainer then averages floating-point buffers across ranks so every rank holds the same state.
-- ``predict(images) -> [B, J]`` AU probabilities, for evaluation.
+  ``step_metrics()``: numbers about that state after the step (centroid shift, class counts), logged as
+  ``train/state/<name>`` beside the losses; they must be the same on every rank (computed from global sums).
+- ``predict(images) -> [B, J]`` AU probabilities, for evaluation. ``tasks()``: what evaluation scores, ``au``
+  (the held-out fold, the default) and/or ``expression``: ``predict_expression(images) -> [B, C]`` class
+  probabilities over EXPRESSIONS, scored on the expression corpus's test split (accuracy, mean class accuracy).
 - ``setup(info)``: called once before training with the training-set facts a method may need (the label bank of
   known training AU vectors, AU list, expression classes, the AU validation set's labels).
 - ``report()``: tables of what training saw (MAL: per-sample weights), gathered from all ranks at each evaluation
@@ -61,9 +65,12 @@ its original value. MAL's losses are global sums (normalisers all-reduced), scal
 trainer's mean over ranks gives exactly what one process holding the global batch computes. ``mtl`` is the same
 base net with a fixed expression-loss weight (the paper's MTL ablation).
 
-Large margin (Racoviteanu et al., Eq. 2-7): group ``model``; one update with the supervised loss on labelled images
-plus the large-margin loss on embeddings of labelled and unlabelled images against pseudo-emotion centroids; the
-centroids are state without gradients, moved in ``after_step``.
+Large margin (Racoviteanu et al., Eq. 1-7): group ``model``; one update with the supervised loss on labelled images
+(MSE on the AU outputs; CE on expression images in the FER variant) plus the large-margin loss on embeddings of
+labelled and unlabelled images against pseudo-emotion centroids. The centroids are buffers without gradients, moved
+in ``after_step`` from the global batch (per-class sums and counts summed across ranks, so the trainer's buffer
+averaging finds them equal); ``step_metrics`` reports their shift and class counts, ``report`` their history, and
+the FER variant's ``tasks()`` is ``("expression",)``.
 
 RTATL (regional and temporal auxiliary tasks, Eq. 9): groups ``model`` (backbone, RoI transformer, flow head,
 generator) and ``discriminator``; updates: the inpainting discriminator (L_D), then everything else on
@@ -182,6 +189,23 @@ class Method(nn.Module, abc.ABC):
 
     def after_step(self, batch: Batch, step: int) -> None:
         """No-gradient state updates; the default has none."""
+
+    def step_metrics(self) -> dict[str, float]:
+        """Numbers about the no-gradient state after the last ``after_step``, equal on every rank; none by default."""
+        return {}
+
+    @classmethod
+    def eval_tasks(cls, params) -> tuple[str, ...]:
+        """What evaluation scores with these ``params``: ``au`` (``predict``) and/or ``expression``
+        (``predict_expression``)."""
+        return ("au",)
+
+    def tasks(self) -> tuple[str, ...]:
+        return self.eval_tasks(self.params)
+
+    def predict_expression(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, len(EXPRESSIONS)] class probabilities of a method with the ``expression`` task."""
+        raise NotImplementedError(f"{self.name} has no expression task")
 
     @abc.abstractmethod
     def predict(self, images: torch.Tensor) -> torch.Tensor:
