@@ -156,8 +156,9 @@ def _curves(name: str, table: dict[str, list], folder: Path) -> Path:
     shift = np.asarray(table["shift"], dtype=float)
     fig, ax = plt.subplots(figsize=(6, 3.4))
     for g in sorted(set(groups.tolist())):
-        keep = (groups == g) & np.isfinite(shift) & (shift > 0)
-        ax.plot(steps[keep], shift[keep], lw=1, label=g)
+        sel = groups == g
+        y = np.where(np.isfinite(shift[sel]) & (shift[sel] > 0), shift[sel], np.nan)  # a gap where it was absent
+        ax.plot(steps[sel], y, lw=1, marker=".", ms=2, label=g)
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("centroid shift (L2)")
