@@ -10,7 +10,7 @@
 # layer would start fresh while the supervised head did not), Adam 1e-3. Hyper-parameters fixed in advance: the
 # automatic balance (lambda_3 L_S = 0.8 lambda_4 L_M on absolute values over the first 20 steps), centroids as a
 # running mean at rate 0.5, EMFACS prototypes at half coverage. Sized for a 2-core machine: a large-margin step
-# reads twice the images of a supervised one, so one seed is about 12 minutes.
+# reads twice the images of a supervised one; one seed took about 7 minutes here (74-117 s a cell).
 #   ssau demo --out demo      (renders and shards the corpus once, unlabelled faces included), then:
 #   bash launch/experiments/compare-large-margin.sh
 set -euo pipefail

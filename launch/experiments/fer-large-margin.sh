@@ -6,7 +6,7 @@
 # test split: accuracy and mean class accuracy (val/expr_acc, val/expr_mean_class_acc). ssau compare reads AU F1,
 # so this loops `ssau train` and prints mean +- std and the paired differences from the MLflow store.
 # ResNet-18 from scratch, 64 px, 16 expression + 16 unlabelled + 8 labelled-stream faces per step (the labelled AU
-# images count as further unlabelled faces), 300 steps, Adam 1e-3, automatic balance; about 4 minutes a run here.
+# images count as further unlabelled faces), 300 steps, Adam 1e-3, automatic balance; about 2.5 minutes a run here.
 #   ssau demo --out demo      then:   bash launch/experiments/fer-large-margin.sh
 set -euo pipefail
 SSAU=${SSAU:-.venv/bin/ssau}
