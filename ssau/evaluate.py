@@ -18,6 +18,34 @@ from ssau.metrics import au_metrics, expression_metrics, view_metrics
 from ssau.runtime import Runtime
 
 
+def _scored_rows(loader, rt: Runtime, rows_of) -> list[torch.Tensor]:
+    """One pass of an evaluation loader: ``rows_of(images, batch)`` gives [B, K] float rows whose last column is 1
+    for a sample to score; the rows of every rank are gathered (every rank yields equally many, equally sized
+    batches, so the all_gather never waits on a missing one) and those to score kept, on CPU, on every rank."""
+    out = []
+    for b in loader:
+        images = b.images.to(rt.device)
+        if rt.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with rt.autocast():
+            rows = rows_of(images, b)
+        if rt.world > 1:
+            gathered = [torch.empty_like(rows) for _ in range(rt.world)]
+            dist.all_gather(gathered, rows)
+            rows = torch.cat(gathered)
+        out.append(rows[rows[:, -1] > 0].cpu())
+    return out
+
+
+def _completeness(loader, scored: int, cfg: Config, rt: Runtime) -> dict:
+    """``loader.finish`` for ``scored`` rows (the same count on every rank); when some are missing, the first
+    problem any rank found names why."""
+    problems = loader.problems[:1]
+    if scored != loader.expected:  # every rank is here
+        problems = [p for ps in rt.gather_objects(problems) for p in ps]
+    return loader.finish(scored, problems, cfg.data.eval_incomplete, rt.main)
+
+
 @torch.no_grad()
 def evaluate_method(method: Method, cfg: Config, aus: tuple[int, ...], rt: Runtime,
                     dirs: tuple[str, ...] | None = None, folds: tuple[int, ...] | None = None) -> dict:
@@ -25,46 +53,31 @@ def evaluate_method(method: Method, cfg: Config, aus: tuple[int, ...], rt: Runti
     d = cfg.data
     dirs = dirs or tuple(d.labelled)
     folds = folds if folds is not None else ((d.fold,) if d.fold else None)
-    probs, targets, masks, view_probs, names = [], [], [], [], []
     loader = eval_loader(dirs, folds, aus, d.eval_batch, d.image_size, rt.rank, rt.world, min(d.workers, 2))
     if loader.expected == 0:  # the same on every rank (from dataset.json): nothing to score is not a result
         what = f"folds {', '.join(map(str, folds))}" if folds else "all folds"
         raise SourceError(f"evaluation: {what} of {', '.join(dirs)} hold no sample (dataset.json)")
-    for b in loader:
-        images = b.images.to(rt.device)
-        if rt.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with rt.autocast():
-            p, views = method.predict_all(images)
-            p, views = p.float(), {k: v.float() for k, v in views.items()}
-        names = list(views)
-        rows = torch.cat([p, *views.values(), b.targets.to(rt.device), b.mask.to(rt.device),
-                          b.valid.to(rt.device).float()[:, None]], 1)
-        if rt.world > 1:  # every rank yields the same number of equally sized batches
-            gathered = [torch.empty_like(rows) for _ in range(rt.world)]
-            dist.all_gather(gathered, rows)
-            rows = torch.cat(gathered)
-        rows = rows[rows[:, -1] > 0].cpu()
-        J, V = len(aus), len(names)
-        probs.append(rows[:, :J])
-        view_probs.append(rows[:, J:(1 + V) * J])
-        targets.append(rows[:, (1 + V) * J:(2 + V) * J])
-        masks.append(rows[:, (2 + V) * J:(3 + V) * J])
-    scored = sum(len(p) for p in probs)  # valid rows of every rank: each rank counts the same and decides the same
-    problems = loader.problems[:1]
-    if scored != loader.expected:  # every rank is here: name the first problem any rank found
-        problems = [p for ps in rt.gather_objects(problems) for p in ps]
-    counts = loader.finish(scored, problems, d.eval_incomplete, rt.main)
+    names: list[str] = []
+
+    def rows_of(images, b):
+        p, views = method.predict_all(images)
+        names[:] = list(views)
+        return torch.cat([p.float(), *(v.float() for v in views.values()), b.targets.to(rt.device),
+                          b.mask.to(rt.device), b.valid.to(rt.device).float()[:, None]], 1)
+
+    rows = _scored_rows(loader, rt, rows_of)
+    counts = _completeness(loader, sum(len(r) for r in rows), cfg, rt)
     if not rt.main:
         return {}
-    if not probs:
+    if not rows:
         warnings.warn("evaluation fold is empty", stacklevel=2)
         return {}
-    t, m = torch.cat(targets).numpy(), torch.cat(masks).numpy()
-    out = au_metrics(torch.cat(probs).numpy(), t, m, aus) | counts
+    rows = torch.cat(rows).numpy()
+    J, V = len(aus), len(names)
+    t, m = rows[:, (1 + V) * J:(2 + V) * J], rows[:, (2 + V) * J:(3 + V) * J]
+    out = au_metrics(rows[:, :J], t, m, aus) | counts
     if names:  # a multi-view method: every view scored too (predict's output is their ensemble)
-        vp, J = torch.cat(view_probs).numpy(), len(aus)
-        out |= view_metrics({n: vp[:, i * J:(i + 1) * J] for i, n in enumerate(names)}, t, m, aus)
+        out |= view_metrics({n: rows[:, (1 + i) * J:(2 + i) * J] for i, n in enumerate(names)}, t, m, aus)
     return out
 
 
@@ -79,29 +92,18 @@ def evaluate_expression(method: Method, cfg: Config, rt: Runtime) -> dict:
     if loader.expected == 0:
         raise SourceError(f"expression evaluation: {', '.join(dirs)} hold no image of a test split (dataset.json); "
                           f"shard RAF-DB with its list_patition_label.txt, whose test_* images are the test split")
-    probs, labels = [], []
-    for b in loader:
-        images = b.images.to(rt.device)
-        if rt.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with rt.autocast():
-            p = method.predict_expression(images).float()
-        rows = torch.cat([p, b.expression.to(rt.device).float()[:, None], b.valid.to(rt.device).float()[:, None]], 1)
-        if rt.world > 1:
-            gathered = [torch.empty_like(rows) for _ in range(rt.world)]
-            dist.all_gather(gathered, rows)
-            rows = torch.cat(gathered)
-        rows = rows[(rows[:, -1] > 0) & (rows[:, -2] >= 0)].cpu()  # padding, and images without a class, out
-        probs.append(rows[:, :-2])
-        labels.append(rows[:, -2].long())
-    scored = sum(len(x) for x in labels)
-    problems = loader.problems[:1]
-    if scored != loader.expected:
-        problems = [p for ps in rt.gather_objects(problems) for p in ps]
-    counts = loader.finish(scored, problems, d.eval_incomplete, rt.main)
+
+    def rows_of(images, b):  # padding, and images without a class, are not scored
+        keep = (b.valid & (b.expression >= 0)).to(rt.device).float()[:, None]
+        return torch.cat([method.predict_expression(images).float(), b.expression.to(rt.device).float()[:, None],
+                          keep], 1)
+
+    rows = _scored_rows(loader, rt, rows_of)
+    counts = _completeness(loader, sum(len(r) for r in rows), cfg, rt)
     if not rt.main:
         return {}
-    return expression_metrics(torch.cat(probs).numpy(), torch.cat(labels).numpy(), EXPRESSIONS) | counts
+    rows = torch.cat(rows)
+    return expression_metrics(rows[:, :-2].numpy(), rows[:, -2].long().numpy(), EXPRESSIONS) | counts
 
 
 def evaluate_tasks(method: Method, cfg: Config, aus: tuple[int, ...], rt: Runtime) -> dict:
