@@ -23,7 +23,8 @@ from typing import Any, Iterable
 
 import torch
 
-from ssau.errors import CheckpointError
+from ssau.errors import CheckpointError, ConfigError
+from ssau.io import atomic_file, atomic_write
 
 STEP_FILE = re.compile(r"step-(\d{7})\.pt")
 
@@ -81,8 +82,6 @@ def load_into(target: Any, state: Any, what: str, path: Path) -> None:
 def warm_start(module: torch.nn.Module, path: Path) -> tuple[int, int]:
     """``train.init_from``: ``module``'s tensors of matching name and shape from a model.pt or step checkpoint (the
     backbone and AU head of a supervised run, for any method) -> (tensors taken, tensors of the module)."""
-    from ssau.config import ConfigError
-
     if not path.is_file():
         raise ConfigError(f"train.init_from: {path} does not exist")
     state = check_training_state(safe_load(path), path, model_only=True)  # weights only: runs nothing
@@ -114,16 +113,11 @@ def atomic_save(obj: Any, path: Path) -> None:
     bad = nonfinite_tensors(obj)
     if bad:
         raise CheckpointError(f"{path.name}: not written, {len(bad)} tensors hold NaN or inf (e.g. {bad[0]})")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
+        with atomic_file(path) as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
-        tmp.unlink(missing_ok=True)
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:160]
         raise CheckpointError(f"cannot write {path} ({reason})") from None
 
@@ -143,12 +137,9 @@ def writable_dir(path: Path, key: str) -> str | None:
 
 def write_pointer(ckpt_dir: Path, name: str) -> None:
     """Point ``last`` at ``name`` atomically (the step file must already be complete)."""
-    tmp = ckpt_dir / f".last.tmp-{os.getpid()}"
     try:
-        tmp.write_text(name + "\n")
-        os.replace(tmp, ckpt_dir / "last")
+        atomic_write(ckpt_dir / "last", (name + "\n").encode())
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise CheckpointError(f"cannot write {ckpt_dir / 'last'} ({e.strerror or e})") from None
 
 

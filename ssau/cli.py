@@ -7,18 +7,15 @@ import sys
 from pathlib import Path
 
 from ssau.aus import parse_au_list
-
+from ssau.errors import STOPS, ConfigError, JournalError, LabelError, ShardError, UserError
 
 # The marker of an uncoded AU where the user names none: EmotioNet's challenge files use 999.
 DEFAULT_UNKNOWN = {"emotionet": "999", "csv": ""}
 
 
-class UserError(Exception):
-    """Bad input from the user: printed as one line, exit status 2."""
-
-
 def _shard(args: argparse.Namespace) -> int:
-    from ssau.data.shard import ShardSettings, run_shard
+    from ssau.shard.plan import run_shard  # lazy: a command imports only what it runs
+    from ssau.shard.write import ShardSettings  # lazy: a command imports only what it runs
 
     try:
         aus = parse_au_list(args.aus) if args.aus else None
@@ -61,7 +58,8 @@ def _shard(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from ssau.synth import SynthSettings, render_corpus
+    from ssau.synth.corpus import render_corpus  # lazy: a command imports only what it runs
+    from ssau.synth.faces import SynthSettings  # lazy: a command imports only what it runs
 
     if not 0.0 <= args.ambiguous <= 1.0:
         raise UserError(f"--ambiguous: {args.ambiguous} is not a fraction in [0, 1]")
@@ -74,21 +72,21 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ssau.run import train
+    from ssau.train.commands import train  # lazy: a command imports only what it runs
 
     train(args.config, args.overrides)
     return 0
 
 
 def _cv(args: argparse.Namespace) -> int:
-    from ssau.run import cross_validate
+    from ssau.train.commands import cross_validate  # lazy: a command imports only what it runs
 
     cross_validate(args.config, args.overrides)
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from ssau.compare import compare
+    from ssau.compare.command import compare  # lazy: a command imports only what it runs
 
     compare(args.config, args.methods, args.seeds, args.label_drop, args.folds, args.baseline, args.warm_start,
             args.warm_steps, args.dry_run, args.name, args.overrides)
@@ -96,14 +94,14 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from ssau.run import evaluate
+    from ssau.train.commands import evaluate  # lazy: a command imports only what it runs
 
     evaluate(args.checkpoint, args.shards, args.folds, args.batch, args.workers, args.incomplete)
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from ssau.run import demo
+    from ssau.train.commands import demo  # lazy: a command imports only what it runs
 
     if args.align and not 16 <= args.align <= 1024:
         raise UserError(f"--align {args.align}: 16 to 1024 px, or 0 for whole frames")
@@ -113,7 +111,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    from ssau.run import ui
+    from ssau.train.commands import ui  # lazy: a command imports only what it runs
 
     if not 1 <= args.port <= 65535:
         raise UserError(f"--port {args.port}: not a TCP port")
@@ -121,8 +119,7 @@ def _ui(args: argparse.Namespace) -> int:
 
 
 def _upload(args: argparse.Namespace) -> int:
-    from ssau.journal import JournalError
-    from ssau.upload import upload
+    from ssau.tracking.upload import upload  # lazy: a command imports only what it runs
 
     try:
         print(upload(Path(args.run_dir), args.uri, args.experiment))
@@ -261,10 +258,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ssau.config import ConfigError
-    from ssau.data.adapters import LabelError
-    from ssau.data.shard import ShardError
-    from ssau.errors import STOPS
 
     try:
         return args.run(args)

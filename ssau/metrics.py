@@ -18,14 +18,30 @@
     many off-diagonal entries were undefined; the diagonal is 1 by definition) say how much of the mean rests on
     the rule.
 - ``figures``: F1 bars, the Fig. 5-style marginal bars and the Fig. 6-style conditional heatmaps (true,
-  predicted, gap) for ``ssau.artifacts.eval_artifacts``.
+  predicted, gap) for ``ssau.tracking.artifacts.eval_artifacts``.
 """
 
 from __future__ import annotations
 
+import math
+import statistics
+
 import numpy as np
 
 from ssau.aus import au_name
+
+
+def sample_std(xs) -> float:
+    """The spread every report of ssau gives (``ssau cv`` over folds, ``ssau compare`` over seeds): the sample
+    standard deviation, ddof=1; NaN for fewer than two values, where it is undefined."""
+    xs = [float(x) for x in xs]
+    return statistics.stdev(xs) if len(xs) > 1 else math.nan
+
+
+def standard_error(xs) -> float:
+    """The standard error of a mean: ``sample_std / sqrt(n)``; NaN for fewer than two values."""
+    xs = list(xs)
+    return sample_std(xs) / math.sqrt(len(xs)) if len(xs) > 1 else math.nan
 
 
 def _auc(scores: np.ndarray, labels: np.ndarray) -> float:

@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from corpora import shard_bp4d
-from ssau.accelerate_env import accelerate_settings
-from ssau.config import ConfigError, TrainConfig
+
+from ssau.config import TrainConfig
+from ssau.dist.accelerate import accelerate_settings
+from ssau.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 ZERO2 = str(ROOT / "launch" / "deepspeed" / "zero2.json")

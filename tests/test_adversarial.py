@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from corpora import shard_bp4d
-from ssau.config import ModelConfig, load_config
+from ssau.config import ModelConfig
+from ssau.data.batch import Batch
 from ssau.data.sources import is_hidden
-from ssau.data.stream import Batch
 from ssau.methods.adversarial import Adversarial, AdversarialParams
 from ssau.methods.base import SetupInfo
-from ssau.trainer import Trainer
+from ssau.train.setup import load_run_config
+from ssau.train.trainer import Trainer
 
 J = 3
 
@@ -58,12 +58,12 @@ def test_loss_terms_match_hand_computation(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return shard_bp4d(tmp_path_factory.mktemp("adv"), shard_size=4)
+def shards(corpora) -> Path:
+    return corpora.bp4d(shard_size=4)
 
 
 def make_trainer(shards: Path, tmp: Path, *extra: str) -> Trainer:
-    cfg = load_config(None, [f"data.labelled=[{shards}]", "method.name=adversarial", "model.backbone=tiny",
+    cfg = load_run_config(None, [f"data.labelled=[{shards}]", "method.name=adversarial", "model.backbone=tiny",
                              "data.image_size=32", "data.m1=4", "data.m2=4", "data.workers=0", "data.label_drop=0.5",
                              f"train.out={tmp}", "tracking.enabled=false", "train.steps=2", *extra])
     return Trainer(cfg)
@@ -277,10 +277,10 @@ def test_alpha_balance_means_averaged_over_ranks_equal_one_process(monkeypatch):
 @pytest.mark.parametrize("bad", ["method.fake=hard", "method.d_noise=-0.1", "method.real_smooth=1.0",
                                  "method.alpha_balance=-1", "method.d_noise_steps=-5"])
 def test_bad_remedy_settings_are_one_line_config_errors(shards, bad):
-    from ssau.config import ConfigError
+    from ssau.errors import ConfigError
 
     with pytest.raises(ConfigError, match=bad.split("=")[0] + ": "):  # the option's own check, not "unknown key"
-        load_config(None, [f"data.labelled=[{shards}]", "method.name=adversarial", bad])
+        load_run_config(None, [f"data.labelled=[{shards}]", "method.name=adversarial", bad])
 
 
 def test_remedies_run_through_the_trainer_and_log_their_diagnostics(shards, tmp_path):

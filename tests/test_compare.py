@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from corpora import shard_bp4d
 from ssau.cli import main
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> dict:
+def setup(corpora, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("compare")
-    shards = shard_bp4d(tmp, shard_size=4)
+    shards = corpora.bp4d(shard_size=4)
     config = tmp / "tiny.yaml"
     config.write_text(f"data: {{labelled: [{shards}], image_size: 32, m1: 4, m2: 4, workers: 0, eval_batch: 16}}\n"
                       f"model: {{backbone: tiny}}\n"
@@ -55,7 +54,7 @@ def read_csv(setup: dict, run_id: str, name: str, dst: Path) -> list[dict]:
 
 
 def test_compare_reports_skips_and_pairs(setup, capsys, tmp_path, monkeypatch):
-    from ssau.trainer import Trainer
+    from ssau.train.trainer import Trainer
 
     step = Trainer.train_step
 
@@ -143,10 +142,10 @@ def test_compare_reports_skips_and_pairs(setup, capsys, tmp_path, monkeypatch):
 
 
 def test_warm_start_and_dry_run(setup, capsys, monkeypatch):
-    import ssau.trainer
+    import ssau.train.trainer
 
-    loaded, original = [], ssau.trainer.warm_start
-    monkeypatch.setattr(ssau.trainer, "warm_start", lambda module, path: loaded.append(path) or original(module, path))
+    loaded, original = [], ssau.checkpoints.warm_start
+    monkeypatch.setattr(ssau.train.trainer, "warm_start", lambda module, path: loaded.append(path) or original(module, path))
     before = len(runs(setup))
     assert main(grid(setup, "dry", "--warm-start", "--warm-steps", "1", "--dry-run")) == 0
     out, err = capsys.readouterr()
@@ -200,7 +199,7 @@ def test_bad_grid_is_one_line(flag, value, message, capsys):
 
 
 def test_views_mean_f1_and_inconsistency_are_reported_when_a_method_logs_them():
-    from ssau.compare_report import format_report, parent_metrics, summarize
+    from ssau.compare.report import format_report, parent_metrics, summarize
 
     def cell(method, seed, f1, views=None, inc=None):
         m = {"val/f1_mean": f1, "val/auc_mean": 0.7, "val/acc_mean": 0.9, "val/marginal_gap": 0.1,
@@ -227,7 +226,7 @@ def test_views_mean_f1_and_inconsistency_are_reported_when_a_method_logs_them():
 
 
 def test_methods_with_an_underscore_and_their_variants_are_compared():
-    from ssau.compare_grid import method_of, parse_methods, split_overrides
+    from ssau.compare.grid import method_of, parse_methods, split_overrides
 
     labels = parse_methods("supervised,large_margin,large_margin-center")
     assert [method_of(x) for x in labels] == ["supervised", "large_margin", "large_margin"]

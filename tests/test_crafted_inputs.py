@@ -12,24 +12,23 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
-from corpora import shard_bp4d
+from helpers import error_line, tiny_train
 from ranks import run_ranks
+
 from ssau.checkpoints import safe_load
 from ssau.cli import main
-from test_long_runs import one_error_line, tiny
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return shard_bp4d(tmp_path_factory.mktemp("crafted"), shard_size=4)
+def shards(corpora) -> Path:
+    return corpora.bp4d(shard_size=4)
 
 
 @pytest.fixture(scope="module")
 def trained(shards, tmp_path_factory) -> Path:
     """A finished 4-step run with checkpoints at steps 2 and 4."""
     tmp = tmp_path_factory.mktemp("crafted-run")
-    assert main(tiny(shards, tmp, "train.name=base", "train.steps=4", "train.checkpoint_every=2",
+    assert main(tiny_train(shards, tmp, "train.name=base", "train.steps=4", "train.checkpoint_every=2",
                      "tracking.enabled=false")) == 0
     return tmp / "runs" / "base"
 
@@ -45,7 +44,7 @@ def test_a_lost_last_pointer_resumes_from_the_newest_step_file_and_deletes_nothi
                                                                                      capsys):
     run = _copy_run(trained, tmp_path)
     (run / "checkpoints" / "last").unlink()
-    args = tiny(shards, tmp_path, "train.name=base", "train.steps=6", "train.checkpoint_every=2",
+    args = tiny_train(shards, tmp_path, "train.name=base", "train.steps=6", "train.checkpoint_every=2",
                 "train.resume=auto", "tracking.enabled=false")
     assert main(args) == 0
     err = capsys.readouterr().err
@@ -84,25 +83,25 @@ def test_a_damaged_checkpoint_is_one_line_on_resume(shards, trained, tmp_path, c
         ckpt.write_bytes(bytes(100))
     else:
         torch.save(_damage(safe_load(ckpt), how), ckpt)
-    args = tiny(shards, tmp_path, "train.name=base", "train.steps=6", "train.resume=auto", "tracking.enabled=false")
+    args = tiny_train(shards, tmp_path, "train.name=base", "train.steps=6", "train.resume=auto", "tracking.enabled=false")
     assert main(args) == 2
-    line = one_error_line(capsys)
+    line = error_line(capsys)
     assert "step-0000004.pt" in line and "execute code" not in line
 
 
 def test_a_damaged_pointer_and_a_damaged_model_config_are_one_line(shards, trained, tmp_path, capsys):
     run = _copy_run(trained, tmp_path)
     (run / "checkpoints" / "last").write_bytes(b"\xff\xfe")
-    args = tiny(shards, tmp_path, "train.name=base", "train.steps=6", "train.resume=auto", "tracking.enabled=false")
+    args = tiny_train(shards, tmp_path, "train.name=base", "train.steps=6", "train.resume=auto", "tracking.enabled=false")
     assert main(args) == 2
-    assert "last is unreadable" in one_error_line(capsys)
+    assert "last is unreadable" in error_line(capsys)
     model = safe_load(run / "model.pt")
     model["config"]["data"]["image_size"] = 100000  # would allocate terabytes if trusted
     torch.save(model, run / "bad-model.pt")
     assert main(["eval", "--checkpoint", str(run / "bad-model.pt"), "--shards", str(shards), "--workers", "0"]) == 2
-    assert "its config is not valid (data.image_size: 100000 px" in one_error_line(capsys)
+    assert "its config is not valid (data.image_size: 100000 px" in error_line(capsys)
     assert main(["eval", "--checkpoint", str(run / "model.pt"), "--shards", str(shards), "--batch", "0"]) == 2
-    assert "--batch 0" in one_error_line(capsys)
+    assert "--batch 0" in error_line(capsys)
 
 
 # ---------------------------------------------------------------------------------------------------- shard dirs
@@ -121,8 +120,8 @@ def test_damaged_shard_directories_are_one_line(shards, tmp_path, capsys, damage
         (copy / "dataset.json").write_text(json.dumps(doc))
     else:
         (copy / "index.parquet").write_bytes(b"PAR1 not really")
-    assert main(tiny(copy, tmp_path, "tracking.enabled=false")) == 2
-    assert str(copy) in one_error_line(capsys)
+    assert main(tiny_train(copy, tmp_path, "tracking.enabled=false")) == 2
+    assert str(copy) in error_line(capsys)
 
 
 def test_a_held_out_fold_without_samples_is_one_line(shards, tmp_path, capsys):
@@ -133,8 +132,8 @@ def test_a_held_out_fold_without_samples_is_one_line(shards, tmp_path, capsys):
         if s["fold"] == 1:
             s["samples"] = 0
     (copy / "dataset.json").write_text(json.dumps(doc))
-    assert main(tiny(copy, tmp_path, "tracking.enabled=false")) == 2
-    assert "has no sample in fold 1" in one_error_line(capsys)
+    assert main(tiny_train(copy, tmp_path, "tracking.enabled=false")) == 2
+    assert "has no sample in fold 1" in error_line(capsys)
     assert main(["eval", "--checkpoint", "/nonexistent", "--shards", str(copy)]) == 2  # (no traceback either)
     capsys.readouterr()
 
@@ -158,9 +157,9 @@ def test_one_damaged_training_shard_does_not_end_the_run(shards, tmp_path):
 
 
 def _one_rank_fails(rank: int, world: int) -> str:
+    from ssau.dist.ranks import Runtime
     from ssau.errors import SourceError
-    from ssau.runtime import Runtime
-    from ssau.trainer import Trainer
+    from ssau.train.trainer import Trainer
 
     def batches():
         if rank == 1:
@@ -196,15 +195,15 @@ def test_a_source_failing_on_one_rank_stops_every_rank_with_one_line():
     ("data.aus=[999]", "data.aus: [999] holds a number that is no AU"),
 ])
 def test_absurd_settings_are_refused(shards, tmp_path, capsys, override, message):
-    assert main(tiny(shards, tmp_path, override)) == 2
-    assert message in one_error_line(capsys)
+    assert main(tiny_train(shards, tmp_path, override)) == 2
+    assert message in error_line(capsys)
 
 
 def test_a_yaml_file_may_write_a_learning_rate_as_1e_3(shards, tmp_path):
-    from ssau.config import load_config
+    from ssau.train.setup import load_run_config
 
     (tmp_path / "r.yaml").write_text("optim:\n  lr: 1e-3\n")  # PyYAML reads this as the string '1e-3'
-    assert load_config(tmp_path / "r.yaml", [f"data.labelled=[{shards}]"]).optim.lr == 1e-3
+    assert load_run_config(tmp_path / "r.yaml", [f"data.labelled=[{shards}]"]).optim.lr == 1e-3
 
 
 def test_sigterm_ends_the_mlflow_run_as_killed(shards, tmp_path):
@@ -217,7 +216,7 @@ def test_sigterm_ends_the_mlflow_run_as_killed(shards, tmp_path):
 
     from mlflow.tracking import MlflowClient
 
-    args = tiny(shards, tmp_path, "train.name=term", "train.steps=100000", "train.checkpoint_every=1")
+    args = tiny_train(shards, tmp_path, "train.name=term", "train.steps=100000", "train.checkpoint_every=1")
     p = subprocess.Popen([sys.executable, "-m", "ssau", *args], cwd=Path(__file__).resolve().parents[1],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                          env=os.environ | {"OMP_NUM_THREADS": "1"})

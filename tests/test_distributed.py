@@ -16,19 +16,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from corpora import shard_bp4d, shard_rafdb
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return shard_bp4d(tmp_path_factory.mktemp("dist"), shard_size=3)
+def shards(corpora) -> Path:
+    return corpora.bp4d(shard_size=3)
 
 
 @pytest.fixture(scope="module")
-def expression(tmp_path_factory) -> Path:
-    return shard_rafdb(tmp_path_factory.mktemp("dist-raf"), shard_size=4)
+def expression(corpora) -> Path:
+    return corpora.rafdb(shard_size=4)
 
 
 def _method_args(method: str, expression: Path) -> list[str]:
@@ -114,12 +112,12 @@ def test_two_cpu_ranks_with_accelerate_launch_and_deepspeed_zero2(shards, expres
         for k in a:
             assert torch.allclose(a[k].float(), c[k].float(), atol=1e-6), k
     # ... and training moved them: they differ from the seeded initialisation every rank starts from.
-    from ssau.config import load_config
-    from ssau.methods import build_method
-    from ssau.runtime import seed_all
+    from ssau.dist.rng import seed_all
+    from ssau.methods.registry import build_method
+    from ssau.train.setup import load_run_config
 
     seed_all(0)
-    cfg = load_config(None, ["data.labelled=[x]", "model.backbone=tiny", f"method.name={method}", "train.steps=3",
+    cfg = load_run_config(None, ["data.labelled=[x]", "model.backbone=tiny", f"method.name={method}", "train.steps=3",
                              *extra])
     init = build_method(cfg.method, tuple(range(12)), cfg.model).state_dict()
     assert any(not torch.equal(init[k], a[k]) for k in a if a[k].is_floating_point())

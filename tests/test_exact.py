@@ -9,27 +9,28 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from torch import nn
-
-from corpora import shard_bp4d
 from nets import PixelNet
 from ranks import run_ranks
-from ssau.config import ConfigError, ModelConfig, load_config
-from ssau.data.stream import Batch
+from torch import nn
+
+from ssau.config import ModelConfig
+from ssau.data.batch import Batch
+from ssau.dist.ranks import Runtime
+from ssau.errors import ConfigError
 from ssau.methods.base import SetupInfo
-from ssau.runtime import Runtime
+from ssau.train.setup import load_run_config
 
 AUS = (1, 2, 4, 6)
 J, S = len(AUS), 8
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return shard_bp4d(tmp_path_factory.mktemp("exact"), frames=8, shard_size=4)
+def shards(corpora) -> Path:
+    return corpora.bp4d(frames=8, shard_size=4)
 
 
 def tiny_cfg(shards: Path, tmp: Path, *extra: str):
-    return load_config(None, [f"data.labelled=[{shards}]", "model.backbone=tiny", "data.image_size=32", "data.m1=4",
+    return load_run_config(None, [f"data.labelled=[{shards}]", "model.backbone=tiny", "data.image_size=32", "data.m1=4",
                               "data.m2=4", "data.workers=0", "data.eval_batch=16", "train.steps=3",
                               "train.checkpoint_every=0", f"train.out={tmp / 'runs'}", "train.progress=false",
                               "tracking.enabled=false", *extra])
@@ -43,7 +44,7 @@ def cpu_rt(rank: int = 0, world: int = 1) -> Runtime:
 def _train_two_ranks(rank: int, world: int, shards: Path, tmp: Path) -> dict:
     import torch.distributed as dist
 
-    from ssau.trainer import Trainer
+    from ssau.train.trainer import Trainer
 
     assert dist.get_world_size() == world == 2
     tr = Trainer(tiny_cfg(shards, tmp, "method.name=adversarial", "model.dropout=0.5", "data.label_drop=0.5",
@@ -67,7 +68,7 @@ def test_ranks_draw_apart_yet_hold_identical_parameters(shards, tmp_path):
 
 
 def test_draws_are_a_function_of_seed_rank_step_and_update():
-    from ssau.runtime import seed_draws
+    from ssau.dist.rng import seed_draws
 
     def draw(*key):
         seed_draws(*key)
@@ -83,7 +84,7 @@ def test_draws_are_a_function_of_seed_rank_step_and_update():
 
 
 def small_method(name: str, bn: bool = False):
-    from ssau.methods import build_method
+    from ssau.methods.registry import build_method
 
     torch.manual_seed(0)
     # MLCR's selective learning keeps a random choice of negatives (its count is global, tests/test_mlcr.py)
@@ -137,7 +138,7 @@ def rank_part(b: Batch, rank: int, world: int) -> Batch:
 
 
 def update_grads(m, batch: Batch, rt: Runtime, sync_bn: bool = False) -> dict:
-    from ssau.runtime import average_gradients
+    from ssau.dist.collectives import average_gradients
 
     if sync_bn:
         from ssau.methods.syncbn import convert_sync_bn
@@ -189,7 +190,7 @@ def test_two_ranks_of_b_equal_one_process_of_2b(name, bn):
 def _bn_running_stats(rank: int, world: int, x: torch.Tensor) -> dict:
     import torch.distributed as dist
 
-    from ssau.runtime import average_buffers
+    from ssau.dist.collectives import average_buffers
 
     assert dist.get_world_size() == world == 2
     bn = nn.BatchNorm2d(3, momentum=0.1).double().train()
@@ -213,7 +214,7 @@ def test_averaged_running_variance_holds_the_between_rank_term():
 
 # ---------------------------------------------------------------------------------------------------- optimisers
 def test_per_group_optimiser_settings_reach_the_optimisers(shards, tmp_path):
-    from ssau.trainer import Trainer
+    from ssau.train.trainer import Trainer
 
     tr = Trainer(tiny_cfg(shards, tmp_path, "method.name=adversarial", "optim.groups.discriminator.name=sgd",
                           "optim.groups.discriminator.lr=0.05", "optim.groups.discriminator.momentum=0"),
@@ -230,23 +231,23 @@ def test_per_group_optimiser_settings_reach_the_optimisers(shards, tmp_path):
 
 
 def test_mal_meta_net_steps_by_plain_gradient_descent():
-    from ssau.methods import build_method
-    from ssau.optim import build_optimizer, group_config
+    from ssau.methods.registry import build_method
+    from ssau.train.optim import build_optimizer, group_config
 
-    cfg = load_config(None, ["data.labelled=[x]", "optim.lr=0.002"])
+    cfg = load_run_config(None, ["data.labelled=[x]", "optim.lr=0.002"])
     groups = build_method({"name": "mal"}, AUS, ModelConfig(backbone="tiny")).groups()
     meta = build_optimizer(group_config(cfg.optim, "meta", 0.002, groups["meta"].optim), groups["meta"].params)
     base = build_optimizer(group_config(cfg.optim, "base", 0.002, groups["base"].optim), groups["base"].params)
     assert type(meta) is torch.optim.SGD and meta.param_groups[0]["momentum"] == 0  # Eq. 7
     assert type(base) is torch.optim.Adam
-    cfg = load_config(None, ["data.labelled=[x]", "optim.groups.meta.name=adam"])
+    cfg = load_run_config(None, ["data.labelled=[x]", "optim.groups.meta.name=adam"])
     assert type(build_optimizer(group_config(cfg.optim, "meta", 1e-3, groups["meta"].optim), groups["meta"].params)) \
         is torch.optim.Adam  # the user's word wins
 
 
 # ---------------------------------------------------------------------------------------------------- data
 def test_unlabelled_source_never_reads_the_evaluation_fold(shards, tmp_path, capsys):
-    from ssau.trainer import Trainer
+    from ssau.train.trainer import Trainer
 
     # The leak: data.unlabelled pointed at the labelled shards themselves.
     tr = Trainer(tiny_cfg(shards, tmp_path, f"data.unlabelled=[{shards}]", "data.fold=2", "train.progress=true"),
@@ -264,17 +265,17 @@ def test_unlabelled_source_never_reads_the_evaluation_fold(shards, tmp_path, cap
 def test_the_training_set_index_is_read_once(shards, tmp_path, monkeypatch):
     import ssau.data.sources as sources
     import ssau.data.trainset as trainset
-    from ssau.trainer import Trainer
+    from ssau.train.trainer import Trainer
 
     reads = []
-    real = sources._index_batches
+    real = sources.index_batches
 
     def counted(d, columns):
         reads.append(str(d))
         return real(d, columns)
 
-    monkeypatch.setattr(sources, "_index_batches", counted)
-    monkeypatch.setattr(trainset, "_index_batches", counted)
+    monkeypatch.setattr(sources, "index_batches", counted)
+    monkeypatch.setattr(trainset, "index_batches", counted)
     tr = Trainer(tiny_cfg(shards, tmp_path, "method.name=adversarial", "data.validation=0.2", "data.label_drop=0.3"),
                  cpu_rt())
     from ssau.data.stream import TrainStream
@@ -311,7 +312,7 @@ def test_validation_batches_of_ranks_are_disjoint(shards):
 
 
 def test_warm_start_loads_matching_tensors_only(shards, tmp_path, capsys):
-    from ssau.trainer import Trainer
+    from ssau.train.trainer import Trainer
 
     sup = Trainer(tiny_cfg(shards, tmp_path, "train.name=sup", "data.fold=0"), cpu_rt())
     sup.fit()

@@ -7,7 +7,6 @@ import io
 import json
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -18,54 +17,16 @@ import cv2
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from helpers import face_frame, one_error_line, openface_header, openface_row, samples_of, save, tree_bytes, write_csv
 from PIL import Image
 
 from ssau.cli import main
-from ssau.data.adapters import LabelError
-from ssau.data.align import detect_face, landmark_matrix, transform, warp
-from ssau.data.landmarks import read_landmark_csv
-from ssau.data.template import MEAN_5, MEAN_68, placed
-from ssau.synth import make_identity, render_face
-from test_shard import _tree_bytes, samples_of
-from test_shard_faults import one_error_line
+from ssau.errors import LabelError
+from ssau.faces.align import detect_face, landmark_matrix, transform, warp
+from ssau.faces.template import MEAN_5, MEAN_68, placed
+from ssau.shard.landmarks import read_landmark_csv
 
 SUBJECTS = ("F001", "M011", "F007")  # one per standard BP4D fold
-
-
-def openface_header(spaces: bool = True) -> list[str]:
-    names = (["frame", "face_id", "timestamp", "confidence", "success", "gaze_0_x", "pose_Tx"]
-             + [f"x_{i}" for i in range(68)] + [f"y_{i}" for i in range(68)]
-             + [f"X_{i}" for i in range(68)] + ["AU01_r"])
-    return [(" " + n if spaces and j else n) for j, n in enumerate(names)]
-
-
-def openface_row(frame: int, pts, success: int = 1, conf: float = 0.98, face: int = 0) -> list[str]:
-    pts = np.zeros((68, 2)) if pts is None else np.asarray(pts)
-    return ([str(frame), str(face), f"{(frame - 1) / 25:.3f}", f"{conf:.2f}", str(success), "0.1", "12.5"]
-            + [f"{x:.2f}" for x in pts[:, 0]] + [f"{y:.2f}" for y in pts[:, 1]]
-            + [f"{-x:.1f}" for x in pts[:, 0]] + ["0.5"])
-
-
-def write_csv(path: Path, header: list[str], rows: list[list[str]], sep: str = ", ") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(sep.join(r) for r in [header] + rows) + "\n")
-
-
-def face_frame(seed: int, t: int = 0, w: int = 96, h: int = 120, face: int = 56) -> tuple[np.ndarray, np.ndarray]:
-    """A head on a textured background, moving 1 px right per frame t; -> (RGB frame, its 68 landmarks)."""
-    rng = np.random.default_rng(seed)
-    bg = cv2.resize(rng.integers(60, 200, (h // 8, w // 8, 3), dtype=np.uint8), (w, h), interpolation=cv2.INTER_CUBIC)
-    img = np.asarray(render_face(make_identity(random.Random(seed)), {12: 4.0}, face, random.Random(seed)))
-    x0, y0 = (w - face) // 2 - 6 + t, 16
-    bg[y0:y0 + face, x0:x0 + face] = img
-    # the rendered face spans about 0.2-0.8 of its square across and 0.15-0.95 down
-    pts = np.stack([x0 + face * (0.2 + 0.6 * MEAN_68[:, 0]), y0 + face * (0.3 + 0.6 * MEAN_68[:, 1])], 1)
-    return bg, pts
-
-
-def save(path: Path, rgb: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rgb).save(path, quality=95)
 
 
 def bp4d_with_landmarks(root: Path, frames: int = 6, failed: tuple = ()) -> Path:
@@ -235,7 +196,7 @@ def test_flow_and_alignment_byte_identical_for_1_and_3_workers(tmp_path):
                      str(root / "landmarks"), "--landmark-frames", "position", "--align", "32", "--flow", "3",
                      "--flow-size", "16", "--shard-size", "5", "--workers", workers, "--out", str(out),
                      "--quiet"]) == 0
-        outs.append(_tree_bytes(out))
+        outs.append(tree_bytes(out))
     assert outs[0] == outs[1]
     out = tmp_path / "w3"
     doc = json.loads((out / "dataset.json").read_text())
@@ -283,7 +244,7 @@ def test_resume_after_kill_9_with_flow(tmp_path):
     res = subprocess.run([sys.executable, *args, "--out", str(out)], capture_output=True, text=True, check=True,
                          timeout=300)
     assert int(res.stdout.split("written, ")[1].split(" verified")[0]) >= 5
-    assert _tree_bytes(out) == _tree_bytes(ref)
+    assert tree_bytes(out) == tree_bytes(ref)
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
 
 
@@ -326,6 +287,7 @@ def test_rafdb_root_or_basic_is_accepted(tmp_path):
     empty.mkdir()
     (empty / "list_patition_label.txt").write_text("train_00001.jpg 4\n")
     with pytest.raises(Exception, match="no samples found under .*empty"):
-        from ssau.data.shard import ShardSettings, run_shard
+        from ssau.shard.plan import run_shard
+        from ssau.shard.write import ShardSettings
 
         run_shard(ShardSettings("rafdb", str(empty), str(empty / "list_patition_label.txt")), tmp_path / "o", progress=False)

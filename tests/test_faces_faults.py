@@ -9,15 +9,13 @@ import random
 
 import numpy as np
 import pytest
+from helpers import face_frame, one_error_line, openface_header, openface_row, samples_of, save, write_csv
 from PIL import Image
 
 from ssau.cli import main
-from ssau.data.decode import DecodeError, decode_sample
-from ssau.data.landmarks import read_landmark_csv
-from ssau.data.records import LabelError
-from test_faces import face_frame, openface_header, openface_row, save, write_csv
-from test_shard import samples_of
-from test_shard_faults import one_error_line
+from ssau.data.decode import decode_sample
+from ssau.errors import DecodeError, LabelError
+from ssau.shard.landmarks import read_landmark_csv
 
 
 def _jpeg(rgb: np.ndarray) -> bytes:

@@ -20,11 +20,13 @@ import pytest
 import torch
 from PIL import Image
 
-from ssau.data.decode import DecodeError, decode_sample
-from ssau.data.flow import decode_flow, encode_flow, grid_size, require_optflow, tvl1
+from ssau.data.batch import Batch
+from ssau.data.decode import decode_sample
 from ssau.data.sources import SourceConfig, StreamConfig
-from ssau.data.stream import Batch, TrainStream
-from ssau.data.template import DEFAULT_MARGIN, MIRROR_68, mean_landmarks
+from ssau.data.stream import TrainStream
+from ssau.errors import DecodeError
+from ssau.faces.flow import decode_flow, encode_flow, grid_size, require_optflow, tvl1
+from ssau.faces.template import DEFAULT_MARGIN, MIRROR_68, mean_landmarks
 
 S = 32  # training crop
 
@@ -391,7 +393,7 @@ def test_batch_to_moves_the_geometry():
 
 
 def test_require_optflow_names_the_fix_when_the_contrib_module_is_missing(monkeypatch):
-    from ssau.config import ConfigError
+    from ssau.errors import ConfigError
 
     require_optflow()  # the project's one OpenCV build has it
     monkeypatch.delattr(cv2, "optflow")  # what a plain opencv-python installed beside the contrib wheel looks like

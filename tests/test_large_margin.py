@@ -11,19 +11,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
 from corpora import jpeg_bytes, shard_bp4d, shard_rafdb
 from nets import PixelNet
 from ranks import run_ranks
+from torch import nn
+
 from ssau.aus import EXPRESSIONS, STANDARD_AUS
-from ssau.config import ConfigError, ModelConfig, load_config
-from ssau.data.decode import DecodeError, check_meta
+from ssau.config import ModelConfig
+from ssau.data.batch import Batch
+from ssau.data.decode import check_meta
 from ssau.data.sources import SourceConfig, StreamConfig
-from ssau.data.stream import Batch, TrainStream
-from ssau.methods.large_margin import (LargeMargin, LargeMarginParams, margin_terms, prototype_matrix,
-                                       pseudo_classes)
+from ssau.data.stream import TrainStream
+from ssau.errors import ConfigError, DecodeError
+from ssau.methods.large_margin import LargeMargin, LargeMarginParams, margin_terms, prototype_matrix, pseudo_classes
 from ssau.metrics import expression_metrics
+from ssau.train.setup import load_run_config
 
 BP4D = STANDARD_AUS["bp4d"]
 S = 8
@@ -272,7 +274,7 @@ def test_expression_accuracy_and_mean_class_accuracy_worked_example():
 
 def test_expression_task_needs_an_expression_corpus(tmp_path):
     with pytest.raises(ConfigError, match="data.expression"):
-        load_config(None, ["data.labelled=[x]", "method.name=large_margin", "method.task=expression"])
+        load_run_config(None, ["data.labelled=[x]", "method.name=large_margin", "method.task=expression"])
 
 
 # ---------------------------------------------------------------------------------------------------- intensity
@@ -326,7 +328,7 @@ def test_intensity_target_regresses_intensity_and_predicts_at_the_active_thresho
 
 # ---------------------------------------------------------------------------------------------------- runs
 def _train(tmp_path: Path, name: str, *extra: str) -> Path:
-    from ssau.run import train
+    from ssau.train.commands import train
 
     train(None, [f"data.labelled=[{tmp_path.parent / 'bp4d'}]", "model.backbone=tiny", "data.image_size=32",
                  "data.m1=4", "data.m2=4", "data.workers=0", "data.eval_batch=8", "train.steps=5",
@@ -337,7 +339,7 @@ def _train(tmp_path: Path, name: str, *extra: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def corpora(tmp_path_factory) -> Path:
+def local_corpora(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("lm")
     shard_bp4d(root, shard_size=3)
     shard_rafdb(root, shard_size=4)
@@ -352,9 +354,9 @@ def _client(runs: Path):
     return c, c.search_runs([c.get_experiment_by_name("ssau").experiment_id], order_by=["attributes.start_time DESC"])
 
 
-def test_au_run_logs_centroid_counts_shift_and_the_convergence_plot(corpora):
-    run = _train(corpora, "au", "data.label_drop=0.5")
-    client, runs = _client(corpora)
+def test_au_run_logs_centroid_counts_shift_and_the_convergence_plot(local_corpora):
+    run = _train(local_corpora, "au", "data.label_drop=0.5")
+    client, runs = _client(local_corpora)
     rid = runs[0].info.run_id
     shift = client.get_metric_history(rid, "train/state/shift")
     assert [m.step for m in shift] == [1, 2, 3, 4, 5] and shift[0].value == 0 and shift[-1].value > 0
@@ -375,10 +377,10 @@ def test_au_run_logs_centroid_counts_shift_and_the_convergence_plot(corpora):
     assert "val/f1_mean" in runs[0].data.metrics
 
 
-def test_expression_variant_trains_on_the_train_split_and_scores_the_test_split(corpora):
-    raf = corpora.parent / "rafdb"
-    run = _train(corpora, "fer", f"data.expression=[{raf}]", "data.m_expr=4", "method.task=expression")
-    client, runs = _client(corpora)
+def test_expression_variant_trains_on_the_train_split_and_scores_the_test_split(local_corpora):
+    raf = local_corpora.parent / "rafdb"
+    run = _train(local_corpora, "fer", f"data.expression=[{raf}]", "data.m_expr=4", "method.task=expression")
+    client, runs = _client(local_corpora)
     m = runs[0].data.metrics
     assert "val/f1_mean" not in m  # no AU output
     rows = (run / "eval" / "per_expression.csv").read_text().splitlines()
@@ -393,38 +395,38 @@ def test_expression_variant_trains_on_the_train_split_and_scores_the_test_split(
     assert {a.path for a in client.list_artifacts(runs[0].info.run_id)} >= {"confusion.png", "per_expression.csv"}
 
 
-def test_tools_that_score_au_refuse_the_expression_task_in_one_line(corpora, capsys):
+def test_tools_that_score_au_refuse_the_expression_task_in_one_line(local_corpora, capsys):
     from ssau.cli import main
 
-    raf, bp4d = corpora.parent / "rafdb", corpora.parent / "bp4d"
+    raf, bp4d = local_corpora.parent / "rafdb", local_corpora.parent / "bp4d"
     args = [f"data.labelled=[{bp4d}]", f"data.expression=[{raf}]", "method.name=large_margin", "method.task=expression"]
     assert main(["cv", *args]) == 2
     assert main(["compare", "--methods", "supervised,large_margin", "--seeds", "0", "--label-drop", "0", *args[:2],
                  "large_margin.task=expression"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ssau: error")]
     assert len(errors) == 2 and "scored on expressions" in errors[0] and "scored on expressions" in errors[1]
-    fer = corpora / "fer" / "model.pt"
+    fer = local_corpora / "fer" / "model.pt"
     if not fer.is_file():  # the expression run above leaves it; run alone, train one
-        _train(corpora, "fer", f"data.expression=[{raf}]", "data.m_expr=4", "method.task=expression")
+        _train(local_corpora, "fer", f"data.expression=[{raf}]", "data.m_expr=4", "method.task=expression")
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(fer), "--shards", str(bp4d)]) == 2
     assert "has no AU output" in capsys.readouterr().err
-    no_test = corpora.parent / "rafdb-train-only"
+    no_test = local_corpora.parent / "rafdb-train-only"
     no_test.mkdir(exist_ok=True)
     doc = json.loads((raf / "dataset.json").read_text())
     doc["shards"] = [s for s in doc["shards"] if s["split"] != "test"]
     (no_test / "dataset.json").write_text(json.dumps(doc))
     with pytest.raises(ConfigError, match="no test split"):
-        load_config(None, [f"data.labelled=[{bp4d}]", f"data.expression=[{no_test}]", "method.name=large_margin",
+        load_run_config(None, [f"data.labelled=[{bp4d}]", f"data.expression=[{no_test}]", "method.name=large_margin",
                            "method.task=expression"])
 
 
-def test_the_expression_training_stream_never_reads_the_test_split(corpora):
-    raf = corpora.parent / "rafdb"
-    cfg = StreamConfig(labelled=SourceConfig((str(corpora.parent / "bp4d"),)),
+def test_the_expression_training_stream_never_reads_the_test_split(local_corpora):
+    raf = local_corpora.parent / "rafdb"
+    cfg = StreamConfig(labelled=SourceConfig((str(local_corpora.parent / "bp4d"),)),
                        expression=SourceConfig((str(raf),), exclude_split="test"), m1=2, m_expr=4, image_size=32,
                        workers=0)
-    cfg_run = load_config(None, [f"data.labelled=[{corpora.parent / 'bp4d'}]", f"data.expression=[{raf}]"])
+    cfg_run = load_run_config(None, [f"data.labelled=[{local_corpora.parent / 'bp4d'}]", f"data.expression=[{raf}]"])
     from ssau.data.sources import stream_config
 
     assert stream_config(cfg_run, BP4D).expression.exclude_split == "test"  # what a run streams

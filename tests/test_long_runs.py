@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from corpora import shard_bp4d
+from helpers import error_line, tiny_train
+
 from ssau.checkpoints import safe_load
 from ssau.cli import main
 
@@ -22,22 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return shard_bp4d(tmp_path_factory.mktemp("long"), shard_size=4)
-
-
-def tiny(shards: Path, tmp: Path, *extra: str) -> list[str]:
-    return ["train", f"data.labelled=[{shards}]", "model.backbone=tiny", "data.image_size=32", "data.m1=4",
-            "data.workers=0", "data.eval_batch=16", "train.steps=3", "train.log_every=1", f"train.out={tmp / 'runs'}",
-            "train.progress=false", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", *extra]
-
-
-def one_error_line(capsys) -> str:
-    """The one ``ssau: error:`` line of a failed command (MLflow's own INFO lines may stand beside it)."""
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("ssau: error: ")]
-    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
-    return lines[0]
+def shards(corpora) -> Path:
+    return corpora.bp4d(shard_size=4)
 
 
 # ---------------------------------------------------------------------------------------------------- item 1
@@ -70,12 +57,12 @@ def test_a_pickled_checkpoint_executes_nothing_on_any_load_path(shards, tmp_path
     if path == "eval":
         rc = main(["eval", "--checkpoint", str(evil), "--shards", str(shards), "--workers", "0"])
     elif path == "resume":
-        rc = main(tiny(shards, tmp_path, f"train.resume={evil}", "tracking.enabled=false"))
+        rc = main(tiny_train(shards, tmp_path, f"train.resume={evil}", "tracking.enabled=false"))
     elif path == "pretrained":
-        rc = main(tiny(shards, tmp_path, f"model.pretrained={evil}", "tracking.enabled=false"))
+        rc = main(tiny_train(shards, tmp_path, f"model.pretrained={evil}", "tracking.enabled=false"))
     else:  # DeepSpeed's own loader is replaced by the weights-only one
         from ssau.checkpoints import CheckpointError
-        from ssau.runtime import _deepspeed_safe_load
+        from ssau.dist.deepspeed import _deepspeed_safe_load
 
         with pytest.raises(CheckpointError, match="refused"):
             _deepspeed_safe_load(str(evil))
@@ -83,11 +70,11 @@ def test_a_pickled_checkpoint_executes_nothing_on_any_load_path(shards, tmp_path
     assert not marker.exists(), "the crafted checkpoint ran its command"
     if path != "deepspeed":
         assert rc == 2
-        assert "refused" in one_error_line(capsys)
+        assert "refused" in error_line(capsys)
 
 
 def test_training_checkpoints_and_models_load_weights_only(shards, tmp_path):
-    assert main(tiny(shards, tmp_path, "train.name=w", "train.checkpoint_every=2", "tracking.enabled=false")) == 0
+    assert main(tiny_train(shards, tmp_path, "train.name=w", "train.checkpoint_every=2", "tracking.enabled=false")) == 0
     run = tmp_path / "runs" / "w"
     ckpt = torch.load(run / "checkpoints" / "step-0000003.pt", weights_only=True)  # raises if anything else is in it
     assert ckpt["step"] == 3 and set(ckpt["rng"][0]) == {"python", "numpy", "torch"}
@@ -97,7 +84,7 @@ def test_training_checkpoints_and_models_load_weights_only(shards, tmp_path):
 
     import numpy as np
 
-    from ssau.runtime import rng_state, set_rng_state
+    from ssau.dist.rng import rng_state, set_rng_state
 
     state = rng_state()
     a = (random.random(), float(np.random.rand()), float(torch.rand(1)))
@@ -124,8 +111,8 @@ def safe_load_roundtrip(obj, tmp: Path):
     ("train.checkpoint_every=-1", "train.checkpoint_every: must be 0 or more"),
 ])
 def test_non_finite_and_absurd_settings_are_refused_at_parse_time(shards, tmp_path, capsys, override, message):
-    assert main(tiny(shards, tmp_path, *override.split())) == 2
-    assert message in one_error_line(capsys)
+    assert main(tiny_train(shards, tmp_path, *override.split())) == 2
+    assert message in error_line(capsys)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
 
 
@@ -147,9 +134,9 @@ def test_a_step_that_makes_parameters_non_finite_stops_the_run_and_saves_nothing
         return out
 
     monkeypatch.setattr(torch.optim.Adam, "step", overflowing_step)
-    rc = main(tiny(shards, tmp_path, "train.name=inf", "train.steps=5", "train.checkpoint_every=1"))
+    rc = main(tiny_train(shards, tmp_path, "train.name=inf", "train.steps=5", "train.checkpoint_every=1"))
     assert rc == 2
-    line = one_error_line(capsys)
+    line = error_line(capsys)
     assert "step 3: update 'supervised' left NaN or inf in the parameters" in line and "step-0000002.pt" in line
     ckpts = tmp_path / "runs" / "inf" / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("step-*.pt")) == ["step-0000001.pt", "step-0000002.pt"]
@@ -171,7 +158,7 @@ def test_a_non_finite_state_is_never_written(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- item 8
 def test_leftovers_of_a_killed_save_are_removed_and_old_checkpoints_pruned(shards, tmp_path, capsys):
-    args = tiny(shards, tmp_path, "train.name=p", "train.checkpoint_every=1", "train.keep_checkpoints=2",
+    args = tiny_train(shards, tmp_path, "train.name=p", "train.checkpoint_every=1", "train.keep_checkpoints=2",
                 "tracking.enabled=false", "train.resume=auto")
     assert main([*args, "train.steps=4"]) == 0
     ckpts = tmp_path / "runs" / "p" / "checkpoints"
@@ -205,7 +192,7 @@ sys.exit(main(sys.argv[1:]))
 def test_kill_9_mid_checkpoint_write_then_resume(shards, tmp_path):
     """The process is killed while it writes the step-4 checkpoint: the step-2 one stays the newest, the
     temporary file is removed on resume, and the resumed run finishes all its steps."""
-    args = tiny(shards, tmp_path, "train.name=k", "train.checkpoint_every=2", "train.steps=6", "train.resume=auto",
+    args = tiny_train(shards, tmp_path, "train.name=k", "train.checkpoint_every=2", "train.steps=6", "train.resume=auto",
                 "tracking.enabled=false")
     p = subprocess.Popen([sys.executable, "-c", _SLOW_SAVE, *args], cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
@@ -239,7 +226,7 @@ def small_disk(tmp_path):
 
 def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_stops_with_one_line(shards, tmp_path,
                                                                                       small_disk, capsys, monkeypatch):
-    from ssau.trainer import Trainer
+    from ssau.train.trainer import Trainer
 
     real = Trainer.save_checkpoint
 
@@ -256,10 +243,10 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_stops_with_o
         return path
 
     monkeypatch.setattr(Trainer, "save_checkpoint", then_fill)
-    args = tiny(shards, tmp_path, "train.name=full", "train.checkpoint_every=1", "tracking.enabled=false")
+    args = tiny_train(shards, tmp_path, "train.name=full", "train.checkpoint_every=1", "tracking.enabled=false")
     args = [a if not a.startswith("train.out=") else f"train.out={small_disk}" for a in args]
     assert main(args) == 2
-    line = one_error_line(capsys)
+    line = error_line(capsys)
     assert "No space left on device" in line and "step-0000001.pt" in line
     ckpts = small_disk / "full" / "checkpoints"
     assert (ckpts / "last").read_text().strip() == "step-0000001.pt"
@@ -269,21 +256,21 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_stops_with_o
 
 # ---------------------------------------------------------------------------------------------------- item 9
 def test_bad_directories_and_fold_settings_give_one_line(shards, tmp_path, capsys):
-    assert main(tiny(tmp_path / "nope", tmp_path)) == 2
-    assert "data.labelled: " in one_error_line(capsys)
+    assert main(tiny_train(tmp_path / "nope", tmp_path)) == 2
+    assert "data.labelled: " in error_line(capsys)
     (tmp_path / "empty").mkdir()
-    assert main(tiny(tmp_path / "empty", tmp_path)) == 2
-    assert "has no dataset.json" in one_error_line(capsys)
-    assert main(tiny(shards, tmp_path, "data.fold=5", "data.folds=5")) == 2
-    line = one_error_line(capsys)
+    assert main(tiny_train(tmp_path / "empty", tmp_path)) == 2
+    assert "has no dataset.json" in error_line(capsys)
+    assert main(tiny_train(shards, tmp_path, "data.fold=5", "data.folds=5")) == 2
+    line = error_line(capsys)
     assert "data.folds=5: " in line and "has samples in folds [1, 2, 3]" in line
     (tmp_path / "afile").write_text("x")
     assert main([a if not a.startswith("train.out=") else f"train.out={tmp_path / 'afile' / 'runs'}"
-                 for a in tiny(shards, tmp_path, "tracking.enabled=false")]) == 2
-    assert "train.out: cannot write the run directory" in one_error_line(capsys)
+                 for a in tiny_train(shards, tmp_path, "tracking.enabled=false")]) == 2
+    assert "train.out: cannot write the run directory" in error_line(capsys)
     assert main([a if not a.startswith("train.out=") else "train.out=/proc/ssau-runs"
-                 for a in tiny(shards, tmp_path, "tracking.enabled=false")]) == 2
-    assert "train.out: cannot write the run directory" in one_error_line(capsys)
+                 for a in tiny_train(shards, tmp_path, "tracking.enabled=false")]) == 2
+    assert "train.out: cannot write the run directory" in error_line(capsys)
 
 
 def test_a_run_restarted_before_its_first_checkpoint_continues_the_same_mlflow_run(shards, tmp_path, monkeypatch):
@@ -291,7 +278,7 @@ def test_a_run_restarted_before_its_first_checkpoint_continues_the_same_mlflow_r
     but the run directory's journal names the MLflow run, so it is continued rather than a second one opened."""
     from mlflow.tracking import MlflowClient
 
-    from ssau.trainer import Trainer
+    from ssau.train.trainer import Trainer
 
     real = Trainer.train_step
 
@@ -300,7 +287,7 @@ def test_a_run_restarted_before_its_first_checkpoint_continues_the_same_mlflow_r
             raise KeyboardInterrupt  # stands in for the kill: the step never finishes
         return real(self, batches)
 
-    args = tiny(shards, tmp_path, "train.name=early", "train.steps=4", "train.checkpoint_every=10",
+    args = tiny_train(shards, tmp_path, "train.name=early", "train.steps=4", "train.checkpoint_every=10",
                 "train.resume=auto")
     monkeypatch.setattr(Trainer, "train_step", dies_at_step_3)
     assert main(args) == 130
@@ -324,11 +311,11 @@ def test_a_damaged_evaluation_shard_stops_train_with_one_line_or_warns_and_logs_
     victim = next(s for s in doc["shards"] if s["fold"] == 1)
     tar = shards / victim["name"]
     tar.write_bytes(tar.read_bytes()[:1536])  # the first member survives, the rest of the shard is cut
-    assert main(tiny(shards, tmp_path, "train.name=cut")) == 2
-    line = one_error_line(capsys)
+    assert main(tiny_train(shards, tmp_path, "train.name=cut")) == 2
+    line = error_line(capsys)
     expected = sum(s["samples"] for s in doc["shards"] if s["fold"] == 1)
     assert f"evaluation of fold 1 of {shards}" in line and f"of the {expected} samples" in line
-    assert main(tiny(shards, tmp_path, "train.name=cut-warn", "data.eval_incomplete=warn")) == 0
+    assert main(tiny_train(shards, tmp_path, "train.name=cut-warn", "data.eval_incomplete=warn")) == 0
     assert "ssau: warning: evaluation of fold 1" in capsys.readouterr().err
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("ssau").experiment_id])
@@ -339,6 +326,33 @@ def test_a_damaged_evaluation_shard_stops_train_with_one_line_or_warns_and_logs_
     model = str(tmp_path / "runs" / "cut-warn" / "model.pt")
     capsys.readouterr()
     assert main(["eval", "--checkpoint", model, "--shards", str(shards), "--folds", "1", "--workers", "0"]) == 2
-    assert "scored" in one_error_line(capsys)
+    assert "scored" in error_line(capsys)
     assert main(["eval", "--checkpoint", model, "--shards", str(shards), "--folds", "1", "--workers", "0",
                  "--incomplete", "warn"]) == 0
+
+
+def test_sigterm_during_a_checkpoint_write_exits_once_the_file_is_whole(tmp_path, monkeypatch):
+    """SIGTERM landing inside torch.save (under load it did, in the SIGTERM test) used to tear the write: a
+    CheckpointError and exit 2. Now the exit waits for the file, which is complete and loads."""
+    import os
+    import signal
+
+    from ssau.checkpoints import atomic_save
+    from ssau.dist.ranks import sigterm_as_exit
+
+    real = torch.save
+
+    def save(obj, f):
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler runs here, mid-write
+        real(obj, f)
+
+    monkeypatch.setattr(torch, "save", save)
+    state = {"w": torch.arange(6.0)}
+    with sigterm_as_exit(), pytest.raises(SystemExit) as stop:
+        atomic_save(state, tmp_path / "step.pt")
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert torch.equal(torch.load(tmp_path / "step.pt", weights_only=True)["w"], state["w"])
+    assert [p.name for p in tmp_path.iterdir()] == ["step.pt"]  # no temporary file left
+    with sigterm_as_exit(), pytest.raises(SystemExit):  # outside a write the exit is immediate, as before
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("not reached")

@@ -11,17 +11,18 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from torch import nn
-
-from corpora import shard_bp4d, shard_rafdb
 from nets import PixelNet
 from ranks import run_ranks
-from ssau.config import ModelConfig, load_config
+from torch import nn
+
+from ssau.config import ModelConfig
+from ssau.data.batch import Batch
 from ssau.data.sources import SourceConfig, StreamConfig, resolve_aus
+from ssau.data.stream import TrainStream
 from ssau.data.trainset import validation_split
-from ssau.data.stream import Batch, TrainStream
 from ssau.methods.base import SetupInfo
 from ssau.methods.mal import MAL, MALParams
+from ssau.train.setup import load_run_config
 
 AUS = (1, 2, 4, 6)
 J, S = len(AUS), 8  # 8x8 images: the tiny base net below is a linear layer over pixels
@@ -146,7 +147,8 @@ def test_class_balanced_validation_weights():
 def _rank_grads(rank: int, world: int, batch: Batch) -> dict:
     import torch.distributed as dist
 
-    from ssau.runtime import Runtime, average_gradients
+    from ssau.dist.collectives import average_gradients
+    from ssau.dist.ranks import Runtime
 
     assert dist.get_world_size() == world == 2
     m = tiny_mal(alpha=0.5)
@@ -178,13 +180,12 @@ def test_two_ranks_of_b_equal_one_process_of_2b():
 
 # ---------------------------------------------------------------------------------------------------- data
 @pytest.fixture(scope="module")
-def corpora(tmp_path_factory) -> tuple[Path, Path]:
-    tmp = tmp_path_factory.mktemp("mal")
-    return shard_bp4d(tmp, frames=10), shard_rafdb(tmp)
+def mal_corpora(corpora) -> tuple[Path, Path]:
+    return corpora.bp4d(frames=10), corpora.rafdb()
 
 
-def test_validation_set_is_per_subject_and_never_trained_on(corpora):
-    bp4d, _ = corpora
+def test_validation_set_is_per_subject_and_never_trained_on(mal_corpora):
+    bp4d, _ = mal_corpora
     cfg = StreamConfig(labelled=SourceConfig((str(bp4d),), folds=(2, 3)), m1=8, m2=0, image_size=32,
                        validation=0.1, val_batch=6, workers=0, shuffle_buffer=10)
     split = validation_split(cfg)
@@ -205,14 +206,14 @@ def test_validation_set_is_per_subject_and_never_trained_on(corpora):
     assert val_seen == set(split.keys)  # ... and are the validation batches, all of them
 
 
-def test_mal_trains_and_logs_weights_and_histograms(corpora, tmp_path):
+def test_mal_trains_and_logs_weights_and_histograms(mal_corpora, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from ssau.trainer import Trainer
+    from ssau.train.trainer import Trainer
 
-    bp4d, rafdb = corpora
+    bp4d, rafdb = mal_corpora
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = load_config(None, [f"data.labelled=[{bp4d}]", f"data.expression=[{rafdb}]", "method.name=mal",
+    cfg = load_run_config(None, [f"data.labelled=[{bp4d}]", f"data.expression=[{rafdb}]", "method.name=mal",
                              "model.backbone=tiny", "data.image_size=32", "data.m1=4", "data.m_expr=4", "data.m2=0",
                              "data.validation=0.05", "data.val_batch=6", "data.workers=0", "train.steps=3",
                              "train.log_every=1", f"train.out={tmp_path}", "train.name=mal", "train.progress=false",
@@ -234,20 +235,21 @@ def test_mal_trains_and_logs_weights_and_histograms(corpora, tmp_path):
     assert ((w > 0) & (w < 1)).all()
 
 
-def test_config_names_what_mal_lacks(corpora):
-    from ssau.config import ConfigError
+def test_config_names_what_mal_lacks(mal_corpora):
+    from ssau.errors import ConfigError
 
-    bp4d, rafdb = corpora
+    bp4d, rafdb = mal_corpora
     with pytest.raises(ConfigError, match="data.expression: method mal needs an expression corpus"):
-        load_config(None, [f"data.labelled=[{bp4d}]", "method.name=mal", "data.validation=0.02"])
+        load_run_config(None, [f"data.labelled=[{bp4d}]", "method.name=mal", "data.validation=0.02"])
     with pytest.raises(ConfigError, match="data.validation: method mal needs"):
-        load_config(None, [f"data.labelled=[{bp4d}]", f"data.expression=[{rafdb}]", "method.name=mal"])
+        load_run_config(None, [f"data.labelled=[{bp4d}]", f"data.expression=[{rafdb}]", "method.name=mal"])
 
 
 def test_unreadable_validation_samples_are_skipped_and_counted_once():
     import json
 
     from corpora import jpeg_bytes
+
     from ssau.data.stream import _ValidationDataset
 
     meta = json.dumps({"aus": [1], "occurrence": [1], "mask": [1]}).encode()

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from ssau.config import ModelConfig
-from ssau.data.stream import Batch
-from ssau.methods import METHODS, SetupInfo, build_method, resolve_params
+from ssau.data.batch import Batch
+from ssau.methods.base import SetupInfo
+from ssau.methods.registry import METHODS, build_method, resolve_params
 
 AUS = (1, 2, 4, 6, 7, 10, 12, 14, 15, 17, 23, 24)
 
@@ -93,10 +94,10 @@ def test_every_parameter_belongs_to_one_group():
 def test_every_shipped_recipe_is_a_valid_config():
     from pathlib import Path
 
-    from ssau.config import load_config
+    from ssau.train.setup import load_run_config
 
     recipes = sorted((Path(__file__).resolve().parents[1] / "launch" / "recipes").glob("*.yaml"))
     assert len(recipes) >= 10
     for path in recipes:
-        cfg = load_config(path)  # strict: an unknown key or a bad value fails here
+        cfg = load_run_config(path)  # strict: an unknown key or a bad value fails here
         assert cfg.method["name"] in METHODS, path.name

@@ -1,10 +1,11 @@
 """The label-distribution metrics of paper 000 (Sec. 4.2.2, Fig. 5-6) against hand-worked matrices, and the eval
-artifacts that show them (ssau/metrics.py, ssau/tracking.py eval_metric_dict, ssau/artifacts.py)."""
+artifacts that show them (ssau/metrics.py, ssau/tracking/naming.py eval_metric_dict, ssau/tracking/artifacts.py)."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from pathlib import Path
 
@@ -12,8 +13,8 @@ import numpy as np
 import pytest
 
 from ssau.metrics import au_metrics, conditional_matrix, format_table
-from ssau.artifacts import eval_artifacts
-from ssau.tracking import eval_metric_dict
+from ssau.tracking.artifacts import eval_artifacts
+from ssau.tracking.naming import eval_metric_dict
 
 AUS = (1, 2, 4)  # a, b, c below
 NAMES = ["AU01", "AU02", "AU04"]
@@ -149,3 +150,22 @@ def test_a_failed_figure_write_keeps_the_previous_file(tmp_path, monkeypatch):
     after = {p.name: p.read_bytes() for p in folder.iterdir()}
     assert set(after) == set(before)  # no temporary file left behind
     assert after["f1_bar.png"] == before["f1_bar.png"] and after["marginal.png"] == before["marginal.png"]
+
+
+def test_one_std_in_every_report():
+    """`ssau cv` (over folds) and `ssau compare` (over seeds) report the same spread: the sample std, ddof 1."""
+    from ssau.compare.report import summarize
+    from ssau.metrics import sample_std, standard_error
+    from ssau.train.commands import summarize_folds
+
+    xs = [0.50, 0.56, 0.62]
+    assert sample_std(xs) == pytest.approx(0.06) and standard_error(xs) == pytest.approx(0.06 / 3 ** 0.5)
+    assert math.isnan(sample_std([0.5])) and math.isnan(standard_error([0.5]))
+    fold = lambda f1: {"f1_mean": f1, "auc_mean": f1, "acc_mean": f1, "marginal_gap": 0.0, "conditional_gap": 0.0,  # noqa: E731
+                       "per_au": {"AU01": {"f1": f1}}}
+    cv = summarize_folds([fold(x) for x in xs])
+    assert cv["cv/f1_mean_std"] == pytest.approx(0.06) and cv["cv/f1_std/AU01"] == pytest.approx(0.06)
+    cells = [{"method": "supervised", "drop": 0.0, "seed": s, "fold": 1, "metrics": {"val/f1_mean": x}}
+             for s, x in enumerate(xs)]
+    rep = summarize(cells, ("supervised",), (0.0,), "supervised")
+    assert rep.summary[0]["f1_std"] == pytest.approx(cv["cv/f1_mean_std"])

@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from corpora import shard_bp4d
 from ranks import run_ranks
+
 from ssau.cli import main
 from ssau.config import ModelConfig
-from ssau.methods import build_method, resolve_params
 from ssau.methods.mlcr import (GCN, a_c_values, js_divergence, multi_view_loss, normalise_adjacency, relation_matrix,
                                selective_mask)
+from ssau.methods.registry import build_method, resolve_params
 
 BP4D = (1, 2, 4, 6, 7, 10, 12, 14, 15, 17, 23, 24)
 
@@ -126,18 +125,19 @@ def test_twins_are_initialised_differently_and_predict_is_their_ensemble():
 
 
 def test_train_steps_must_be_the_two_stages():
-    from ssau.config import ConfigError, load_config
+    from ssau.errors import ConfigError
+    from ssau.train.setup import load_run_config
 
     with pytest.raises(ConfigError, match="is not method.stage1_steps \\+ method.stage2_steps"):
-        load_config(None, ["data.labelled=[x]", "method.name=mlcr", "train.steps=5"])
-    load_config(None, ["data.labelled=[x]", "method.name=mlcr", "train.steps=5", "method.stage1_steps=5",
+        load_run_config(None, ["data.labelled=[x]", "method.name=mlcr", "train.steps=5"])
+    load_run_config(None, ["data.labelled=[x]", "method.name=mlcr", "train.steps=5", "method.stage1_steps=5",
                        "method.stage2_steps=0"])
 
 
 # ---------------------------------------------------------------------------------------------------- training
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return shard_bp4d(tmp_path_factory.mktemp("mlcr"), shard_size=3)
+def shards(corpora) -> Path:
+    return corpora.bp4d(shard_size=3)
 
 
 def _args(shards: Path, out: Path, name: str, *extra: str) -> list[str]:
@@ -153,9 +153,9 @@ def _ckpt(run: Path, step: int) -> dict:
 
 
 def test_stage_switch_groups_learning_rates_and_w0_through_resume(shards, tmp_path):
-    from ssau.config import load_config
     from ssau.data.stream import TrainStream
-    from ssau.trainer import Trainer
+    from ssau.train.setup import load_run_config
+    from ssau.train.trainer import Trainer
 
     assert main(_args(shards, tmp_path, "a")) == 0
     run = tmp_path / "a"
@@ -172,7 +172,7 @@ def test_stage_switch_groups_learning_rates_and_w0_through_resume(shards, tmp_pa
     assert not torch.equal(s2["twins.1.backbone.body.0.weight"], s3["twins.1.backbone.body.0.weight"])
     assert torch.equal(s2["twins.0.head.weight"], s4["twins.0.head.weight"]) and torch.equal(s2["w0"], s4["w0"])
     # Learning rates by stage (constant schedule): 1e-3 for the twins in stage 1, then 1e-4; the GCN at 1e-3.
-    cfg = load_config(None, _args(shards, tmp_path, "lr")[1:])
+    cfg = load_run_config(None, _args(shards, tmp_path, "lr")[1:])
     t = Trainer(cfg)
     lrs = lambda: {g: o.param_groups[0]["lr"] for g, o in t.optimizers.items()}  # noqa: E731
     assert [(u.groups, u.freeze) for u in t.method.updates(0)] == [(("twins", "heads"), ("gcn",))]
@@ -183,7 +183,7 @@ def test_stage_switch_groups_learning_rates_and_w0_through_resume(shards, tmp_pa
         t.train_step(batches)
     assert lrs() == pytest.approx({"twins": 1e-4, "heads": 1e-3, "gcn": 1e-3})
     # A cosine schedule starts afresh at the switch: the paper's initial rates for stage 2 (1e-3 GCN, 1e-4 twins).
-    cos = Trainer(load_config(None, [*_args(shards, tmp_path, "cos")[1:], "optim.schedule=cosine"]))
+    cos = Trainer(load_run_config(None, [*_args(shards, tmp_path, "cos")[1:], "optim.schedule=cosine"]))
     assert cos._lr("twins", 0) == 1.0 and cos._lr("twins", 1) == pytest.approx(0.5)  # within stage 1 (2 steps)
     assert cos._lr("twins", 2) == pytest.approx(0.1) and cos._lr("gcn", 2) == pytest.approx(1.0)
     assert cos._lr("gcn", 3) == pytest.approx(0.5)

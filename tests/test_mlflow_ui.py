@@ -8,16 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from corpora import shard_bp4d
 from ssau.cli import main
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> tuple[Path, object]:
+def store(corpora, tmp_path_factory) -> tuple[Path, object]:
     from mlflow.tracking import MlflowClient
 
     tmp = tmp_path_factory.mktemp("ui")
-    shards = shard_bp4d(tmp, shard_size=4)
+    shards = corpora.bp4d(shard_size=4)
     _common[:] = [f"data.labelled=[{shards}]", "model.backbone=tiny", "data.image_size=32", "data.m1=4", "data.m2=4",
                   "data.workers=0", "data.eval_batch=16", "train.steps=2", "train.log_every=1", "train.progress=false"]
     common = [f"data.labelled=[{shards}]", "model.backbone=tiny", "data.image_size=32", "data.m1=4", "data.m2=4",
@@ -123,13 +122,13 @@ def test_ssau_ui_serves_the_store_on_loopback(store, capsys):
         proc.wait(timeout=30)
 
 
-def test_dataset_inputs_name_the_shards_each_run_read(store):
+def test_dataset_inputs_name_the_shards_each_run_read(store, corpora):
     import hashlib
     import json
 
     tmp, client = store
     _, runs = _runs(client)
-    shards = tmp / "bp4d"
+    shards = corpora.bp4d(shard_size=4)  # the shared corpus the store's runs read
     doc = json.loads((shards / "dataset.json").read_text())
 
     def digest(folds):  # by hand: the sha256 of every shard read, in dataset.json's order
@@ -184,7 +183,7 @@ def test_a_copied_store_lists_its_artifacts_and_new_runs_write_into_the_copy(sto
 def test_a_database_copied_without_its_artifacts_is_left_pointing_at_them(store, tmp_path):
     import shutil
 
-    from ssau.store import relocate
+    from ssau.tracking.store import relocate
 
     tmp, client = store
     shutil.copy2(tmp / "mlflow.db", tmp_path / "mlflow.db")

@@ -18,7 +18,6 @@ import psutil
 import pytest
 import torch
 
-from corpora import shard_bp4d
 from ssau.checkpoints import safe_load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,8 +25,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return shard_bp4d(tmp_path_factory.mktemp("faults"), shard_size=3)
+def shards(corpora) -> Path:
+    return corpora.bp4d(shard_size=3)
 
 
 def _port() -> int:

@@ -7,38 +7,19 @@ import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import av
 import numpy as np
 import pyarrow.parquet as pq
+from corpora import BP4D_SUBJECTS, jpeg_bytes, write_bp4d
+from helpers import samples_of, shard, tree_bytes
 from PIL import Image
 
-from corpora import BP4D_SUBJECTS, jpeg_bytes, write_bp4d
-from ssau.data.template import MEAN_68
 from ssau.aus import STANDARD_AUS, STANDARD_FOLDS
 from ssau.cli import main
-
-
-def shard(*args: str) -> int:
-    return main(["shard", *args, "--quiet"])
-
-
-def members(tar: Path) -> dict[str, bytes]:
-    with tarfile.open(tar) as t:
-        return {m.name: t.extractfile(m).read() for m in t.getmembers()}
-
-
-def samples_of(out: Path) -> dict[str, dict]:
-    """key -> {'jpg': bytes, 'json': dict} over every shard of a directory."""
-    out_samples = {}
-    for tar in sorted(out.glob("*.tar")):
-        for name, data in members(tar).items():
-            key, ext = name.split(".", 1)
-            out_samples.setdefault(key, {})[ext] = json.loads(data) if ext == "json" else data
-    return out_samples
+from ssau.faces.template import MEAN_68
 
 
 def test_bp4d_labels_unknowns_folds_and_passthrough(tmp_path, capsys):
@@ -148,11 +129,6 @@ def test_other_settings_are_refused_unless_overwrite(tmp_path, capsys):
     assert sorted(p.name for p in out.glob("*.tar")) == sorted(s["name"] for s in doc["shards"])
 
 
-def _tree_bytes(out: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and p.name != "last_run.json"}
-
-
 def test_output_is_byte_identical_for_1_and_3_workers(tmp_path):
     root = tmp_path / "BP4D"
     write_bp4d(root, frames=6)
@@ -161,7 +137,7 @@ def test_output_is_byte_identical_for_1_and_3_workers(tmp_path):
         out = tmp_path / f"out{w}"
         assert shard("bp4d", "--images", str(root), "--labels", str(root), "--out", str(out), "--folds", "bp4d",
                      "--shard-size", "5", "--resize", "24", "--workers", str(w)) == 0
-        trees.append(_tree_bytes(out))
+        trees.append(tree_bytes(out))
     assert len([k for k in trees[0] if k.endswith(".tar")]) >= 6
     assert trees[0] == trees[1]
 
@@ -191,7 +167,7 @@ def test_resume_after_kill_9(tmp_path):
     assert "verified and kept" in res.stdout
     kept = int(res.stdout.split("written, ")[1].split(" verified")[0])
     assert kept >= 6
-    assert _tree_bytes(out) == _tree_bytes(ref)  # no duplicate, no missing sample, same bytes
+    assert tree_bytes(out) == tree_bytes(ref)  # no duplicate, no missing sample, same bytes
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
     keys = pq.read_table(out / "index.parquet", columns=["key"]).column("key").to_pylist()
     assert len(keys) == len(set(keys)) == 240

@@ -24,14 +24,16 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
+from corpora import jpeg_bytes, write_bp4d
+from helpers import one_error_line, samples_of, shard, tree_bytes
 from PIL import EpsImagePlugin, Image, ImageFile
 
-from corpora import jpeg_bytes, write_bp4d
 from ssau.cli import main
-from ssau.data.adapters import Record
-from ssau.data.images import MAX_PIXELS, SkipImage, check_header, prepare_image
-from ssau.data.shard import _dedupe_keys
-from test_shard import _tree_bytes, samples_of, shard
+from ssau.errors import SkipImage
+from ssau.shard.images import check_header, prepare_image
+from ssau.shard.plan import _dedupe_keys
+from ssau.shard.records import Record
+from ssau.shard.schema import MAX_PIXELS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,12 +52,6 @@ def jpeg_declaring(w: int, h: int) -> bytes:
     sof = data.index(b"\xff\xc0")
     data[sof + 5:sof + 9] = struct.pack(">HH", h, w)
     return bytes(data)
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("ssau: error: "), err
-    return err[0]
 
 
 def folder_of(root: Path, files: dict[str, bytes]) -> Path:
@@ -88,8 +84,8 @@ def test_tiny_rgb_jpegs_are_skipped_and_the_pool_lives_on(tmp_path, workers):
 
 @pytest.mark.parametrize("workers", ["1", "3"])
 def test_any_exception_while_preparing_one_image_skips_only_that_image(tmp_path, monkeypatch, workers):
-    import ssau.data.images as images
-    import ssau.data.shardwrite as shardwrite
+    import ssau.shard.images as images
+    import ssau.shard.write as shardwrite
 
     root = folder_of(tmp_path / "faces", {"gray.jpg": jpeg_bytes(1, mode="L"), "boom.jpg": jpeg_bytes(2),
                                           "good.jpg": jpeg_bytes(3)})
@@ -186,7 +182,7 @@ def test_colliding_names_give_unique_keys_plain_webdataset_reads(tmp_path):
         urls = [str(p) for p in sorted(out.glob("*.tar"))]
         read = [s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False)]  # raises on a duplicate member
         assert sorted(read) == sorted(keys)
-        trees.append(_tree_bytes(out))
+        trees.append(tree_bytes(out))
     assert trees[0] == trees[1]
 
 
@@ -366,12 +362,12 @@ def test_disk_full_mid_run_stops_with_one_line_and_resumes(tmp_path, monkeypatch
     assert not (out / "dataset.json").exists() and not (out / "index.parquet").exists()
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert shard(*common, "--out", str(out)) == 0  # ... and the same command finishes the job
-    assert _tree_bytes(out) == _tree_bytes(ref)
+    assert tree_bytes(out) == tree_bytes(ref)
 
 
 @pytest.mark.parametrize("workers", ["1", "3"])
 def test_a_worker_that_raises_stops_the_run_with_one_line(tmp_path, monkeypatch, capsys, workers):
-    import ssau.data.shardwrite as shardwrite
+    import ssau.shard.write as shardwrite
 
     real = shardwrite.parquet_bytes
 
@@ -397,7 +393,7 @@ def test_a_killed_worker_stops_the_run_instead_of_hanging(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {str(ROOT / "tests")!r})
-        import ssau.data.shardwrite as shardwrite
+        import ssau.shard.write as shardwrite
         from ssau.cli import main
         real = shardwrite.parquet_bytes
         def parquet_bytes(rows, scan):
@@ -436,7 +432,7 @@ def _slow_shard_run(tmp_path: Path) -> tuple[subprocess.Popen, list[int]]:
         # As under a terminal: a suite started in the background (`cmd &`, nohup, some CI runners) hands its
         # children SIGINT ignored, and Python then installs no KeyboardInterrupt handler at all.
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        import ssau.data.shardwrite as shardwrite
+        import ssau.shard.write as shardwrite
         from ssau.cli import main
         def parquet_bytes(rows, scan):
             open(os.path.join({str(marks)!r}, str(os.getpid())), "w").close()

@@ -15,17 +15,18 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import webdataset as wds
-
 from corpora import jpeg_bytes, shard_bp4d, shard_rafdb, write_tar
+
 from ssau.aus import STANDARD_AUS
 from ssau.cli import main
 from ssau.data.decode import au_targets, decode_eval, decode_sample
-from ssau.data.evaluation import eval_loader
-from ssau.data.shard import _part
-from ssau.data.shardwrite import hf_features, relative_source, sample_arrow_type
-from ssau.data.template import MEAN_68
+from ssau.data.eval_stream import eval_loader
+from ssau.faces.template import MEAN_68
+from ssau.shard.plan import _part
+from ssau.shard.schema import hf_features, sample_arrow_type
+from ssau.shard.write import relative_source
 
-# The documented schema (ssau/data/shardwrite.py): [t] is a list of t.
+# The documented schema (ssau/shard/schema.py): [t] is a list of t.
 SCHEMA = {"schema_version": int, "corpus": str, "key": str, "source": str, "subject": str, "sequence": str,
           "frame": int, "split": str, "fold": int, "aus": [int], "au_names": [str], "occurrence": [int],
           "mask": [int], "intensity": [float], "expression": int, "expression_name": str, "width": int,
@@ -44,7 +45,7 @@ def shard(*args: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def corpora(tmp_path_factory) -> dict[str, Path]:
+def local_corpora(tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("schema")
     out = {"bp4d": shard_bp4d(tmp, frames=3, shard_size=8), "rafdb": shard_rafdb(tmp, images=8, shard_size=4)}
     # Unlabelled faces in subfolders: one with a sidecar box, one with 68 sidecar landmarks.
@@ -90,14 +91,14 @@ def tars(d: Path) -> list[str]:
     return [str(p) for p in sorted(d.glob("*.tar"))]
 
 
-def test_every_format_stores_one_schema_that_webdataset_and_pyarrow_read_as_one_table(corpora):
-    # A mixed list, shards of different corpora interleaved, read with plain webdataset.
-    lists = [tars(corpora[c]) for c in ("bp4d", "rafdb", "folder", "disfa", "emotionet", "csv")]
+def test_every_format_stores_one_schema_that_webdataset_and_pyarrow_read_as_one_table(local_corpora):
+    # A mixed list, shards of different local_corpora interleaved, read with plain webdataset.
+    lists = [tars(local_corpora[c]) for c in ("bp4d", "rafdb", "folder", "disfa", "emotionet", "csv")]
     urls = [lst[i] for i in range(max(map(len, lists))) for lst in lists if i < len(lst)]
     docs = [s["json"] for s in wds.WebDataset(urls, shardshuffle=False).decode()]
-    total = sum(json.loads((corpora[c] / "dataset.json").read_text())["samples"] for c in corpora)
+    total = sum(json.loads((local_corpora[c] / "dataset.json").read_text())["samples"] for c in local_corpora)
     assert len({(d["corpus"], d["key"]) for d in docs}) == total
-    assert {d["corpus"] for d in docs} == set(corpora)
+    assert {d["corpus"] for d in docs} == set(local_corpora)
     for d in docs:
         assert set(d) == set(SCHEMA), (d["corpus"], set(d) ^ set(SCHEMA))
         bad = {k: d[k] for k, kind in SCHEMA.items() if not conforms(d[k], kind)}
@@ -109,10 +110,10 @@ def test_every_format_stores_one_schema_that_webdataset_and_pyarrow_read_as_one_
         for o, m, v in zip(d["occurrence"], d["mask"], d["intensity"]):
             assert (o == -1) == (m == 0) and o in (-1, 0, 1) and (m or v == -1.0)
         assert d["landmarks"] == [] or len(d["landmarks"]) == 68
-    by = {c: [d for d in docs if d["corpus"] == c] for c in corpora}
+    by = {c: [d for d in docs if d["corpus"] == c] for c in local_corpora}
     assert all(d["aus"] == [] and d["intensity"] == [] for c in ("rafdb", "folder") for d in by[c])
     assert all(d["intensity"] == [-1.0] * 12 and d["expression_name"] == "" for d in by["bp4d"])
-    assert any(-1 in d["occurrence"] for d in by["bp4d"])  # corpora.write_bp4d codes some AU04 as 9
+    assert any(-1 in d["occurrence"] for d in by["bp4d"])  # local_corpora.write_bp4d codes some AU04 as 9
     disfa = by["disfa"][0]
     coded = [au in (1, 12) for au in STANDARD_AUS["disfa"]]
     assert disfa["mask"] == [int(c) for c in coded] and all((v >= 0) == c for v, c in zip(disfa["intensity"], coded))
@@ -122,11 +123,11 @@ def test_every_format_stores_one_schema_that_webdataset_and_pyarrow_read_as_one_
     assert folder["p0-face-0"]["bbox"] == [1.0, 2.0, 20.0, 22.0] and len(folder["p1-face-1"]["landmarks"]) == 68
     assert all(d["align_margin"] == -1.0 and d["flow_partner"] == "" for d in docs)
     # Over all samples pyarrow infers the documented Arrow type (no null columns); handed that type, a typed reader
-    # takes the corpora in either order and gives back every label (before: BP4D's AU lists dropped, or a cast error).
+    # takes the local_corpora in either order and gives back every label (before: BP4D's AU lists dropped, or a cast error).
     assert pa.array(docs).type == sample_arrow_type() and not any(pa.types.is_null(t) for t in _leaves(pa.array(docs).type))
     for order in (by["rafdb"] + by["bp4d"] + by["folder"], by["folder"] + by["bp4d"] + by["rafdb"]):
         assert pa.array(order, type=sample_arrow_type()).to_pylist() == order
-    for c, d in corpora.items():
+    for c, d in local_corpora.items():
         doc = json.loads((d / "dataset.json").read_text())
         assert doc["schema_version"] == 2 and doc["format_version"] == 2, c
 
@@ -139,9 +140,9 @@ def _leaves(t: pa.DataType) -> list[pa.DataType]:
     return [t]
 
 
-def test_tar_offset_seeks_to_the_samples_first_member_and_position_counts_samples(corpora):
+def test_tar_offset_seeks_to_the_samples_first_member_and_position_counts_samples(local_corpora):
     for corpus in ("bp4d", "folder"):
-        d = corpora[corpus]
+        d = local_corpora[corpus]
         idx = pq.read_table(d / "index.parquet").to_pylist()
         assert "offset" not in idx[0]
         by_shard: dict[str, list[dict]] = {}
@@ -164,8 +165,8 @@ def test_tar_offset_seeks_to_the_samples_first_member_and_position_counts_sample
             assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # back to back
 
 
-def test_source_is_relative_to_the_images_root_in_dataset_json(corpora):
-    for corpus, d in corpora.items():
+def test_source_is_relative_to_the_images_root_in_dataset_json(local_corpora):
+    for corpus, d in local_corpora.items():
         root = Path(json.loads((d / "dataset.json").read_text())["images_root"])
         assert root.is_absolute() and root.is_dir(), corpus
         index = {r["key"]: r["source"] for r in pq.read_table(d / "index.parquet").to_pylist()}
@@ -173,9 +174,9 @@ def test_source_is_relative_to_the_images_root_in_dataset_json(corpora):
             src = s["json"]["source"]
             assert not Path(src).is_absolute() and "\\" not in src and index[s["__key__"]] == src
             assert (root / src).read_bytes() == s["jpg"]  # passed-through JPEGs: the very file
-    sources = {r["key"]: r["source"] for r in pq.read_table(corpora["folder"] / "index.parquet").to_pylist()}
+    sources = {r["key"]: r["source"] for r in pq.read_table(local_corpora["folder"] / "index.parquet").to_pylist()}
     assert sources["p0-face-0"] == "p0/face 0.jpg"
-    assert sorted(r["source"] for r in pq.read_table(corpora["csv"] / "index.parquet").to_pylist()) == ["e0.jpg",
+    assert sorted(r["source"] for r in pq.read_table(local_corpora["csv"] / "index.parquet").to_pylist()) == ["e0.jpg",
                                                                                                        "e1.jpg"]
 
 
@@ -251,8 +252,8 @@ def test_evaluation_scores_version_1_and_version_2_shards_alike(tmp_path):
         assert ka == kb and torch.equal(ta, tb) and torch.equal(ma, mb) and torch.equal(ia, ib)
 
 
-def test_an_index_part_written_with_offset_is_read_as_position(tmp_path, corpora):
-    d = corpora["bp4d"]
+def test_an_index_part_written_with_offset_is_read_as_position(tmp_path, local_corpora):
+    d = local_corpora["bp4d"]
     new = pq.read_table(d / ".ssau" / f"{tars(d)[0].rsplit('/', 1)[1]}.parquet")
     old = new.drop(["tar_offset", "tar_size"])
     old = old.rename_columns(["offset" if c == "position" else c for c in old.column_names])
@@ -263,7 +264,7 @@ def test_an_index_part_written_with_offset_is_read_as_position(tmp_path, corpora
 
 
 @pytest.mark.parametrize("first", ["bp4d", "rafdb"])
-def test_hugging_face_datasets_loads_bp4d_rafdb_and_unlabelled_tars_in_one_call(corpora, tmp_path, monkeypatch, first):
+def test_hugging_face_datasets_loads_bp4d_rafdb_and_unlabelled_tars_in_one_call(local_corpora, tmp_path, monkeypatch, first):
     # The reader: one load_dataset("webdataset") call over mixed tars failed with a cast error in one order
     # and dropped every BP4D sample's AU labels in the other. datasets infers types from the first 5 samples, where
     # empty landmark and box lists read as null: handed ssau's features, every order loads every label.
@@ -273,11 +274,11 @@ def test_hugging_face_datasets_loads_bp4d_rafdb_and_unlabelled_tars_in_one_call(
     from datasets import load_dataset
 
     order = [first, "folder", "rafdb" if first == "bp4d" else "bp4d"]
-    urls = [u for c in order for u in tars(corpora[c])]
+    urls = [u for c in order for u in tars(local_corpora[c])]
     ds = load_dataset("webdataset", data_files={"train": urls}, split="train", cache_dir=str(tmp_path / "hf"),
                       features=hf_features())
     docs = ds["json"]
-    expected = {c: sum(s["samples"] for s in json.loads((corpora[c] / "dataset.json").read_text())["shards"])
+    expected = {c: sum(s["samples"] for s in json.loads((local_corpora[c] / "dataset.json").read_text())["shards"])
                 for c in order}
     assert {c: sum(d["corpus"] == c for d in docs) for c in order} == expected
     direct = {(d["corpus"], d["key"]): d for u in urls for d in

@@ -9,15 +9,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from corpora import jpeg_bytes, write_bp4d, write_tar
 from ranks import run_ranks
+
 from ssau.aus import STANDARD_AUS
 from ssau.cli import main
-from ssau.data.evaluation import eval_batches_per_rank, eval_loader
+from ssau.data.eval_stream import eval_batches_per_rank, eval_loader
 from ssau.data.sources import SourceConfig, StreamConfig, is_hidden
-from ssau.data.trainset import label_drop_report
 from ssau.data.stream import TrainStream
+from ssau.data.trainset import label_drop_report
 
 AUS = STANDARD_AUS["bp4d"]
 

@@ -24,16 +24,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from corpora import jpeg_bytes, write_tar
 from PIL import Image
-
-from corpora import jpeg_bytes, shard_bp4d, write_tar
 from ranks import run_ranks
+
 from ssau.aus import STANDARD_AUS
-from ssau.data.decode import DecodeError, decode_eval
+from ssau.data.decode import decode_eval
 from ssau.data.sources import SourceConfig, StreamConfig
 from ssau.data.stream import TrainStream
-from ssau.errors import SourceError
 from ssau.data.tario import tar_samples
+from ssau.errors import DecodeError, SourceError
 
 AUS = STANDARD_AUS["bp4d"]
 META = {"aus": list(AUS), "occurrence": [1, 0] * 6, "mask": [1] * 12}
@@ -303,12 +303,12 @@ def test_a_worker_stuck_in_a_system_call_stops_the_run(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- evaluation
 @pytest.fixture(scope="module")
-def damaged(tmp_path_factory) -> Path:
+def damaged(corpora, tmp_path_factory) -> Path:
     """BP4D look-alike shards (fold 1: 24 samples in 6 shards) whose last fold-1 shard is cut short inside its
     third sample's last member: its first two samples stay readable."""
     import pyarrow.parquet as pq
 
-    d = shard_bp4d(tmp_path_factory.mktemp("evalfaults"), frames=6, shard_size=4)
+    d = corpora.copy(corpora.bp4d(frames=6, shard_size=4), tmp_path_factory.mktemp("evalfaults") / "bp4d")
     doc = json.loads((d / "dataset.json").read_text())
     last = [s["name"] for s in doc["shards"] if s["fold"] == 1][-1]
     tar = d / last
@@ -318,17 +318,17 @@ def damaged(tmp_path_factory) -> Path:
 
 
 def _evaluate(rank: int, world: int, shards: str, mode: str):
-    from ssau.config import load_config
-    from ssau.methods import build_method
-    from ssau.runtime import Runtime
-    from ssau.evaluate import evaluate_method
+    from ssau.dist.ranks import Runtime
+    from ssau.methods.registry import build_method
+    from ssau.train.evaluate import evaluate_method
+    from ssau.train.setup import load_run_config
 
-    cfg = load_config(None, [f"data.labelled=[{shards}]", "model.backbone=tiny", "data.image_size=32",
+    cfg = load_run_config(None, [f"data.labelled=[{shards}]", "model.backbone=tiny", "data.image_size=32",
                              "data.fold=1", "data.workers=0", "data.eval_batch=4", f"data.eval_incomplete={mode}"])
     torch.manual_seed(0)
     method = build_method(cfg.method, AUS, cfg.model)
     try:
-        m = evaluate_method(method, cfg, AUS, Runtime(rank, world, torch.device("cpu"), False, False))
+        m = evaluate_method(method, cfg.data, AUS, Runtime(rank, world, torch.device("cpu"), False, False))
     except SourceError as e:
         return "raised", str(e)
     return "ok", {k: v for k, v in m.items() if k.startswith("eval_")}
@@ -350,14 +350,14 @@ def test_with_eval_incomplete_warn_evaluation_finishes_and_reports_the_counts(da
 
 
 def test_an_intact_eval_fold_reports_complete_counts(damaged):
-    from ssau.config import load_config
-    from ssau.methods import build_method
-    from ssau.runtime import Runtime
-    from ssau.evaluate import evaluate_method
+    from ssau.dist.ranks import Runtime
+    from ssau.methods.registry import build_method
+    from ssau.train.evaluate import evaluate_method
+    from ssau.train.setup import load_run_config
 
-    cfg = load_config(None, [f"data.labelled=[{damaged}]", "model.backbone=tiny", "data.image_size=32",
+    cfg = load_run_config(None, [f"data.labelled=[{damaged}]", "model.backbone=tiny", "data.image_size=32",
                              "data.fold=2", "data.workers=0", "data.eval_batch=4"])  # fold 2 is intact
-    m = evaluate_method(build_method(cfg.method, AUS, cfg.model), cfg, AUS,
+    m = evaluate_method(build_method(cfg.method, AUS, cfg.model), cfg.data, AUS,
                         Runtime(0, 1, torch.device("cpu"), False, False))
     assert (m["eval_scored"], m["eval_expected"], m["eval_skipped"]) == (24, 24, 0) and "f1_mean" in m
 

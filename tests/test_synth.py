@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ssau import synth_scene as sc
 from ssau.aus import STANDARD_AUS
-from ssau.data.template import flip_landmarks
-from ssau.synth import (ACTIVE, SynthSettings, draw_face, face_geometry, face_landmarks, make_identity, render_corpus,
-                        render_face, sequence_intensities, to_pixels)
+from ssau.faces.template import flip_landmarks
+from ssau.synth.classic import draw_face, render_face
+from ssau.synth.corpus import realistic as sc
+from ssau.synth.corpus import render_corpus
+from ssau.synth.faces import (ACTIVE, SynthSettings, face_geometry, face_landmarks, make_identity, sequence_intensities,
+                              to_pixels)
 
 W = 96  # realistic frame width in the corpus fixture: big enough that an eye is a few pixels tall
 

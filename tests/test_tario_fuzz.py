@@ -38,10 +38,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from corpora import shard_bp4d
 from ssau.aus import EXPRESSIONS, STANDARD_AUS
-from ssau.data.decode import DecodeError, au_targets, decode_eval, decode_train
+from ssau.data.decode import au_targets, decode_eval, decode_train
 from ssau.data.tario import tar_samples
+from ssau.errors import DecodeError
 
 AUS = STANDARD_AUS["bp4d"]
 SIZE = 32
@@ -95,8 +95,8 @@ def _example(s: dict) -> tuple[torch.Tensor, list, list] | None:
 
 
 @pytest.fixture(scope="module")
-def original(tmp_path_factory) -> Original:
-    d = shard_bp4d(tmp_path_factory.mktemp("fuzz"), frames=2, shard_size=4)
+def original(corpora) -> Original:
+    d = corpora.bp4d(frames=2, shard_size=4)
     return Original(sorted(d.glob("*.tar"))[0])
 
 

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from corpora import shard_bp4d
 from ssau.cli import main
-from ssau.journal import JOURNAL, read_journal
+from ssau.tracking.journal import JOURNAL, read_journal
 
 ROOT = Path(__file__).resolve().parents[1]
 MLFLOW = Path(sys.executable).parent / "mlflow"
@@ -30,7 +29,7 @@ LOSS = "train/supervised/loss"
 
 # Each rank sleeps before every step so that a test can act between logged steps.
 SLOW = """import sys, time
-from ssau.trainer import Trainer
+from ssau.train.trainer import Trainer
 step = Trainer.train_step
 def slow(self, batches):
     time.sleep({delay})
@@ -42,8 +41,8 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return shard_bp4d(tmp_path_factory.mktemp("tracking-faults"), shard_size=3)
+def shards(corpora) -> Path:
+    return corpora.bp4d(shard_size=3)
 
 
 @pytest.fixture(autouse=True)
@@ -350,7 +349,7 @@ def test_kill_9_mid_run_then_upload_and_resume(shards, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------- the queue
 def test_resume_with_the_server_down_buffers_without_blocking(tmp_path, capsys):
     from ssau.config import TrackingConfig
-    from ssau.tracking import Tracker
+    from ssau.tracking.tracker import Tracker
 
     uri = f"http://127.0.0.1:{_port()}"  # nothing listens there
     tracker = Tracker(TrackingConfig(uri=uri, flush_timeout=1.0), tmp_path / "run" / JOURNAL)
@@ -376,7 +375,7 @@ def test_a_record_that_cannot_be_delivered_does_not_hold_up_the_rest(tmp_path, c
     from mlflow.tracking import MlflowClient
 
     from ssau.config import TrackingConfig
-    from ssau.tracking import Tracker
+    from ssau.tracking.tracker import Tracker
 
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_dir = tmp_path / "run"
@@ -405,7 +404,7 @@ def test_a_full_disk_mid_append_leaves_no_torn_line_and_upload_sends_only_the_ru
 
     from mlflow.tracking import MlflowClient
 
-    from ssau.journal import Journal, read_journal
+    from ssau.tracking.journal import Journal, read_journal
 
     run_dir = tmp_path / "run"
     j = Journal(run_dir / JOURNAL)

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from corpora import shard_bp4d
 from ssau.cli import main
-from ssau.config import ConfigError, load_config
+from ssau.errors import ConfigError
 from ssau.metrics import au_metrics, conditional_matrix
+from ssau.train.setup import load_run_config
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return shard_bp4d(tmp_path_factory.mktemp("trainer"), shard_size=4)
+def shards(corpora) -> Path:
+    return corpora.bp4d(shard_size=4)
 
 
 def tiny_args(shards: Path, tmp: Path, *extra: str) -> list[str]:
@@ -40,14 +41,14 @@ def tiny_args(shards: Path, tmp: Path, *extra: str) -> list[str]:
 ])
 def test_config_is_strict(override, message):
     with pytest.raises(ConfigError) as e:
-        load_config(None, ["data.labelled=[x]", override])
+        load_run_config(None, ["data.labelled=[x]", override])
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
 def test_config_file_and_overrides(tmp_path, capsys):
     f = tmp_path / "c.yaml"
     f.write_text("method: {name: supervised, pos_weight: true}\ndata: {labelled: [a, b], fold: 2}\noptim: {lr: 0.01}\n")
-    cfg = load_config(f, ["optim.lr=1e-4", "data.m1=7"])
+    cfg = load_run_config(f, ["optim.lr=1e-4", "data.m1=7"])
     assert cfg.method == {"name": "supervised", "pos_weight": True}
     assert cfg.data.labelled == ["a", "b"] and cfg.data.fold == 2 and cfg.data.m1 == 7 and cfg.optim.lr == 1e-4
     assert main(["train", "--config", str(f), "optim.betas=oops"]) == 2
@@ -184,7 +185,7 @@ def test_cv_runs_folds_as_child_runs_with_means(shards, tmp_path, capsys):
     assert len(parents) == 1 and sorted(r.data.tags["fold"] for r in children) == ["1", "2", "3"]
     f1s = [r.data.metrics["val/f1_mean"] for r in children]
     assert parents[0].data.metrics["cv/f1_mean"] == pytest.approx(np.mean(f1s))
-    assert parents[0].data.metrics["cv/f1_mean_std"] == pytest.approx(np.std(f1s))
+    assert parents[0].data.metrics["cv/f1_mean_std"] == pytest.approx(statistics.stdev(f1s))  # ddof 1, as compare
     assert "cv/f1/AU01" in parents[0].data.metrics
     # The children's per-AU results side by side in the parent, at the artifact root (the compare view lists it).
     pid = parents[0].info.run_id
@@ -203,12 +204,13 @@ def test_cv_runs_folds_as_child_runs_with_means(shards, tmp_path, capsys):
 def test_gradient_accumulation_equals_one_step_on_the_mean_loss(shards, tmp_path):
     import copy
 
-    from ssau.methods.base import masked_bce
-    from ssau.trainer import Trainer
     from test_methods import make_batch
 
+    from ssau.methods.parts import masked_bce
+    from ssau.train.trainer import Trainer
+
     # Plain SGD: its step is proportional to the gradient (Adam's first step is not), so a wrong 1/accumulate shows.
-    cfg = load_config(None, tiny_args(shards, tmp_path, "optim.accumulate=2", "optim.clip_grad=0", "optim.name=sgd",
+    cfg = load_run_config(None, tiny_args(shards, tmp_path, "optim.accumulate=2", "optim.clip_grad=0", "optim.name=sgd",
                                       "optim.momentum=0", "optim.lr=0.5", "tracking.enabled=false"))
     tr = Trainer(cfg)
     tr.method.eval()  # BatchNorm in eval mode: both sides see the same statistics

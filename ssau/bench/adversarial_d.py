@@ -22,6 +22,10 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from ssau.cli import main as cli
+from ssau.train.setup import load_run_config
+from ssau.train.trainer import Trainer
+
 REMEDIES: dict[str, list[str]] = {
     "o_wlc": ["method.alpha=0"],  # the paper's "without label constraint" reference (D trains, R ignores it)
     "paper": [],
@@ -39,8 +43,6 @@ WINDOW_KEYS = ("discriminator/d_acc", "discriminator/acc_real", "discriminator/a
 
 def prepare(root: Path, subjects: int, frames: int, size: int, align: int, workers: int) -> Path:
     """The demo's corpus through the CLI: render once per settings, shard (verified and kept when unchanged)."""
-    from ssau.cli import main as cli
-
     corpus, shards = root / "corpus", root / f"shards-align{align}"
     synth = ["synth", "--out", str(corpus), "--style", "realistic", "--subjects", str(subjects), "--tasks", "4",
              "--frames", str(frames), "--size", str(size), "--expression-images", "0", "--unlabelled", "0",
@@ -63,10 +65,7 @@ def run_remedy(name: str, overrides: list[str], window: int, settings: list[str]
     """Train one remedy; means of the diagnostics over the last ``window`` steps, R's histogram, F1 / AUC."""
     import torch
 
-    from ssau.config import load_config
-    from ssau.trainer import Trainer
-
-    trainer = Trainer(load_config(None, overrides))
+    trainer = Trainer(load_run_config(None, overrides))
     steps = trainer.cfg.train.steps
     sums, counted, probs = defaultdict(float), [0], []
     first = max(0, steps - window)

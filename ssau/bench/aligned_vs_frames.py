@@ -16,13 +16,15 @@ import json
 import statistics
 from pathlib import Path
 
+from ssau.shard.plan import run_shard
+from ssau.shard.write import ShardSettings
+from ssau.synth.corpus import render_corpus
+from ssau.synth.faces import SynthSettings
+from ssau.train.setup import load_run_config
+from ssau.train.trainer import Trainer
+
 
 def main(argv: list[str] | None = None) -> None:
-    from ssau.config import load_config
-    from ssau.data.shard import ShardSettings, run_shard
-    from ssau.synth import SynthSettings, render_corpus
-    from ssau.trainer import Trainer
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="experiments/aligned-vs-frames")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
                                 **extra), root / arm, workers=a.workers, progress=False)
         per_seed = {}
         for seed in a.seeds:
-            cfg = load_config(None, [f"data.labelled=[{root / arm}]", "data.fold=1", "data.image_size=64",
+            cfg = load_run_config(None, [f"data.labelled=[{root / arm}]", "data.fold=1", "data.image_size=64",
                                      "data.m1=32", f"data.workers={a.workers}", f"model.backbone={a.backbone}",
                                      f"train.steps={a.steps}", f"train.seed={seed}",
                                      f"train.out={root / 'runs'}", f"train.name={arm}-seed{seed}",

@@ -24,6 +24,14 @@ from pathlib import Path
 import psutil
 from PIL import Image
 
+from ssau.data.decode import JITTER, RESIZE_RATIO, decode_train
+from ssau.data.sources import SourceConfig, StreamConfig
+from ssau.data.stream import TrainStream
+from ssau.shard.plan import run_shard
+from ssau.shard.write import ShardSettings
+from ssau.synth.corpus import render_corpus
+from ssau.synth.faces import SynthSettings
+
 
 def _timed(fn) -> float:
     t = time.perf_counter()
@@ -32,16 +40,12 @@ def _timed(fn) -> float:
 
 
 def _corpus(root: Path, n: int, size: int) -> None:
-    from ssau.synth import SynthSettings, render_corpus
-
     subjects = max(3, min(41, n // 40))
     render_corpus(root, SynthSettings(subjects=subjects, tasks=1, frames=-(-n // subjects), size=size,
                                       expression_images=0, unlabelled=0), workers=2, progress=False)
 
 
 def bench_shard(src: Path, work: Path, resize: int) -> dict:
-    from ssau.data.shard import ShardSettings, run_shard
-
     files = sorted(src.rglob("*.jpg"))
     n = len(files)
     s = ShardSettings(format="bp4d", images=str(src), labels=str(src), shard_size=100)
@@ -71,10 +75,6 @@ def bench_stream(shards: Path, src: Path, image_size: int, n: int, rounds: int =
     import torch
     import webdataset as wds
     from torchvision import datasets, transforms
-
-    from ssau.data.decode import JITTER, RESIZE_RATIO, decode_train
-    from ssau.data.sources import SourceConfig, StreamConfig
-    from ssau.data.stream import TrainStream
 
     cfg = StreamConfig(labelled=SourceConfig((str(shards),)), m1=32, m2=0, image_size=image_size, workers=0,
                        shuffle_buffer=500)
@@ -121,9 +121,6 @@ def bench_stream(shards: Path, src: Path, image_size: int, n: int, rounds: int =
 
 def _rss_child(shards: str, batches: int) -> None:
     """Run in a subprocess: stream ``batches`` batches with 2 workers."""
-    from ssau.data.sources import SourceConfig, StreamConfig
-    from ssau.data.stream import TrainStream
-
     cfg = StreamConfig(labelled=SourceConfig((shards,)), m1=32, m2=0, image_size=64, workers=2,
                        shuffle_buffer=1000)
     for _ in itertools.islice(TrainStream(cfg), batches):

@@ -17,6 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from ssau.shard.plan import run_shard
+from ssau.shard.write import ShardSettings
+from ssau.synth.corpus import render_corpus
+from ssau.synth.faces import SynthSettings
+
 
 def _timed(fn) -> tuple[float, dict]:
     t = time.perf_counter()
@@ -25,9 +30,6 @@ def _timed(fn) -> tuple[float, dict]:
 
 
 def run(frames: int, size: int, align: int, work: Path) -> dict:
-    from ssau.data.shard import ShardSettings, run_shard
-    from ssau.synth import SynthSettings, render_corpus
-
     subjects = max(3, min(41, frames // 40))
     render_corpus(work / "corpus", SynthSettings(subjects=subjects, tasks=1, frames=-(-frames // subjects), size=size,
                                                  expression_images=0, unlabelled=0, style="realistic"),

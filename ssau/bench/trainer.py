@@ -21,6 +21,16 @@ from pathlib import Path
 
 import torch
 
+from ssau.data.batch import Batch
+from ssau.methods.parts import masked_bce
+from ssau.shard.plan import run_shard
+from ssau.shard.write import ShardSettings
+from ssau.synth.corpus import render_corpus
+from ssau.synth.faces import SynthSettings
+from ssau.train.optim import lr_factor
+from ssau.train.setup import load_run_config
+from ssau.train.trainer import Trainer
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,20 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args(argv)
 
-    from ssau.config import load_config
-    from ssau.data.shard import ShardSettings, run_shard
-    from ssau.data.stream import Batch
-    from ssau.methods.base import masked_bce
-    from ssau.optim import lr_factor
-    from ssau.synth import SynthSettings, render_corpus
-    from ssau.trainer import Trainer
-
     work = Path(tempfile.mkdtemp(prefix="ssau-bench-trainer-"))
     render_corpus(work / "c", SynthSettings(subjects=6, tasks=1, frames=4, size=args.image_size, expression_images=0,
                                             unlabelled=0), progress=False)
     run_shard(ShardSettings(format="bp4d", images=str(work / "c/bp4d"), labels=str(work / "c/bp4d"), folds="bp4d"),
               work / "s", progress=False)
-    cfg = load_config(None, [f"data.labelled=[{work / 's'}]", f"model.backbone={args.backbone}",
+    cfg = load_run_config(None, [f"data.labelled=[{work / 's'}]", f"model.backbone={args.backbone}",
                              f"data.image_size={args.image_size}", f"data.m1={args.batch}",
                              f"train.steps={10 * args.steps * args.rounds}", f"train.out={work}", "tracking.enabled=false"])
     trainer = Trainer(cfg)

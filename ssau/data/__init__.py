@@ -1,1 +1,2 @@
-"""The data layer: corpus adapters, `ssau shard`, and the training / evaluation streams."""
+"""The reader: shard directories -> the training set's facts (folds held out, label drop, validation split) ->
+mixed streams of decoded, augmented batches for training, and exact-once streams for evaluation."""

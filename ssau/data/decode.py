@@ -7,8 +7,8 @@ Training: resize the shorter side to ``RESIZE_RATIO * size``, random crop, horiz
 Evaluation: the same resize, centre crop.
 
 Geometry (``decode_sample``): the sample's 68 landmarks (json ``landmarks``, pixels of the stored image) and, when
-asked, its optical flow (``flow.npy``, see ``ssau.data.flow``) go through the same resize, crop and flip as the
-image. Pixel centres are at integers (``ssau.data.template``): resizing by s maps a stored-image point x to
+asked, its optical flow (``flow.npy``, see ``ssau.faces.flow``) go through the same resize, crop and flip as the
+image. Pixel centres are at integers (``ssau.faces.template``): resizing by s maps a stored-image point x to
 ``(x + 0.5) * s - 0.5`` (PIL's resize and libjpeg's scaled decoding both keep pixel areas, so a pixel centre maps to
 a pixel centre); the crop then subtracts its offset and the flip maps x to ``S - 1 - x`` with the 68-point mirror
 permutation (the flow: columns reversed and u negated). Displacements are scaled by s per axis. A sample without
@@ -37,18 +37,15 @@ import torch
 from PIL import Image
 
 from ssau.aus import EXPRESSIONS
-from ssau.data.images import MAX_PIXELS
-from ssau.data.records import SCHEMA_VERSION
-from ssau.data.template import DEFAULT_MARGIN, N_LANDMARKS, flip_landmarks, mean_landmarks
+from ssau.errors import DecodeError
+from ssau.faces.flow import decode_flow
+from ssau.faces.template import DEFAULT_MARGIN, N_LANDMARKS, flip_landmarks, mean_landmarks
+from ssau.shard.schema import MAX_PIXELS, SCHEMA_VERSION
 
 RESIZE_RATIO = 1.143  # 224 of 256, the usual crop ratio
 JITTER = 0.2  # brightness, contrast and saturation factors drawn from [1 - JITTER, 1 + JITTER]
 FORMATS = ("JPEG", "PNG", "WEBP")
 _GRAY = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-
-
-class DecodeError(Exception):
-    """A sample whose image or metadata cannot be read; the stream skips and counts it."""
 
 
 def check_meta(meta: object, key: object = None) -> dict:
@@ -57,7 +54,7 @@ def check_meta(meta: object, key: object = None) -> dict:
     (0-5, -1 unknown); ``expression`` an int from -1 (none) to the last
     class of EXPRESSIONS, or absent; ``schema_version`` absent (1) or one this reader knows.
 
-    Both schema versions (``ssau.data.shardwrite``) read alike: ``mask`` says which AUs are coded, and an unknown
+    Both schema versions (``ssau.shard.write``) read alike: ``mask`` says which AUs are coded, and an unknown
     occurrence is 0 (version 1) or -1 (version 2) under mask 0, never read; a coded one must be 0 or 1."""
     if not isinstance(meta, dict):
         raise DecodeError(f"{key}: metadata is a json {type(meta).__name__}, not an object")
@@ -204,8 +201,6 @@ def decode_sample(sample: dict, size: int, rng: random.Random, flow: bool = Fals
     lm, lm_valid = _landmarks(meta, stored, key)
     grid = None
     if flow and "flow.npy" in sample:
-        from ssau.data.flow import decode_flow
-
         grid = decode_flow(sample["flow.npy"], *stored)
     x, y = rng.randint(0, img.width - size), rng.randint(0, img.height - size)
     arr = np.asarray(img.crop((x, y, x + size, y + size)), dtype=np.float32)

@@ -13,12 +13,12 @@ import hashlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import pyarrow.parquet as pq
 
-if TYPE_CHECKING:
-    from ssau.config import Config
+from ssau.config import Config
+from ssau.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,6 @@ class StreamConfig:
 def read_dataset(d: str | Path) -> dict:
     """dataset.json, checked for what the streams rely on (ConfigError, one line, otherwise): shard names that
     stay inside the directory, integer folds and sample counts, an AU list."""
-    from ssau.config import ConfigError
-
     path = Path(d) / "dataset.json"
     if not path.is_file():
         raise ConfigError(f"{d} is not a shard directory (no dataset.json); run `ssau shard` first")
@@ -79,16 +77,14 @@ def read_dataset(d: str | Path) -> dict:
     return doc
 
 
-def _index_names(d: str | Path) -> list[str]:
+def index_names(d: str | Path) -> list[str]:
     """The columns of a directory's index.parquet; a damaged index is one ConfigError line."""
     return _index_read(d, lambda path: pq.read_schema(path).names)
 
 
-def _index_batches(d: str | Path, columns: list[str]) -> Iterator:
+def index_batches(d: str | Path, columns: list[str]) -> Iterator:
     """Record batches of a directory's index.parquet (the columns it has of ``columns``)."""
-    from ssau.config import ConfigError
-
-    names = _index_names(d)
+    names = index_names(d)
     if not {"key", "fold", "subject"} <= set(names):
         raise ConfigError(f"{Path(d) / 'index.parquet'}: damaged (no key, fold or subject column)")
     batches = _index_read(d, lambda path: pq.ParquetFile(path).iter_batches(columns=[c for c in columns if c in names]))
@@ -98,8 +94,6 @@ def _index_batches(d: str | Path, columns: list[str]) -> Iterator:
 
 def _index_read(d: str | Path, read):
     import pyarrow as pa
-
-    from ssau.config import ConfigError
 
     path = Path(d) / "index.parquet"
     try:
@@ -123,7 +117,7 @@ def dataset_inputs(cfg: StreamConfig) -> list[dict]:
     """MLflow dataset inputs, one per shard directory and use (context train, unlabelled, expression, and eval for
     the labelled directories' held-out fold): named by the directory, a digest over the sha256 of exactly the shards
     read (so runs on different data, or other folds of it, are told apart), the directory as source, and shard and
-    sample counts, folds and corpus as profile. Fields as ssau.journal's ``inputs`` records carry them."""
+    sample counts, folds and corpus as profile. Fields as ssau.tracking.journal's ``inputs`` records carry them."""
     uses = [("train", cfg.labelled, cfg.labelled.folds, cfg.labelled.held_out)]
     uses += [(what, src, src.folds, src.held_out) for what, src in (("unlabelled", cfg.unlabelled),
                                                                      ("expression", cfg.expression)) if src]
@@ -165,23 +159,23 @@ def resolve_aus(cfg: StreamConfig) -> tuple[int, ...]:
     return tuple(int(a[2:]) for a in read_dataset(cfg.labelled.dirs[0])["aus"])
 
 
-def _unit_hash(*parts) -> float:
+def unit_hash(*parts) -> float:
     h = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(h, "big") / 2**64
 
 
 def is_hidden(key: str, p: float, seed: int) -> bool:
     """Whether label-drop hides this image's labels (image mode)."""
-    return p > 0 and _unit_hash("drop", seed, key) < p
+    return p > 0 and unit_hash("drop", seed, key) < p
 
 
 def hidden_aus(key: str, aus: tuple[int, ...], p: float, seed: int) -> list[bool]:
     """Which single AU labels label-drop hides (AU mode)."""
-    return [p > 0 and _unit_hash("drop-au", seed, key, au) < p for au in aus]
+    return [p > 0 and unit_hash("drop-au", seed, key, au) < p for au in aus]
 
 
 # ---------------------------------------------------------------------------------------------------- from a run config
-def stream_config(cfg: "Config", aus: tuple[int, ...]) -> StreamConfig:
+def stream_config(cfg: Config, aus: tuple[int, ...]) -> StreamConfig:
     d = cfg.data
     train_folds = None if d.fold == 0 else tuple(k for k in range(1, d.folds + 1) if k != d.fold)
     # No leakage: the evaluation fold is held out of every training source whose shards carry folds (an unlabelled

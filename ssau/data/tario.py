@@ -20,15 +20,13 @@ from __future__ import annotations
 import os
 from typing import Callable, Iterator
 
+from ssau.errors import TarFormatError
+
 _BLOCK = 512
 _ZEROS = bytes(_BLOCK)
 _OCTAL = frozenset(b"01234567")
 MAX_MEMBER = 64 << 20  # far above any face JPEG; a member declaring more is damage, not data to allocate
 MAX_META = 1 << 20  # pax / GNU long-name records: names and a few numbers
-
-
-class TarFormatError(Exception):
-    pass
 
 
 def _field(hdr: bytes, a: int, b: int) -> bytes:

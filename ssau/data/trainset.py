@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ssau.aus import au_name
-from ssau.data.sources import StreamConfig, _index_batches, _index_names, _unit_hash, hidden_aus, is_hidden, resolve_aus
+from ssau.data.sources import StreamConfig, hidden_aus, index_batches, index_names, is_hidden, resolve_aus, unit_hash
 
 
 @dataclass
@@ -54,8 +54,8 @@ class TrainingSet:
         cols = [au_name(a) for a in aus]
         dirs, keys, subjects, folds, values = [], [], [], [], []
         for d in cfg.labelled.dirs:
-            present = [c for c in cols if c in _index_names(d)]
-            for b in _index_batches(d, ["key", "fold", "subject"] + present):
+            present = [c for c in cols if c in index_names(d)]
+            for b in index_batches(d, ["key", "fold", "subject"] + present):
                 t = b.to_pydict()
                 for i, key in enumerate(t["key"]):
                     if cfg.labelled.folds is not None and t["fold"][i] not in cfg.labelled.folds:
@@ -88,7 +88,7 @@ class TrainingSet:
         groups: dict[tuple[str, str], list] = defaultdict(list)
         for i, key in enumerate(self.keys):
             if key not in self.hidden_images and bool(self.visible[i].any()):
-                groups[(self.dirs[i], self.subjects[i])].append((_unit_hash("validation", seed, key), i))
+                groups[(self.dirs[i], self.subjects[i])].append((unit_hash("validation", seed, key), i))
         chosen = []
         for rows in groups.values():
             rows.sort()

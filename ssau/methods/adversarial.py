@@ -60,9 +60,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ssau.config import ConfigError, ModelConfig
-from ssau.data.stream import Batch
-from ssau.methods.base import AUClassifier, Group, SetupInfo, Update
+from ssau.config import ModelConfig
+from ssau.data.batch import Batch
+from ssau.errors import ConfigError
+from ssau.methods.base import Group, SetupInfo, Update
+from ssau.methods.parts import AUClassifier
 
 _EPS = 1e-7  # keeps log() finite when D saturates
 FAKES = ("soft", "straight_through", "threshold")

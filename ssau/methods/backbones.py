@@ -13,7 +13,8 @@ from torch import nn
 from torchvision import models
 
 from ssau.checkpoints import CheckpointError, safe_load
-from ssau.config import ConfigError, ModelConfig
+from ssau.config import ModelConfig
+from ssau.errors import ConfigError
 
 _RESNETS = {
     "resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1, 512),

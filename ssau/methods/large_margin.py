@@ -59,10 +59,14 @@ import torch
 from torch import nn
 
 from ssau.aus import EXPRESSIONS, PROTOTYPES
-from ssau.config import ConfigError, ModelConfig
-from ssau.data.stream import Batch
-from ssau.methods.base import Group, Method, Update, full_precision, global_mean
-from ssau.runtime import sum_across_ranks, world_size
+from ssau.config import ModelConfig
+from ssau.data.batch import Batch
+from ssau.data.sources import read_dataset
+from ssau.dist.collectives import sum_across_ranks, world_size
+from ssau.errors import ConfigError
+from ssau.methods.backbones import build_backbone
+from ssau.methods.base import Group, Method, Update
+from ssau.methods.parts import full_precision, global_mean
 
 EPS = 1e-12  # inside square roots: a distance's gradient at 0
 
@@ -148,8 +152,6 @@ class LargeMargin(Method):
 
     def __init__(self, params: LargeMarginParams, aus: tuple[int, ...], model: ModelConfig):
         super().__init__(params, aus)
-        from ssau.methods.backbones import build_backbone
-
         self.backbone, dim = build_backbone(model)
         self.dropout = nn.Dropout(model.dropout)
         self.embed = nn.Linear(dim, params.embedding)
@@ -192,8 +194,6 @@ class LargeMargin(Method):
             if p[key] < 0:
                 raise ConfigError(f"method.{key}: must be 0 or more, got {p[key]:g}")
         if p["task"] == "expression":  # found now, not at the evaluation after the whole run
-            from ssau.data.sources import read_dataset
-
             for d in cfg.data.expression:
                 if Path(d, "dataset.json").is_file() and not any(s.get("split") == "test"
                                                                  for s in read_dataset(d)["shards"]):

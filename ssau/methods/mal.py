@@ -56,11 +56,13 @@ from torch import nn
 from torch.func import functional_call
 
 from ssau.aus import EXPRESSIONS
-from ssau.config import ConfigError, ModelConfig
-from ssau.data.stream import Batch
-from ssau.methods.base import Group, SetupInfo, Update, full_precision
+from ssau.config import ModelConfig
+from ssau.data.batch import Batch
+from ssau.dist.collectives import sum_across_ranks, world_size
+from ssau.errors import ConfigError
+from ssau.methods.base import Group, SetupInfo, Update
 from ssau.methods.mtl import MultiTask
-from ssau.runtime import sum_across_ranks, world_size
+from ssau.methods.parts import full_precision
 
 CLASS_WEIGHT_CAP = 50.0
 

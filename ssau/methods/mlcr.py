@@ -66,10 +66,13 @@ import torch
 from torch import nn
 
 from ssau.aus import STANDARD_AUS
-from ssau.config import ConfigError, ModelConfig
-from ssau.data.stream import Batch
-from ssau.methods.base import Group, Method, SetupInfo, Update, full_precision, global_mean
-from ssau.runtime import sum_across_ranks, world_size
+from ssau.config import ModelConfig
+from ssau.data.batch import Batch
+from ssau.dist.collectives import sum_across_ranks, world_size
+from ssau.errors import ConfigError
+from ssau.methods.backbones import build_backbone
+from ssau.methods.base import Group, Method, SetupInfo, Update
+from ssau.methods.parts import full_precision, global_mean
 
 # The code's selective-learning a_c per AU of its two corpora (loss/loss_BCE.py).
 A_C = {"emotionet": dict(zip(STANDARD_AUS["emotionet"], (.2, .3, .2, .2, .5, .2, .5, .2, .1, .5, .2, .3))),
@@ -210,8 +213,6 @@ class GCN(nn.Module):
 class Twin(nn.Module):
     def __init__(self, model: ModelConfig, num_aus: int):
         super().__init__()
-        from ssau.methods.backbones import build_backbone
-
         self.backbone, dim = build_backbone(model)
         self.dropout = nn.Dropout(model.dropout)
         self.head = nn.Linear(dim, num_aus)

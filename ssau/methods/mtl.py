@@ -20,8 +20,9 @@ from torch import nn
 
 from ssau.aus import EXPRESSIONS
 from ssau.config import ModelConfig
-from ssau.data.stream import Batch
-from ssau.methods.base import AUClassifier, Group, Update, full_precision
+from ssau.data.batch import Batch
+from ssau.methods.base import Group, Update
+from ssau.methods.parts import AUClassifier, full_precision
 
 
 @dataclass

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from ssau.config import ModelConfig
-from ssau.data.stream import Batch
-from ssau.methods.base import AUClassifier, Group, Update, masked_bce
+from ssau.data.batch import Batch
+from ssau.methods.base import Group, Update
+from ssau.methods.parts import AUClassifier, masked_bce
 
 
 @dataclass

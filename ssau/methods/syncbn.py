@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ssau.runtime import sum_across_ranks, world_size
+from ssau.dist.collectives import sum_across_ranks, world_size
 
 
 class GlobalBatchNorm(nn.BatchNorm2d):

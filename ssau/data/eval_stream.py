@@ -1,0 +1,203 @@
+"""Evaluation stream: every sample of the chosen folds exactly once over all ranks, and a count of what was scored.
+
+Evaluation (``eval_loader``): every sample of the chosen folds exactly once across all ranks. The global sample
+order comes from the parquet index; rank r takes a contiguous 1/world slice of it, and every rank yields the same
+number of batches (padding batches have ``valid`` all False), so collectives never hang on uneven shards.
+
+Evaluation counts the samples it scored against the index (``EvalLoader.expected``); the caller decides what a shortfall means.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ssau.data.decode import au_targets, decode_eval
+from ssau.data.sources import read_dataset
+from ssau.data.tario import SkipCounter, tar_samples
+from ssau.errors import DecodeError, SourceError
+
+
+@dataclass
+class EvalBatch:
+    images: torch.Tensor
+    targets: torch.Tensor
+    mask: torch.Tensor
+    keys: list[str]
+    valid: torch.Tensor  # bool [B]: False marks padding
+    expression: torch.Tensor | None = None  # int64 [B]: the expression class, -1 where a sample has none
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+def _eval_segments(dirs: tuple[str, ...], folds: tuple[int, ...] | None, world: int, split: str | None = None
+                   ) -> tuple[list[list[tuple[str, int, int]]], int]:
+    """-> (per rank: [(url, first offset, end offset)], total samples); ``split``: only that split's shards (the
+    expression corpus's test split). Every rank computes the same plan."""
+    order: list[tuple[str, int]] = []  # (url, samples in it) in global order
+    for d in dirs:
+        for s in read_dataset(d)["shards"]:
+            if (folds is None or s["fold"] in folds) and s["samples"] and (split is None or s.get("split") == split):
+                order.append((str(Path(d) / s["name"]), s["samples"]))
+    total = sum(n for _, n in order)
+    plans = []
+    for r in range(world):
+        lo, hi = total * r // world, total * (r + 1) // world
+        segs, base = [], 0
+        for url, n in order:
+            a, b = max(lo, base), min(hi, base + n)
+            if a < b:
+                segs.append((url, a - base, b - base))
+            base += n
+        plans.append(segs)
+    return plans, total
+
+
+def _split(segs: list[tuple[str, int, int]], parts: int) -> list[list[tuple[str, int, int]]]:
+    """Cut a rank's segments into ``parts`` contiguous pieces of near-equal sample count (one per worker)."""
+    total = sum(b - a for _, a, b in segs)
+    out = []
+    for w in range(parts):
+        lo, hi = total * w // parts, total * (w + 1) // parts
+        piece, base = [], 0
+        for url, a, b in segs:
+            x, y = max(lo, base), min(hi, base + b - a)
+            if x < y:
+                piece.append((url, a + x - base, a + y - base))
+            base += b - a
+        out.append(piece)
+    return out
+
+
+class _EvalDataset(IterableDataset):
+    _PROBLEMS = 5  # reasons kept per worker: enough to say what broke, bounded for a shard of garbage
+
+    def __init__(self, pieces: list[list[tuple[str, int, int]]], batch: int, size: int, aus: tuple[int, ...]):
+        self.pieces, self.batch, self.size, self.aus = pieces, batch, size, aus
+
+    def __iter__(self) -> Iterator[dict]:
+        """Batches of readable samples; each carries the reasons (``problems``) found since the previous one, and
+        a last item without images carries what was found after the last batch."""
+        info = get_worker_info()
+        piece = self.pieces[info.id if info else 0]
+        rows, problems, noted = [], [], 0
+
+        def note(text: str) -> None:
+            nonlocal noted
+            noted += 1
+            if noted <= self._PROBLEMS:
+                problems.append(text[:300])
+
+        for url, a, b in piece:
+            bad, reached = SkipCounter(), 0
+            for pos, s in enumerate(tar_samples(url, bad)):
+                if pos >= b:
+                    break
+                if pos < a:
+                    continue
+                reached += 1
+                try:
+                    img, meta = decode_eval(s, self.size)
+                except DecodeError as e:
+                    note(f"{Path(url).name}: {e}")
+                    continue
+                t, m = au_targets(meta, self.aus)
+                rows.append((img, t, m, s["__key__"], meta.get("expression", -1)))
+                if len(rows) == self.batch:
+                    yield _collate_eval(rows) | {"problems": problems}
+                    rows, problems = [], []
+            if reached < b - a:
+                note(f"{Path(url).name}: samples {a + reached}-{b - 1} not read ("
+                     + (bad.first or "the shard holds fewer samples than dataset.json lists") + ")")
+        if rows:
+            yield _collate_eval(rows) | {"problems": problems}
+        elif problems:
+            yield {"problems": problems}
+
+
+def _collate_eval(rows: list) -> dict:
+    imgs, ts, ms, keys, es = zip(*rows)
+    return {"images": torch.stack(imgs), "targets": torch.tensor(ts), "mask": torch.tensor(ms), "keys": list(keys),
+            "expression": torch.tensor(es, dtype=torch.int64)}
+
+
+class EvalLoader:
+    """Every sample of ``folds`` exactly once over all ranks; the same number of batches on every rank.
+
+    ``expected`` is what the folds hold by dataset.json (all ranks together); after a pass, ``problems`` holds
+    the first reasons this rank found for samples it could not score. A caller that gathers the valid rows of
+    all ranks passes their number to ``finish``, so every rank takes the same decision.
+    """
+
+    def __init__(self, dirs: tuple[str, ...], folds: tuple[int, ...] | None, aus: tuple[int, ...],
+                 batch_size: int = 64, image_size: int = 64, rank: int = 0, world: int = 1, workers: int = 1,
+                 split: str | None = None):
+        self.dirs, self.folds, self.aus, self.batch_size, self.image_size = dirs, folds, aus, batch_size, image_size
+        self.workers, self.split = workers, split
+        plans, self.expected = _eval_segments(dirs, folds, world, split)
+        self.target = eval_batches_per_rank(dirs, folds, batch_size, world, workers, split)  # the busiest rank's
+        self.pieces = _split(plans[rank], max(1, workers))
+        self.problems: list[str] = []
+
+    def __iter__(self) -> Iterator[EvalBatch]:
+        aus, batch_size, image_size = self.aus, self.batch_size, self.image_size
+        self.problems = []
+        ds = _EvalDataset(self.pieces, batch_size, image_size, aus)
+        loader = DataLoader(ds, batch_size=None, num_workers=self.workers,
+                            prefetch_factor=2 if self.workers else None)
+        n = 0
+        for b in loader:  # partial batches are padded to full size: ranks can all_gather them
+            self.problems += b["problems"]
+            if "images" not in b:
+                continue
+            n += 1
+            k = len(b["keys"])
+            missing = batch_size - k
+            valid = torch.cat([torch.ones(k, dtype=torch.bool), torch.zeros(missing, dtype=torch.bool)])
+            if missing:
+                b["images"] = torch.cat([b["images"], b["images"].new_zeros(missing, *b["images"].shape[1:])])
+                b["targets"] = torch.cat([b["targets"], b["targets"].new_zeros(missing, len(aus))])
+                b["mask"] = torch.cat([b["mask"], b["mask"].new_zeros(missing, len(aus))])
+                b["expression"] = torch.cat([b["expression"], b["expression"].new_full((missing,), -1)])
+            yield EvalBatch(b["images"], b["targets"], b["mask"], b["keys"], valid, b["expression"])
+        pad = torch.zeros(batch_size, 3, image_size, image_size, dtype=torch.uint8)
+        for _ in range(self.target - n):
+            yield EvalBatch(pad, torch.zeros(batch_size, len(aus)), torch.zeros(batch_size, len(aus)), [],
+                            torch.zeros(batch_size, dtype=torch.bool), torch.full((batch_size,), -1))
+
+    def finish(self, scored: int, problems: list[str], incomplete: str = "fail", main: bool = True) -> dict[str, int]:
+        """The completeness metrics of a pass that scored ``scored`` samples over all ranks. Fewer than
+        ``expected`` raise SourceError (``incomplete='fail'``) or print one warning line on stderr from the main
+        rank (``'warn'``); ``problems`` are the first reasons any rank found. Every rank passes the same count, so
+        every rank raises, or none does."""
+        if scored != self.expected:
+            what = (f"fold {','.join(map(str, self.folds))}" if self.folds else
+                    f"the {self.split} split" if self.split else "all folds")
+            line = (f"evaluation of {what} of {', '.join(self.dirs)} scored {scored} of the {self.expected} samples "
+                    f"dataset.json lists ({self.expected - scored} unreadable or missing); the first problem: "
+                    f"{problems[0] if problems else 'unknown'}")
+            if incomplete == "fail":
+                raise SourceError(f"{line} (data.eval_incomplete=warn scores what remains)")
+            if main:
+                print(f"ssau: warning: {line}", file=sys.stderr, flush=True)
+        return {"eval_scored": scored, "eval_expected": self.expected, "eval_skipped": self.expected - scored}
+
+
+def eval_loader(dirs: tuple[str, ...], folds: tuple[int, ...] | None, aus: tuple[int, ...], batch_size: int = 64,
+                image_size: int = 64, rank: int = 0, world: int = 1, workers: int = 1,
+                split: str | None = None) -> EvalLoader:
+    """Every sample of ``folds`` (and ``split``) exactly once over all ranks; the same number of batches on every
+    rank."""
+    return EvalLoader(dirs, folds, aus, batch_size, image_size, rank, world, workers, split)
+
+
+def eval_batches_per_rank(dirs: tuple[str, ...], folds: tuple[int, ...] | None, batch_size: int,
+                          world: int, workers: int, split: str | None = None) -> int:
+    """The number of batches every rank yields (what the busiest rank has; the others pad up to it)."""
+    plans, _ = _eval_segments(dirs, folds, world, split)
+    return max(sum(-(-sum(b - a for _, a, b in p) // batch_size) for p in _split(segs, max(1, workers)))
+               for segs in plans)

@@ -1,0 +1,2 @@
+"""Distributed set-up: ranks and devices, collectives, random number generators, DeepSpeed engines and
+accelerate launch's options."""

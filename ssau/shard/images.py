@@ -1,0 +1,166 @@
+"""Turning whatever a corpus holds into the RGB JPEG bytes a shard stores, or a reason to skip it.
+
+A shard sample is always ``.jpg``. Valid RGB JPEGs are passed through byte for byte (no generation loss, and the
+fastest path); everything else that decodes (grayscale, CMYK, alpha, palette, PNG, 16-bit) is converted to RGB and
+encoded once at ``JPEG_QUALITY``. Every image is fully decoded first, because a truncated JPEG only shows itself
+when its last scan is read.
+
+Memory stays bounded: ``check_header`` compares the size the header declares (``Image.open`` reads only the
+header) with ``MAX_PIXELS`` before a single pixel is decoded, so a crafted 30000x30000 JPEG or a 121-megapixel PNG
+costs a few bytes of header, not gigabytes. No image can end a run: whatever goes wrong while preparing one image
+becomes a reason to skip it.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from ssau.errors import SkipImage
+from ssau.shard.schema import MAX_PIXELS
+
+JPEG_QUALITY = 95
+# Below this the image cannot hold a face, and libjpeg's 1/8 draft scale would round a side to 0 pixels.
+MIN_SIDE = 8
+# PIL's own guard stays as a backstop for code that opens images without check_header (it warns above the limit
+# and raises above twice it).
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+# The formats a corpus ships (adapters.IMAGE_EXTS, plus GIF under a wrong name); the contents decide, not the name.
+# PIL's other plugins include EPS, whose load hands the bytes to Ghostscript: never run a program on a file read.
+FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF", "GIF")
+
+
+def exception_detail(e: BaseException) -> str:
+    """A short, reproducible description of ``e`` for a skip entry (dataset.json is byte-identical across runs, so
+    no object addresses)."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", f"{e}")[:200] or type(e).__name__
+
+
+def check_header(img: Image.Image) -> None:
+    """Raise SkipImage('too-large' / 'too-small') from the size ``img``'s header declares; decodes nothing.
+
+    Call it right after ``Image.open`` and before ``draft``/``load``/``convert``.
+    """
+    w, h = img.size
+    if w * h > MAX_PIXELS:
+        raise SkipImage("too-large", f"{w}x{h} declared, limit {MAX_PIXELS} pixels")
+    if w < MIN_SIDE or h < MIN_SIDE:
+        raise SkipImage("too-small", f"{w}x{h}, sides under {MIN_SIDE} px")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    jpeg: bytes
+    width: int
+    height: int
+    converted: str | None  # why the bytes were re-encoded, or None when passed through
+    scale: tuple[float, float] | None = None  # source pixels -> stored pixels per axis when resized (else sizes')
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Composite on white: faces cut out with alpha are usually shown on a light page.
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    if img.mode.startswith("I;16") or img.mode == "I":
+        # 16-bit grayscale: scale to 8 bits rather than clip.
+        return img.point(lambda v: v / 256).convert("L").convert("RGB")
+    return img.convert("RGB")
+
+
+def encode_jpeg(img: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def prepare_image(data: bytes, resize: int | None = None, quality: int = JPEG_QUALITY) -> Prepared:
+    """Validate ``data`` and return shard-ready JPEG bytes. Raises SkipImage with a reason code.
+
+    ``resize`` scales the shorter side to that many pixels (aspect kept); faces arrive already cropped.
+    """
+    if len(data) == 0:
+        raise SkipImage("empty-file")
+    try:
+        return _prepare(data, resize, quality)
+    except SkipImage:
+        raise
+    except Exception as e:  # one image's bytes must never end a run, whatever they make PIL raise
+        raise SkipImage(f"error-{type(e).__name__}", exception_detail(e)) from e
+
+
+def _open(data: bytes, resize: int | None = None, validate_only: bool = False
+          ) -> tuple[Image.Image, str, str, tuple[int, int], float]:
+    """(loaded image, format, mode, declared size, k): a JPEG decodes at 1/k (k = 1, 2, 4, 8) where that is enough:
+    to the ``resize`` target, or at 1/8 when an RGB JPEG is only validated (it then passes through byte for byte)."""
+    k = 1.0
+    try:
+        with warnings.catch_warnings():
+            # PIL warns between 1x and 2x its limit; check_header makes the decision, with the declared size.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
+        fmt, mode, size = img.format, img.mode, img.size
+        check_header(img)
+        if fmt == "JPEG" and (resize or (validate_only and mode == "RGB")):
+            # libjpeg's DCT scaling: every scan is still read (so truncation is still caught), at a fraction
+            # of the IDCT cost.
+            drafted = img.draft(None, _target(size, resize) if resize else (size[0] // 8, size[1] // 8))
+            k = size[0] / drafted[1][2] if drafted else 1.0
+        img.load()
+    except Image.DecompressionBombError as e:  # over twice the limit: PIL refuses in open, before check_header
+        declared = re.search(r"\((\d+) pixels\)", str(e))
+        raise SkipImage("too-large", f"{declared[1] if declared else 'over 2x that'} pixels declared, "
+                                     f"limit {MAX_PIXELS} pixels") from e
+    except Image.UnidentifiedImageError as e:
+        raise SkipImage("not-an-image") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise SkipImage("truncated" if "truncated" in str(e) else "corrupt", exception_detail(e)) from e
+    return img, fmt, mode, size, k
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    """The full-size RGB pixels (H x W x 3 uint8) of ``data``, checked as ``prepare_image`` checks it."""
+    if len(data) == 0:
+        raise SkipImage("empty-file")
+    try:
+        img = _open(data)[0]
+        return np.asarray(_to_rgb(img))
+    except SkipImage:
+        raise
+    except Exception as e:  # as in prepare_image: one image's bytes never end a run
+        raise SkipImage(f"error-{type(e).__name__}", exception_detail(e)) from e
+
+
+def _prepare(data: bytes, resize: int | None, quality: int) -> Prepared:
+    img, fmt, mode, size, k = _open(data, resize, validate_only=True)
+    decoded = img.size
+    converted = None
+    if mode != "RGB":
+        converted = f"mode-{mode}"
+        img = _to_rgb(img)
+    elif fmt != "JPEG":
+        converted = f"format-{fmt}"
+    scale = None
+    if resize is not None and min(size) != resize:
+        img = img.resize(_target(size, resize), Image.Resampling.BICUBIC)
+        converted = converted or "resize"
+        # libjpeg decoded onto ceil(w / k) pixels: a stored pixel spans k * decoded / stored source pixels, which
+        # is not w / stored where k does not divide w (landmarks are scaled by this)
+        scale = (img.width / (k * decoded[0]), img.height / (k * decoded[1]))
+    if converted is None:
+        return Prepared(data, size[0], size[1], None)
+    return Prepared(encode_jpeg(img, quality), img.width, img.height, converted, scale)
+
+
+def _target(size: tuple[int, int], short: int) -> tuple[int, int]:
+    scale = short / min(size)
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))

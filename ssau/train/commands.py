@@ -1,0 +1,214 @@
+"""What `ssau train`, `ssau eval`, `ssau cv` and `ssau demo` do (the CLI only parses)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+from ssau.checkpoints import check_training_state, load_into, safe_load
+from ssau.config import Config, TrainConfig, build, validate
+from ssau.dist.ranks import init_runtime
+from ssau.errors import CheckpointError, ConfigError, ShardError
+from ssau.methods.registry import build_method, scores_au
+from ssau.metrics import format_expression_table, format_table, sample_std
+from ssau.shard.plan import run_shard
+from ssau.shard.write import ShardSettings
+from ssau.synth.corpus import render_corpus
+from ssau.synth.faces import SynthSettings
+from ssau.tracking.artifacts import cv_artifacts
+from ssau.tracking.journal import JOURNAL
+from ssau.tracking.naming import git_commit
+from ssau.tracking.store import relocate
+from ssau.tracking.tracker import Tracker, check_uri
+from ssau.train.evaluate import evaluate_method
+from ssau.train.setup import load_run_config, resolve_method
+from ssau.train.trainer import Trainer
+
+
+def ssau_command() -> str:
+    """How this process was started, as a command that works when typed (README command 1 never activates the
+    venv, so a bare `ssau` or `mlflow` is not on PATH)."""
+    import shlex
+    import sys
+
+    argv0 = Path(sys.argv[0])
+    if argv0.name == "ssau" and argv0.is_file():
+        return shlex.quote(str(argv0))
+    return f"{shlex.quote(sys.executable)} -m ssau"
+
+
+def ui(uri: str, host: str, port: int) -> int:
+    """`ssau ui`: MLflow's UI on the store ssau writes, from this environment's mlflow (no activated venv needed)."""
+    import subprocess
+    import sys
+
+    check_uri(uri, reach=False)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise ConfigError(f"--uri {uri}: no store there yet (`ssau demo` or `ssau train` writes sqlite:///mlflow.db "
+                          f"in the directory they run in)")
+    if line := relocate(uri):  # a copied store lists the artifacts beside it (ssau/tracking/store.py)
+        print(line, file=sys.stderr)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    # workflowType: the UI's classic model-training view (its GenAI view hides runs' metrics and artifacts)
+    print(f"MLflow UI on http://{host}:{port}/#/experiments?workflowType=machine_learning for {uri} "
+          f"(Ctrl-C stops it)", flush=True)
+    return subprocess.call(cmd)
+
+
+def train(config: str | None, overrides: list[str]) -> dict:
+    cfg = load_run_config(config, overrides)
+    trainer = Trainer(cfg)
+    metrics = trainer.fit()
+    if trainer.rt.main and metrics:
+        if "per_au" in metrics:
+            print(format_table(metrics))
+        if "expression" in metrics:
+            print(format_expression_table(metrics["expression"]))
+        print(f"run directory: {trainer.run_dir}")
+    return metrics
+
+
+def evaluate(checkpoint: str, shards: list[str], folds: list[int] | None, batch: int, workers: int,
+             incomplete: str = "fail") -> dict:
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise ConfigError(f"--checkpoint {path} does not exist")
+    if batch < 1 or workers < 0:
+        raise ConfigError(f"--batch {batch} / --workers {workers}: need a batch of at least 1 and 0 or more workers")
+    state = check_training_state(safe_load(path), path, model_only=True)  # weights only: a crafted file runs nothing
+    try:
+        tree = dict(state["config"])
+        tree["method"] = tree.get("method") if isinstance(tree.get("method"), dict) else {}
+        tree["method"].setdefault("name", "supervised")
+        cfg: Config = build(Config, tree)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_batch=batch, workers=workers,
+                                                                eval_incomplete=incomplete))
+        resolve_method(validate(cfg))  # a damaged config (image_size=100000) fails here, not in the allocator
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: its config is not valid ({e})") from None
+    aus = tuple(state["aus"])
+    rt = init_runtime(TrainConfig(device="auto", precision="fp32"))
+    method = build_method(cfg.method, aus, cfg.model)
+    if "au" not in method.tasks():
+        raise ConfigError(f"{path}: a {cfg.method_name} model of the {'/'.join(method.tasks())} task has no AU "
+                          f"output to score (its training run logged val/expr_acc)")
+    load_into(method, state["method"], "model", path)
+    method.to(rt.device)
+    metrics = evaluate_method(method, cfg.data, aus, rt, dirs=tuple(shards), folds=tuple(folds) if folds else None)
+    if rt.main:
+        print(format_table(metrics))
+    return metrics
+
+
+def cross_validate(config: str | None, overrides: list[str]) -> dict:
+    """The folds in turn, each a child MLflow run of one parent run holding the across-fold means and stds."""
+    cfg = load_run_config(config, overrides)
+    if not scores_au(cfg.method):
+        raise ConfigError(f"method {cfg.method_name}: this setting is scored on expressions, not AU folds; "
+                          f"`ssau cv` cross-validates AU recognisers (train it with `ssau train`)")
+    rt = init_runtime(cfg.train)
+    base = cfg.train.name or f"{cfg.method_name}-cv-{time.strftime('%Y%m%d-%H%M%S')}"
+    base = rt.broadcast_object(base)
+    parent = None
+    if rt.main and cfg.tracking.enabled:
+        parent = Tracker(cfg.tracking, Path(cfg.train.out) / base / JOURNAL)  # a local copy, for `ssau upload`
+        parent.start(cfg.tracking.run_name or base, {"method": cfg.method_name, "cv_folds": cfg.data.folds,
+                                                     "label_drop": cfg.data.label_drop, "git_commit": git_commit(),
+                                                     "world_size": rt.world})
+    parent_id = rt.broadcast_object(parent.run_id if parent else "")
+    folds = []
+    for k in range(1, cfg.data.folds + 1):
+        fold_cfg = dataclasses.replace(
+            cfg, data=dataclasses.replace(cfg.data, fold=k), train=dataclasses.replace(cfg.train, name=f"{base}-fold{k}"),
+            tracking=dataclasses.replace(cfg.tracking, parent_run_id=parent_id, run_name=f"{base}-fold{k}"))
+        folds.append(Trainer(fold_cfg, rt).fit())
+    if not rt.main:
+        return {}
+    summary = summarize_folds(folds)
+    if parent:
+        parent.log_metrics(summary, cfg.train.steps)
+        for path in cv_artifacts(folds, Path(cfg.train.out) / base / "cv"):  # at the root: the compare view lists it
+            parent.log_artifact(path)
+        parent.log_tags({"mlflow.loggedArtifacts": json.dumps([{"path": "per_au.json", "type": "table"}])})
+        parent.end()
+    for k, m in enumerate(folds, 1):
+        print(f"fold {k}: F1 {100 * m['f1_mean']:.1f}  AUC {100 * m['auc_mean']:.1f}  Acc {100 * m['acc_mean']:.1f}")
+    print(f"{'AU':<6}{'F1 mean':>9}{'F1 std (ddof 1)':>17}")
+    for name in folds[0]["per_au"]:
+        print(f"{name:<6}{100 * summary[f'cv/f1/{name}']:9.1f}{100 * summary[f'cv/f1_std/{name}']:17.1f}")
+    print(f"{'mean':<6}{100 * summary['cv/f1_mean']:9.1f}{100 * summary['cv/f1_mean_std']:17.1f}")
+    return summary
+
+
+def summarize_folds(folds: list[dict]) -> dict[str, float]:
+    """Across-fold means and sample stds (ddof 1, ``ssau.metrics.sample_std``: the std of every ssau report)."""
+    std = sample_std
+    out = {}
+    for key in ("f1_mean", "auc_mean", "acc_mean", "marginal_gap", "conditional_gap"):
+        xs = [m[key] for m in folds]
+        out[f"cv/{key}"], out[f"cv/{key}_std"] = statistics.fmean(xs), std(xs)
+    for name in folds[0]["per_au"]:
+        xs = [m["per_au"][name]["f1"] for m in folds]
+        out[f"cv/f1/{name}"], out[f"cv/f1_std/{name}"] = statistics.fmean(xs), std(xs)
+    return out
+
+
+def demo(out: str, steps: int, backbone: str, size: int, subjects: int, frames: int, workers: int,
+         style: str = "realistic", align: int = 64) -> dict:
+    """Render the synthetic corpus, shard it through the real adapters (aligning faces with the OpenFace landmark
+    CSVs it writes), train the supervised baseline on folds 2+3, evaluate on fold 1, log to the local MLflow store
+    and print the per-AU table."""
+    root = Path(out).resolve()
+    corpus, shards = root / "corpus", root / "shards"
+    scale = subjects / 41  # a smaller demo renders fewer extra images too: 500 expression, 1000 unlabelled at 41
+    synth = SynthSettings(subjects=subjects, tasks=4, frames=frames, size=size,
+                          expression_images=max(10, round(500 * scale)), unlabelled=max(10, round(1000 * scale)),
+                          style=style)
+    marker = corpus / "synth.json"  # a corpus rendered with other settings is rendered anew
+    if corpus.exists() and not marker.is_file():
+        raise ConfigError(f"{corpus} exists but was not rendered by ssau demo (no {marker.name}): move it, or "
+                          f"give another --out")
+    if not marker.is_file() or json.loads(marker.read_text()) != dataclasses.asdict(synth):
+        if corpus.exists():
+            shutil.rmtree(corpus)  # the demo's own corpus, rendered with other settings
+        print(render_corpus(corpus, synth, workers=workers))
+        marker.write_text(json.dumps(dataclasses.asdict(synth)))
+    landmarks = corpus / "bp4d" / "landmarks"
+    faces = dict(align=align or None)
+    bp4d_faces = dict(faces, landmarks=str(landmarks), landmark_frames="position") if landmarks.is_dir() else faces
+    jobs = [("bp4d", corpus / "bp4d", corpus / "bp4d", "bp4d", bp4d_faces),
+            ("rafdb", corpus / "rafdb", None, None, {}),  # RAF-DB's "aligned" images are aligned already
+            ("folder", corpus / "unlabelled", None, None, faces)]
+    for fmt, images, labels, folds, extra in jobs:
+        settings = ShardSettings(format=fmt, images=str(images), labels=str(labels) if labels else None,
+                                 folds=folds, shard_size=250, **extra)
+        try:
+            doc = run_shard(settings, shards / fmt, workers=workers)
+        except ShardError as e:  # shards of an earlier demo with other settings: the demo owns its directory
+            if "other settings" not in str(e):
+                raise
+            doc = run_shard(settings, shards / fmt, workers=workers, overwrite=True)
+        how = ", ".join(f"{n} by {k}" for k, n in doc["faces"]["aligned_by"].items())
+        print(f"sharded {fmt}: {doc['samples']} samples in {len(doc['shards'])} shards -> {shards / fmt}"
+              + (f" (aligned to {align} px: {how})" if extra.get("align") else ""))
+    uri = f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    overrides = [f"data.labelled=[{shards / 'bp4d'}]", "data.fold=1", f"data.image_size={min(align or size, 64)}",
+                 "data.m1=32", f"data.workers={workers}", f"model.backbone={backbone}", f"train.steps={steps}",
+                 f"train.out={root / 'runs'}", f"train.checkpoint_every={steps}", "train.log_every=10",
+                 f"tracking.uri={uri}", "tracking.experiment=ssau-demo", "optim.lr=0.002"]
+    cfg = load_run_config(None, overrides)
+    trainer = Trainer(cfg)
+    metrics = trainer.fit()
+    if trainer.rt.main:
+        what = f"{align} px faces aligned by landmarks" if align else "whole frames"
+        print(f"\nsupervised {backbone}, {steps} steps on {what} ({style} corpus), trained on folds 2+3, "
+              f"evaluated on fold 1 (per-AU, %):")
+        print(format_table(metrics))
+        print(f"\nMLflow run {trainer.run_id} in experiment 'ssau-demo'. Open it with:\n"
+              f"  {ssau_command()} ui --uri {uri}\n"
+              f"then http://127.0.0.1:5000/#/experiments?workflowType=machine_learning in a browser")
+    return metrics

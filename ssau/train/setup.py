@@ -1,0 +1,31 @@
+"""Where a run is built: the YAML-level ``Config`` (``ssau.config``, which imports no method) is checked against
+the method it names. The method section gets every hyper-parameter with its default filled in (what config.yaml
+and the MLflow params show), then the method's own cross-section checks run. ``build_method`` turns the section into
+the method's typed ``Params`` once, when the method is built.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ssau.config import Config, load_config
+from ssau.errors import ConfigError
+from ssau.methods.registry import METHODS, resolve_params
+
+
+def resolve_method(cfg: Config) -> Config:
+    """``cfg`` with its method section validated and completed (ConfigError, one line, otherwise); idempotent."""
+    cfg.method = resolve_params(cfg.method)
+    name, d = cfg.method_name, cfg.data
+    needs = METHODS[name].needs
+    if "expression" in needs and not d.expression:
+        raise ConfigError(f"data.expression: method {name} needs an expression corpus (shard one with `ssau shard rafdb`)")
+    if "validation" in needs and d.validation <= 0:
+        raise ConfigError(f"data.validation: method {name} needs an AU validation fraction above 0 (the paper's: 0.02)")
+    METHODS[name].check(cfg)
+    return cfg
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """A run's configuration: YAML file + overrides (``load_config``), then its method section resolved."""
+    return resolve_method(load_config(path, overrides))

@@ -1,0 +1,98 @@
+"""Helpers shared by test modules (no test module imports another): the shard command and what it wrote, the one
+error line of a failed command, a tiny training command line, OpenFace CSVs and posed face frames."""
+
+from __future__ import annotations
+
+import json
+import random
+import tarfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from ssau.cli import main
+from ssau.faces.template import MEAN_68
+from ssau.synth.classic import render_face
+from ssau.synth.faces import make_identity
+
+
+def shard(*args: str) -> int:
+    return main(["shard", *args, "--quiet"])
+
+
+def members(tar: Path) -> dict[str, bytes]:
+    with tarfile.open(tar) as t:
+        return {m.name: t.extractfile(m).read() for m in t.getmembers()}
+
+
+def samples_of(out: Path) -> dict[str, dict]:
+    """key -> {'jpg': bytes, 'json': dict} over every shard of a directory."""
+    out_samples = {}
+    for tar in sorted(out.glob("*.tar")):
+        for name, data in members(tar).items():
+            key, ext = name.split(".", 1)
+            out_samples.setdefault(key, {})[ext] = json.loads(data) if ext == "json" else data
+    return out_samples
+
+
+def tree_bytes(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name != "last_run.json"}
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ssau: error: "), err
+    return err[0]
+
+
+def tiny_train(shards: Path, tmp: Path, *extra: str) -> list[str]:
+    return ["train", f"data.labelled=[{shards}]", "model.backbone=tiny", "data.image_size=32", "data.m1=4",
+            "data.workers=0", "data.eval_batch=16", "train.steps=3", "train.log_every=1", f"train.out={tmp / 'runs'}",
+            "train.progress=false", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", *extra]
+
+
+def error_line(capsys) -> str:
+    """The one ``ssau: error:`` line of a failed command (MLflow's own INFO lines may stand beside it)."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("ssau: error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0]
+
+
+def openface_header(spaces: bool = True) -> list[str]:
+    names = (["frame", "face_id", "timestamp", "confidence", "success", "gaze_0_x", "pose_Tx"]
+             + [f"x_{i}" for i in range(68)] + [f"y_{i}" for i in range(68)]
+             + [f"X_{i}" for i in range(68)] + ["AU01_r"])
+    return [(" " + n if spaces and j else n) for j, n in enumerate(names)]
+
+
+def openface_row(frame: int, pts, success: int = 1, conf: float = 0.98, face: int = 0) -> list[str]:
+    pts = np.zeros((68, 2)) if pts is None else np.asarray(pts)
+    return ([str(frame), str(face), f"{(frame - 1) / 25:.3f}", f"{conf:.2f}", str(success), "0.1", "12.5"]
+            + [f"{x:.2f}" for x in pts[:, 0]] + [f"{y:.2f}" for y in pts[:, 1]]
+            + [f"{-x:.1f}" for x in pts[:, 0]] + ["0.5"])
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[str]], sep: str = ", ") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(sep.join(r) for r in [header] + rows) + "\n")
+
+
+def face_frame(seed: int, t: int = 0, w: int = 96, h: int = 120, face: int = 56) -> tuple[np.ndarray, np.ndarray]:
+    """A head on a textured background, moving 1 px right per frame t; -> (RGB frame, its 68 landmarks)."""
+    rng = np.random.default_rng(seed)
+    bg = cv2.resize(rng.integers(60, 200, (h // 8, w // 8, 3), dtype=np.uint8), (w, h), interpolation=cv2.INTER_CUBIC)
+    img = np.asarray(render_face(make_identity(random.Random(seed)), {12: 4.0}, face, random.Random(seed)))
+    x0, y0 = (w - face) // 2 - 6 + t, 16
+    bg[y0:y0 + face, x0:x0 + face] = img
+    # the rendered face spans about 0.2-0.8 of its square across and 0.15-0.95 down
+    pts = np.stack([x0 + face * (0.2 + 0.6 * MEAN_68[:, 0]), y0 + face * (0.3 + 0.6 * MEAN_68[:, 1])], 1)
+    return bg, pts
+
+
+def save(path: Path, rgb: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb).save(path, quality=95)
