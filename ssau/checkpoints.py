@@ -2,8 +2,8 @@
 
 - Reading: ``safe_load`` is ``torch.load(..., weights_only=True)``: tensors, numbers, strings and plain containers
   only, so a crafted (pickled) file cannot run code. What ssau writes is exactly that: RNG states are stored as
-  lists and tensors (``runtime.rng_state``), never as numpy objects. A file that needs anything else is refused with
-  one line. DeepSpeed's own loader is replaced by the same function (``runtime.deepspeed_engine``), with three
+  lists and tensors (``ssau.dist.rng.rng_state``), never as numpy objects. A file that needs anything else is refused with
+  one line. DeepSpeed's own loader is replaced by the same function (``ssau.dist.deepspeed.deepspeed_engine``), with three
   DeepSpeed classes allowed by name (its ZeRO stage enum, loss scaler and fragment address).
 - Writing: ``atomic_save`` writes ``.<name>.tmp-<pid>``, fsyncs and renames, so a kill -9 or a full disk never leaves
   a half file under the real name; on failure the temporary file is removed and the previous checkpoint stays the

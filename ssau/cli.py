@@ -101,7 +101,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from ssau.train.commands import demo  # lazy: a command imports only what it runs
+    from ssau.train.demo import demo  # lazy: a command imports only what it runs
 
     if args.align and not 16 <= args.align <= 1024:
         raise UserError(f"--align {args.align}: 16 to 1024 px, or 0 for whole frames")

@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 
@@ -202,8 +202,12 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """YAML file (optional) + ``key=value`` overrides (values parsed as YAML: 3, 1e-3, true, [a, b])."""
+def load_config(path: str | Path | None, overrides: list[str] = (),
+                resolve_method: Callable[[dict], dict] | None = None) -> Config:
+    """YAML file (optional) + ``key=value`` overrides (values parsed as YAML: 3, 1e-3, true, [a, b]).
+
+    ``resolve_method`` checks and completes the method section before the cross-field checks (where a run is built,
+    ``ssau.train.setup`` passes the registry's; this module imports no method)."""
     tree: dict = {}
     if path is not None:
         p = Path(path)
@@ -227,8 +231,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     if isinstance(tree.get("method"), dict):
         tree["method"].setdefault("name", "supervised")
     cfg = build(Config, tree)
-    validate(cfg)
-    return cfg
+    if resolve_method is not None:
+        cfg.method = resolve_method(cfg.method)
+    return validate(cfg)
 
 
 def _looks_float(raw: str) -> bool:

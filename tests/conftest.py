@@ -27,28 +27,47 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/corpora.py, helpers.py, 
 
 from corpora import shard_bp4d, shard_rafdb  # noqa: E402
 
-RANKS = re.compile(r"\brun_ranks\(|torchrun|accelerate\.commands\.launch|debug_launcher|_launch\(")
+RANKS = re.compile(r"\brun_ranks\(|torchrun|accelerate\.commands\.launch|debug_launcher|_launch\(|init_process_group")
 ON_DISK = re.compile(r"\bshard_bp4d\(|\bshard_rafdb\(|\bcorpora\.|\bwrite_bp4d\(|\bwrite_tar\(|\bmain\(|\bTrainer\("
                      r"|\brun_shard\(|\bshard\(|\bsubprocess\b|\bPopen\(|\bmp\.|\bmultiprocessing\b|\brender_corpus\("
-                     r"|\bTracker\(|\bmlflow\b|\bTarWriter\(|\btarfile\.open\(|\btrain\(")
+                     r"|\bTracker\(|\bmlflow\b|\bTarWriter\(|\btarfile\.open\(|\btrain\(|\bfork\b|\bProcess\("
+                     r"|\bworkers=[1-9]|\.tar\b")
+
+
+TESTS = Path(__file__).parent.resolve()
+CALL = re.compile(r"\b([A-Za-z_]\w*)\s*\(")
+
+
+def _source(obj) -> str:
+    try:
+        return inspect.getsource(obj)
+    except (OSError, TypeError):
+        return ""
 
 
 def _sources(item: pytest.Item) -> str:
-    """The test function's source and that of every fixture it uses (fixtures' own fixtures included)."""
-    texts = []
-    try:
-        texts.append(inspect.getsource(item.function))
-    except (OSError, TypeError):
-        pass
+    """The test function's source, that of every fixture it uses (fixtures' own fixtures included), and that of
+    every function of the test tree they call (helpers of the module, tests/helpers.py, corpora.py), transitively."""
+    texts = [_source(item.function)]
     info = getattr(item, "_fixtureinfo", None)
     for name in (info.names_closure if info else ()):
         for fixturedef in info.name2fixturedefs.get(name, ()):
-            if fixturedef.baseid == "" and name not in ("corpora",):
+            if fixturedef.baseid == "" and name != "corpora":
                 continue  # pytest's own fixtures (tmp_path, monkeypatch, capsys) put nothing of ssau on disk
-            try:
-                texts.append(inspect.getsource(fixturedef.func))
-            except (OSError, TypeError):
-                pass
+            texts.append(_source(fixturedef.func))
+    names = vars(item.module)
+    seen: set[str] = set()
+    todo = [t for t in texts]
+    while todo:
+        for called in CALL.findall(todo.pop()):
+            fn = names.get(called)
+            if called in seen or not inspect.isfunction(fn):
+                continue
+            seen.add(called)
+            where = inspect.getsourcefile(fn)
+            if where and Path(where).resolve().is_relative_to(TESTS):
+                texts.append(_source(fn))
+                todo.append(texts[-1])
     return "\n".join(texts)
 
 

@@ -10,9 +10,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 from PIL import Image
 
+from ssau.aus import STANDARD_AUS
 from ssau.cli import main
+from ssau.data.batch import Batch
 from ssau.faces.template import MEAN_68
 from ssau.synth.classic import render_face
 from ssau.synth.faces import make_identity
@@ -96,3 +99,18 @@ def face_frame(seed: int, t: int = 0, w: int = 96, h: int = 120, face: int = 56)
 def save(path: Path, rgb: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rgb).save(path, quality=95)
+
+
+def make_batch(seed: int = 0, m1: int = 6, m2: int = 4, size: int = 32,
+               aus: tuple[int, ...] = STANDARD_AUS["bp4d"]) -> Batch:
+    """A random in-memory batch with every field a method may read (BP4D's 12 AUs by default)."""
+    g = torch.Generator().manual_seed(seed)
+    targets = (torch.rand(m1, len(aus), generator=g) < 0.3).float()
+    mask = (torch.rand(m1, len(aus), generator=g) < 0.8).float()
+    return Batch(images=torch.randint(0, 256, (m1, 3, size, size), dtype=torch.uint8, generator=g),
+                 targets=targets * mask, mask=mask, keys=[f"k{i}" for i in range(m1)],
+                 unlabelled=torch.randint(0, 256, (m2, 3, size, size), dtype=torch.uint8, generator=g),
+                 expr_images=torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8, generator=g),
+                 expr_labels=torch.randint(0, 7, (4,), generator=g), expr_keys=[f"e{i}" for i in range(4)],
+                 val_images=torch.randint(0, 256, (5, 3, size, size), dtype=torch.uint8, generator=g),
+                 val_targets=targets[:5], val_mask=mask[:5])

@@ -198,6 +198,22 @@ def test_bad_grid_is_one_line(flag, value, message, capsys):
     assert len(err) == 1 and err[0].startswith("ssau: error: ") and message in err[0]
 
 
+@pytest.mark.parametrize("method,message", [
+    ("{name: nosuch}", "method.name: 'nosuch' is not a method"),
+    ("{name: mtl, bogus: 1}", "unknown key 'method.bogus'"),
+    ("{name: mal}", "data.expression: method mal needs an expression corpus"),
+])
+def test_the_configs_own_method_section_is_checked_even_when_not_compared(method, message, tmp_path, capsys):
+    """The config file's method section is validated as `ssau train` validates it, whatever --methods holds."""
+    config = tmp_path / "c.yaml"
+    config.write_text(f"method: {method}\ndata: {{labelled: [nowhere]}}\n")
+    argv = ["compare", "--config", str(config), "--methods", "supervised,adversarial", "--seeds", "0-1",
+            "--label-drop", "0.5"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ssau: error: ") and message in err[0], err
+
+
 def test_views_mean_f1_and_inconsistency_are_reported_when_a_method_logs_them():
     from ssau.compare.report import format_report, parent_metrics, summarize
 

@@ -161,3 +161,12 @@ def test_a_config_loads_without_torch_or_any_method(tmp_path):
 def test_each_layer_is_a_package_that_says_what_it_holds(package):
     doc = ast.get_docstring(ast.parse((ROOT / package / "__init__.py").read_text()))
     assert doc and len(doc) > 20
+
+
+def test_opencv_loads_only_where_faces_are_aligned_or_rendered():
+    """A plain `ssau shard` forks its workers, and `ssau train` runs, without OpenCV: it is imported inside the
+    functions that align, detect, warp or compute flow, and by the renderer (`ssau synth`, `ssau demo`)."""
+    code = ("import sys, ssau.shard.plan, ssau.train.commands, ssau.train.trainer, ssau.compare.command; "
+            "assert 'cv2' not in sys.modules; import ssau.train.demo; assert 'cv2' in sys.modules")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

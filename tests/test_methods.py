@@ -6,26 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import make_batch
 
 from ssau.config import ModelConfig
-from ssau.data.batch import Batch
 from ssau.methods.base import SetupInfo
 from ssau.methods.registry import METHODS, build_method, resolve_params
 
 AUS = (1, 2, 4, 6, 7, 10, 12, 14, 15, 17, 23, 24)
-
-
-def make_batch(seed: int = 0, m1: int = 6, m2: int = 4, size: int = 32) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    targets = (torch.rand(m1, len(AUS), generator=g) < 0.3).float()
-    mask = (torch.rand(m1, len(AUS), generator=g) < 0.8).float()
-    return Batch(images=torch.randint(0, 256, (m1, 3, size, size), dtype=torch.uint8, generator=g),
-                 targets=targets * mask, mask=mask, keys=[f"k{i}" for i in range(m1)],
-                 unlabelled=torch.randint(0, 256, (m2, 3, size, size), dtype=torch.uint8, generator=g),
-                 expr_images=torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8, generator=g),
-                 expr_labels=torch.randint(0, 7, (4,), generator=g), expr_keys=[f"e{i}" for i in range(4)],
-                 val_images=torch.randint(0, 256, (5, 3, size, size), dtype=torch.uint8, generator=g),
-                 val_targets=targets[:5], val_mask=mask[:5])
 
 
 def make_method(name: str):

@@ -204,7 +204,7 @@ def test_cv_runs_folds_as_child_runs_with_means(shards, tmp_path, capsys):
 def test_gradient_accumulation_equals_one_step_on_the_mean_loss(shards, tmp_path):
     import copy
 
-    from test_methods import make_batch
+    from helpers import make_batch
 
     from ssau.methods.parts import masked_bce
     from ssau.train.trainer import Trainer

@@ -31,13 +31,14 @@ from pathlib import Path
 from ssau.compare.grid import (Cell, Grid, cell_config, digest, method_sections, parse_drops, parse_folds,
                                parse_methods, parse_seeds, same_section, settings, split_overrides)
 from ssau.compare.report import format_report, parent_metrics, summarize, write_artifacts
-from ssau.config import Config, load_config
+from ssau.config import Config
 from ssau.dist.ranks import init_runtime
 from ssau.errors import ConfigError, UserError
 from ssau.methods.registry import scores_au
 from ssau.tracking.journal import JOURNAL
 from ssau.tracking.naming import eval_metric_dict, git_commit
 from ssau.tracking.tracker import Tracker, check_uri
+from ssau.train.setup import load_run_config
 from ssau.train.trainer import Trainer
 
 PROBE_STEPS = 3  # the dry run's timing probe: steps per method (the first is not timed: warm-up)
@@ -116,7 +117,7 @@ def compare(config: str | None, methods: str, seeds: str, drops: str, folds: str
     if warm_steps is not None and (not warm or warm_steps < 1):
         raise UserError(f"--warm-steps {warm_steps}: needs --warm-start and at least 1 step")
     base_overrides, per_label = split_overrides(list(overrides), labels + ("supervised",) * warm)
-    cfg = load_config(config, base_overrides)
+    cfg = load_run_config(config, base_overrides)
     if not folds and not cfg.data.fold:
         raise UserError("ssau compare evaluates a held-out fold: give --folds or set data.fold")
     grid = Grid(labels, seed_list, drop_list, parse_folds(folds, cfg.data.folds) if folds else (cfg.data.fold,),
@@ -227,7 +228,7 @@ def _run(cfg: Config, grid: Grid, sections: dict, cells: list[Cell], plan: dict,
         report = summarize(results, grid.methods, grid.drops, grid.baseline)
         paths, values = write_artifacts(report, folder), parent_metrics(report)
         if tracker:
-            # One value per (metric, step) is kept (tracking.py): a call that ran cells logs at a new step, a call
+            # One value per (metric, step) is kept (ssau/tracking/tracker.py): a call that ran cells logs at a new step, a call
             # that ran none the same values at the last step (dropped as already logged)
             step = plan["step"] + 1 if ran or not plan["step"] else plan["step"]
             tracker.log_metrics({"cmp/cells": len(results), **values}, step)

@@ -47,6 +47,8 @@ JITTER = 0.2  # brightness, contrast and saturation factors drawn from [1 - JITT
 FORMATS = ("JPEG", "PNG", "WEBP")
 _GRAY = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # PIL's own decompression-bomb guard at the format's limit, as the writer
+
 
 def check_meta(meta: object, key: object = None) -> dict:
     """``meta`` if it has the shape training reads, else DecodeError: an object; ``aus`` (int AU numbers),
@@ -54,7 +56,7 @@ def check_meta(meta: object, key: object = None) -> dict:
     (0-5, -1 unknown); ``expression`` an int from -1 (none) to the last
     class of EXPRESSIONS, or absent; ``schema_version`` absent (1) or one this reader knows.
 
-    Both schema versions (``ssau.shard.write``) read alike: ``mask`` says which AUs are coded, and an unknown
+    Both schema versions (``ssau.shard.schema``) read alike: ``mask`` says which AUs are coded, and an unknown
     occurrence is 0 (version 1) or -1 (version 2) under mask 0, never read; a coded one must be 0 or 1."""
     if not isinstance(meta, dict):
         raise DecodeError(f"{key}: metadata is a json {type(meta).__name__}, not an object")

@@ -35,7 +35,7 @@ from torch import nn
 from ssau.config import TrainConfig
 from ssau.dist.accelerate import accelerate_settings
 from ssau.errors import ConfigError
-from ssau.io import defer_exit
+from ssau.io import atomic_write, defer_exit
 
 
 @dataclass
@@ -156,6 +156,6 @@ def write_rank_report(path: Path, module: nn.Module, first_keys: list[str] | Non
         digest.update(p.detach().cpu().contiguous().numpy().tobytes())
     up = dist.is_available() and dist.is_initialized()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"rank": dist.get_rank() if up else 0, "world_size": dist.get_world_size() if up else 1,
-                                "first_keys": first_keys, "state_sha256": digest.hexdigest(), "step": step,
-                                "backend": dist.get_backend() if up else "", "deepspeed": deepspeed}))
+    atomic_write(path, json.dumps({"rank": dist.get_rank() if up else 0, "world_size": dist.get_world_size() if up
+                                   else 1, "first_keys": first_keys, "state_sha256": digest.hexdigest(), "step": step,
+                                   "backend": dist.get_backend() if up else "", "deepspeed": deepspeed}).encode())

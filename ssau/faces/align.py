@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-import cv2
 import numpy as np
 
 from ssau.errors import SkipImage
@@ -74,7 +73,9 @@ def box_matrix(box: tuple[float, float, float, float], size: int, margin: float 
 
 
 @lru_cache(maxsize=1)
-def _cascade() -> cv2.CascadeClassifier:
+def _cascade() -> "cv2.CascadeClassifier":  # noqa: F821 (OpenCV is imported inside)
+    import cv2  # lazy: OpenCV loads where a face is aligned or detected, not for a plain shard or a run
+
     path = cv2.data.haarcascades + DETECTOR
     c = cv2.CascadeClassifier(path)
     if c.empty():
@@ -84,6 +85,8 @@ def _cascade() -> cv2.CascadeClassifier:
 
 def detect_face(rgb: np.ndarray) -> tuple[float, float, float, float] | None:
     """The largest frontal face as (x, y, w, h) in ``rgb``'s pixels, or None."""
+    import cv2  # lazy: OpenCV loads where a face is aligned or detected, not for a plain shard or a run
+
     gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     h, w = gray.shape
     f = min(1.0, DETECT_MAX_SIDE / max(h, w))
@@ -98,6 +101,8 @@ def detect_face(rgb: np.ndarray) -> tuple[float, float, float, float] | None:
 
 
 def warp(rgb: np.ndarray, m: np.ndarray, size: int) -> np.ndarray:
+    import cv2  # lazy: OpenCV loads where a face is aligned or detected, not for a plain shard or a run
+
     return cv2.warpAffine(rgb, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 

@@ -24,8 +24,8 @@ from ssau.faces.flow import encode_flow, tvl1
 from ssau.faces.template import N_LANDMARKS, plausible
 from ssau.shard.images import Prepared, decode_rgb, encode_jpeg, prepare_image
 
-# OpenCV (ssau.faces.align, ssau.faces.flow) is imported where a face is aligned or a flow computed, not here: a
-# plain `ssau shard` forks its workers without it, as it did before faces were aligned.
+# OpenCV is imported where a face is aligned or a flow computed (inside ssau.faces.align and ssau.faces.flow), not
+# when these modules load: a plain `ssau shard` forks its workers without it, as it did before faces were aligned.
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ JPEG_QUALITY = 95
 # Below this the image cannot hold a face, and libjpeg's 1/8 draft scale would round a side to 0 pixels.
 MIN_SIDE = 8
 # PIL's own guard stays as a backstop for code that opens images without check_header (it warns above the limit
-# and raises above twice it).
+# and raises above twice it); the reader (ssau.data.decode) sets the same.
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 # The formats a corpus ships (adapters.IMAGE_EXTS, plus GIF under a wrong name); the contents decide, not the name.
 # PIL's other plugins include EPS, whose load hands the bytes to Ghostscript: never run a program on a file read.

@@ -262,7 +262,7 @@ def run_shard(s: ShardSettings, out: Path, workers: int = 1, overwrite: bool = F
                                           aus=s.aus, unknown=s.unknown, frame_template=s.frame_template,
                                           active_threshold=s.active_threshold))
     screen(scan, Path(s.images))
-    scan.root = os.path.abspath(s.images)  # samples store their source relative to it (shardwrite module doc)
+    scan.root = os.path.abspath(s.images)  # samples store their source relative to it (ssau.shard.schema module doc)
     _dedupe_keys(scan.records)
     landmark_counts = _landmarks_in(scan, s)
     for w in scan.warnings:

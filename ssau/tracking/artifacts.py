@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -97,8 +98,10 @@ def cv_artifacts(folds: list[dict], folder: Path) -> list[Path]:
     x = np.arange(len(aus))
     for k in range(len(folds)):
         ax.bar(x + k * width, f1[k], width, label=f"fold {k + 1}")
-    ax.bar(x + len(folds) * width, np.nanmean(f1, 0), width, yerr=np.nanstd(f1, 0, ddof=1), capsize=2,
-           color="0.3", label="mean +- std (ddof 1)")
+    with warnings.catch_warnings():  # an AU scored in fewer than two folds has no std: no error bar, no warning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean, spread = np.nanmean(f1, 0), np.nan_to_num(np.nanstd(f1, 0, ddof=1))
+    ax.bar(x + len(folds) * width, mean, width, yerr=spread, capsize=2, color="0.3", label="mean +- std (ddof 1)")
     ax.set_xticks(x + 0.4 - width / 2, aus, rotation=60)
     ax.set_ylabel("F1 (%)")
     ax.legend(fontsize=7, ncol=len(folds) + 1)

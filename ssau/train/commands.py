@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -12,20 +11,16 @@ from pathlib import Path
 from ssau.checkpoints import check_training_state, load_into, safe_load
 from ssau.config import Config, TrainConfig, build, validate
 from ssau.dist.ranks import init_runtime
-from ssau.errors import CheckpointError, ConfigError, ShardError
-from ssau.methods.registry import build_method, scores_au
+from ssau.errors import CheckpointError, ConfigError
+from ssau.methods.registry import build_method, resolve_params, scores_au
 from ssau.metrics import format_expression_table, format_table, sample_std
-from ssau.shard.plan import run_shard
-from ssau.shard.write import ShardSettings
-from ssau.synth.corpus import render_corpus
-from ssau.synth.faces import SynthSettings
 from ssau.tracking.artifacts import cv_artifacts
 from ssau.tracking.journal import JOURNAL
 from ssau.tracking.naming import git_commit
 from ssau.tracking.store import relocate
 from ssau.tracking.tracker import Tracker, check_uri
 from ssau.train.evaluate import evaluate_method
-from ssau.train.setup import load_run_config, resolve_method
+from ssau.train.setup import check_method, load_run_config
 from ssau.train.trainer import Trainer
 
 
@@ -82,12 +77,11 @@ def evaluate(checkpoint: str, shards: list[str], folds: list[int] | None, batch:
     state = check_training_state(safe_load(path), path, model_only=True)  # weights only: a crafted file runs nothing
     try:
         tree = dict(state["config"])
-        tree["method"] = tree.get("method") if isinstance(tree.get("method"), dict) else {}
-        tree["method"].setdefault("name", "supervised")
+        tree["method"] = resolve_params(tree.get("method") if isinstance(tree.get("method"), dict) else {})
         cfg: Config = build(Config, tree)
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_batch=batch, workers=workers,
                                                                 eval_incomplete=incomplete))
-        resolve_method(validate(cfg))  # a damaged config (image_size=100000) fails here, not in the allocator
+        check_method(validate(cfg))  # a damaged config (image_size=100000) fails here, not in the allocator
     except ConfigError as e:
         raise CheckpointError(f"{path}: its config is not valid ({e})") from None
     aus = tuple(state["aus"])
@@ -157,58 +151,3 @@ def summarize_folds(folds: list[dict]) -> dict[str, float]:
     return out
 
 
-def demo(out: str, steps: int, backbone: str, size: int, subjects: int, frames: int, workers: int,
-         style: str = "realistic", align: int = 64) -> dict:
-    """Render the synthetic corpus, shard it through the real adapters (aligning faces with the OpenFace landmark
-    CSVs it writes), train the supervised baseline on folds 2+3, evaluate on fold 1, log to the local MLflow store
-    and print the per-AU table."""
-    root = Path(out).resolve()
-    corpus, shards = root / "corpus", root / "shards"
-    scale = subjects / 41  # a smaller demo renders fewer extra images too: 500 expression, 1000 unlabelled at 41
-    synth = SynthSettings(subjects=subjects, tasks=4, frames=frames, size=size,
-                          expression_images=max(10, round(500 * scale)), unlabelled=max(10, round(1000 * scale)),
-                          style=style)
-    marker = corpus / "synth.json"  # a corpus rendered with other settings is rendered anew
-    if corpus.exists() and not marker.is_file():
-        raise ConfigError(f"{corpus} exists but was not rendered by ssau demo (no {marker.name}): move it, or "
-                          f"give another --out")
-    if not marker.is_file() or json.loads(marker.read_text()) != dataclasses.asdict(synth):
-        if corpus.exists():
-            shutil.rmtree(corpus)  # the demo's own corpus, rendered with other settings
-        print(render_corpus(corpus, synth, workers=workers))
-        marker.write_text(json.dumps(dataclasses.asdict(synth)))
-    landmarks = corpus / "bp4d" / "landmarks"
-    faces = dict(align=align or None)
-    bp4d_faces = dict(faces, landmarks=str(landmarks), landmark_frames="position") if landmarks.is_dir() else faces
-    jobs = [("bp4d", corpus / "bp4d", corpus / "bp4d", "bp4d", bp4d_faces),
-            ("rafdb", corpus / "rafdb", None, None, {}),  # RAF-DB's "aligned" images are aligned already
-            ("folder", corpus / "unlabelled", None, None, faces)]
-    for fmt, images, labels, folds, extra in jobs:
-        settings = ShardSettings(format=fmt, images=str(images), labels=str(labels) if labels else None,
-                                 folds=folds, shard_size=250, **extra)
-        try:
-            doc = run_shard(settings, shards / fmt, workers=workers)
-        except ShardError as e:  # shards of an earlier demo with other settings: the demo owns its directory
-            if "other settings" not in str(e):
-                raise
-            doc = run_shard(settings, shards / fmt, workers=workers, overwrite=True)
-        how = ", ".join(f"{n} by {k}" for k, n in doc["faces"]["aligned_by"].items())
-        print(f"sharded {fmt}: {doc['samples']} samples in {len(doc['shards'])} shards -> {shards / fmt}"
-              + (f" (aligned to {align} px: {how})" if extra.get("align") else ""))
-    uri = f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    overrides = [f"data.labelled=[{shards / 'bp4d'}]", "data.fold=1", f"data.image_size={min(align or size, 64)}",
-                 "data.m1=32", f"data.workers={workers}", f"model.backbone={backbone}", f"train.steps={steps}",
-                 f"train.out={root / 'runs'}", f"train.checkpoint_every={steps}", "train.log_every=10",
-                 f"tracking.uri={uri}", "tracking.experiment=ssau-demo", "optim.lr=0.002"]
-    cfg = load_run_config(None, overrides)
-    trainer = Trainer(cfg)
-    metrics = trainer.fit()
-    if trainer.rt.main:
-        what = f"{align} px faces aligned by landmarks" if align else "whole frames"
-        print(f"\nsupervised {backbone}, {steps} steps on {what} ({style} corpus), trained on folds 2+3, "
-              f"evaluated on fold 1 (per-AU, %):")
-        print(format_table(metrics))
-        print(f"\nMLflow run {trainer.run_id} in experiment 'ssau-demo'. Open it with:\n"
-              f"  {ssau_command()} ui --uri {uri}\n"
-              f"then http://127.0.0.1:5000/#/experiments?workflowType=machine_learning in a browser")
-    return metrics

@@ -16,6 +16,12 @@ from ssau.methods.registry import METHODS, resolve_params
 def resolve_method(cfg: Config) -> Config:
     """``cfg`` with its method section validated and completed (ConfigError, one line, otherwise); idempotent."""
     cfg.method = resolve_params(cfg.method)
+    return check_method(cfg)
+
+
+def check_method(cfg: Config) -> Config:
+    """What the method needs of the other sections (MAL: an expression corpus and a validation split), and its own
+    cross-section checks."""
     name, d = cfg.method_name, cfg.data
     needs = METHODS[name].needs
     if "expression" in needs and not d.expression:
@@ -27,5 +33,6 @@ def resolve_method(cfg: Config) -> Config:
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """A run's configuration: YAML file + overrides (``load_config``), then its method section resolved."""
-    return resolve_method(load_config(path, overrides))
+    """A run's configuration: YAML file + overrides, the method section checked against its method's ``Params``
+    before the cross-field checks (so errors come in the order they always did), then the method's own checks."""
+    return check_method(load_config(path, overrides, resolve_params))

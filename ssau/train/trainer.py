@@ -32,6 +32,7 @@ from ssau.dist.deepspeed import deepspeed_engine
 from ssau.dist.ranks import Runtime, init_runtime, sigterm_as_exit, write_rank_report
 from ssau.dist.rng import rng_state, seed_all, seed_draws, set_rng_state
 from ssau.errors import ConfigError, RunStopped, SourceError
+from ssau.io import atomic_write
 from ssau.methods.base import Method, SetupInfo, Update
 from ssau.methods.registry import build_method, check_groups
 from ssau.methods.syncbn import convert_sync_bn
@@ -373,7 +374,7 @@ class Trainer:
                                       "data/hidden_images": self.drop["hidden_images"]}, 0)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg_path = self.run_dir / "config.yaml"
-            cfg_path.write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+            atomic_write(cfg_path, yaml.safe_dump(to_dict(self.cfg), sort_keys=False).encode())
             self.tracker.log_artifact(cfg_path)
 
     def _finish(self, metrics: dict) -> None:
