@@ -88,3 +88,36 @@ def test_every_shipped_recipe_is_a_valid_config():
     for path in recipes:
         cfg = load_run_config(path)  # strict: an unknown key or a bad value fails here
         assert cfg.method["name"] in METHODS, path.name
+
+
+def test_supervised_selective_loss_keeps_ceil_a_c_n_negatives_of_a_rare_au(monkeypatch):
+    """loss=selective is MLCR's Eq. 2 balance on the one classifier: an AU with 1 positive among 10 known labels keeps
+    the positive and ceil(0.3 * 10) = 3 negatives; an AU with 5 positives keeps every label; loss=plain keeps all."""
+    import ssau.methods.supervised as supervised
+
+    seen = []
+    real = supervised.masked_bce
+    monkeypatch.setattr(supervised, "masked_bce", lambda logits, t, m, w=None: seen.append(m) or real(logits, t, m, w))
+    aus = (1, 2)
+    targets = torch.zeros(10, 2)
+    targets[0, 0] = 1
+    targets[:5, 1] = 1
+    batch = make_batch(0, m1=10, aus=aus)
+    batch.targets, batch.mask = targets, torch.ones(10, 2)
+    for loss in ("selective", "plain"):
+        m = build_method(resolve_params({"name": "supervised", "loss": loss, "a_c_table": "default"}), aus,
+                         ModelConfig(backbone="tiny"))
+        out = m.loss(batch, 0)
+        assert torch.isfinite(out["loss"])
+    selective, plain = seen
+    assert selective[0, 0] == 1 and selective[:, 0].sum() == 4  # the positive and 3 of 9 negatives
+    assert torch.equal(selective[:, 1], torch.ones(10)) and torch.equal(plain, torch.ones(10, 2))
+
+
+def test_supervised_selective_settings_are_checked():
+    from ssau.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="method.loss"):
+        resolve_params({"name": "supervised", "loss": "focal"})
+    with pytest.raises(ConfigError, match="a_c_default"):
+        resolve_params({"name": "supervised", "loss": "selective", "a_c_default": 0.0})

@@ -13,8 +13,8 @@ from ranks import run_ranks
 
 from ssau.cli import main
 from ssau.config import ModelConfig
-from ssau.methods.mlcr import (GCN, a_c_values, js_divergence, multi_view_loss, normalise_adjacency, relation_matrix,
-                               selective_mask)
+from ssau.methods.mlcr import GCN, js_divergence, multi_view_loss, normalise_adjacency, relation_matrix
+from ssau.methods.parts import a_c_values, selective_mask
 from ssau.methods.registry import build_method, resolve_params
 
 BP4D = (1, 2, 4, 6, 7, 10, 12, 14, 15, 17, 23, 24)

@@ -87,3 +87,6 @@ def average_buffers(module: nn.Module, rt: Runtime) -> None:
             m.running_var.add_((spread / m.momentum).to(m.running_var.dtype))
             offset += q.numel()
 
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

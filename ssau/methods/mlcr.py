@@ -65,18 +65,13 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ssau.aus import STANDARD_AUS
 from ssau.config import ModelConfig
 from ssau.data.batch import Batch
-from ssau.dist.collectives import sum_across_ranks, world_size
 from ssau.errors import ConfigError
 from ssau.methods.backbones import build_backbone
 from ssau.methods.base import Group, Method, SetupInfo, Update
-from ssau.methods.parts import full_precision, global_mean
+from ssau.methods.parts import a_c_values, full_precision, global_mean, selective_mask
 
-# The code's selective-learning a_c per AU of its two corpora (loss/loss_BCE.py).
-A_C = {"emotionet": dict(zip(STANDARD_AUS["emotionet"], (.2, .3, .2, .2, .5, .2, .5, .2, .1, .5, .2, .3))),
-       "bp4d": dict(zip(STANDARD_AUS["bp4d"], (.3, .3, .5, .3, .3, .5, .3, .5, .3, .3, .3, .3)))}
 CLAMP = 1e-3
 
 
@@ -106,13 +101,6 @@ class MLCRParams:
             raise ConfigError("method.stage1_steps, stage2_steps: must be 0 or more")
 
 
-def a_c_values(aus: tuple[int, ...], p: MLCRParams) -> list[float]:
-    table = p.a_c_table
-    if table == "auto":
-        table = next((c for c in ("bp4d", "emotionet") if tuple(aus) == STANDARD_AUS[c]), "default")
-    return [A_C[table].get(a, p.a_c_default) if table != "default" else p.a_c_default for a in aus]
-
-
 def relation_matrix(labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Eq. 7-8: A[i, j] = |2 (P_dep(i, j) - 0.5)| over images with both labels known; unit diagonal."""
     y, m = labels.double() * mask.double(), mask.double()
@@ -133,47 +121,6 @@ def normalise_adjacency(a: torch.Tensor) -> torch.Tensor:
     """D^-1/2 A^T D^-1/2, D = diag(row sums of A) (the code's gen_adj)."""
     d = torch.diag(a.sum(1).pow(-0.5))
     return (a @ d).T @ d
-
-
-def selective_mask(targets: torch.Tensor, mask: torch.Tensor, a_c: list[float]) -> torch.Tensor:
-    """The labels L_v counts (Eq. 2 with selective learning): per AU whose global positive count is below a_c * n,
-    ceil(a_c * n) of the global batch's negatives are kept (this rank keeps its share, drawn at random), the rest
-    masked."""
-    known = mask > 0
-    pos, neg = (known & (targets > 0.5)), (known & (targets <= 0.5))
-    w, r = world_size(), _rank()
-    counts = sum_across_ranks(torch.stack([known.sum(0), pos.sum(0)]).double())
-    per_rank = torch.zeros(w, targets.shape[1], dtype=torch.float64, device=targets.device)
-    per_rank[r] = neg.sum(0).double()
-    per_rank = sum_across_ranks(per_rank)
-    out = mask.clone()
-    for j in range(targets.shape[1]):
-        n, p, negs = float(counts[0, j]), float(counts[1, j]), float(per_rank[:, j].sum())
-        keep = math.ceil(a_c[j] * n)
-        if not (p < a_c[j] * n and negs - keep >= 1):
-            continue
-        quota = _share(keep, per_rank[:, j].tolist())[r]
-        idx = neg[:, j].nonzero().squeeze(1)
-        drop = idx[torch.randperm(len(idx))[quota:].to(idx.device)]
-        out[drop, j] = 0
-    return out
-
-
-def _share(total: int, weights: list[float]) -> list[int]:
-    """``total`` split in proportion to ``weights``, largest remainder first (ties: lower rank), never above a
-    weight."""
-    s = sum(weights)
-    raw = [total * w / s for w in weights]
-    out = [int(math.floor(x)) for x in raw]
-    for i in sorted(range(len(raw)), key=lambda i: (-(raw[i] - out[i]), i))[:total - sum(out)]:
-        out[i] += 1
-    return [min(o, int(w)) for o, w in zip(out, weights)]
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def js_divergence(p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:

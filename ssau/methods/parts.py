@@ -1,13 +1,17 @@
 """Parts shared by the methods, beside the contract rather than inside it (USB's ``core/criterions``): the
 backbone + linear AU head classifier, losses whose normalisers are global over ranks (masked BCE, global means),
-and the float32 guard for losses computed under bf16 autocast."""
+the float32 guard for losses computed under bf16 autocast, and selective learning (MLCR's Eq. 2 balance, Niu et
+al.; ``supervised`` takes it with ``loss=selective`` so an ablation's baseline has the same loss)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
-from ssau.dist.collectives import sum_across_ranks, world_size
+from ssau.aus import STANDARD_AUS
+from ssau.dist.collectives import rank, sum_across_ranks, world_size
 from ssau.methods.backbones import build_backbone
 from ssau.methods.base import Method
 
@@ -49,3 +53,51 @@ def masked_bce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                                                          pos_weight=pos_weight) * mask
     return global_mean(per.sum(), mask.sum())
 
+
+# The code's selective-learning a_c per AU of its two corpora (loss/loss_BCE.py).
+A_C = {"emotionet": dict(zip(STANDARD_AUS["emotionet"], (.2, .3, .2, .2, .5, .2, .5, .2, .1, .5, .2, .3))),
+       "bp4d": dict(zip(STANDARD_AUS["bp4d"], (.3, .3, .5, .3, .3, .5, .3, .5, .3, .3, .3, .3)))}
+
+
+def a_c_values(aus: tuple[int, ...], p) -> list[float]:
+    """Selective learning's a_c per AU from ``p.a_c_table`` / ``p.a_c_default`` (MLCR's and supervised's params):
+    the code's table for BP4D or EmotioNet when the AU list is that corpus's (``auto``), else the default."""
+    table = p.a_c_table
+    if table == "auto":
+        table = next((c for c in ("bp4d", "emotionet") if tuple(aus) == STANDARD_AUS[c]), "default")
+    return [A_C[table].get(a, p.a_c_default) if table != "default" else p.a_c_default for a in aus]
+
+
+def selective_mask(targets: torch.Tensor, mask: torch.Tensor, a_c: list[float]) -> torch.Tensor:
+    """The labels L_v counts (Eq. 2 with selective learning): per AU whose global positive count is below a_c * n,
+    ceil(a_c * n) of the global batch's negatives are kept (this rank keeps its share, drawn at random), the rest
+    masked."""
+    known = mask > 0
+    pos, neg = (known & (targets > 0.5)), (known & (targets <= 0.5))
+    w, r = world_size(), rank()
+    counts = sum_across_ranks(torch.stack([known.sum(0), pos.sum(0)]).double())
+    per_rank = torch.zeros(w, targets.shape[1], dtype=torch.float64, device=targets.device)
+    per_rank[r] = neg.sum(0).double()
+    per_rank = sum_across_ranks(per_rank)
+    out = mask.clone()
+    for j in range(targets.shape[1]):
+        n, p, negs = float(counts[0, j]), float(counts[1, j]), float(per_rank[:, j].sum())
+        keep = math.ceil(a_c[j] * n)
+        if not (p < a_c[j] * n and negs - keep >= 1):
+            continue
+        quota = _share(keep, per_rank[:, j].tolist())[r]
+        idx = neg[:, j].nonzero().squeeze(1)
+        drop = idx[torch.randperm(len(idx))[quota:].to(idx.device)]
+        out[drop, j] = 0
+    return out
+
+
+def _share(total: int, weights: list[float]) -> list[int]:
+    """``total`` split in proportion to ``weights``, largest remainder first (ties: lower rank), never above a
+    weight."""
+    s = sum(weights)
+    raw = [total * w / s for w in weights]
+    out = [int(math.floor(x)) for x in raw]
+    for i in sorted(range(len(raw)), key=lambda i: (-(raw[i] - out[i]), i))[:total - sum(out)]:
+        out[i] += 1
+    return [min(o, int(w)) for o, w in zip(out, weights)]
