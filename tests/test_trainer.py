@@ -49,7 +49,8 @@ def test_config_file_and_overrides(tmp_path, capsys):
     f = tmp_path / "c.yaml"
     f.write_text("method: {name: supervised, pos_weight: true}\ndata: {labelled: [a, b], fold: 2}\noptim: {lr: 0.01}\n")
     cfg = load_run_config(f, ["optim.lr=1e-4", "data.m1=7"])
-    assert cfg.method == {"name": "supervised", "pos_weight": True}
+    assert cfg.method == {"name": "supervised", "pos_weight": True, "loss": "plain", "a_c_table": "auto",
+                          "a_c_default": 0.3}  # the section resolved: every hyper-parameter, defaults filled
     assert cfg.data.labelled == ["a", "b"] and cfg.data.fold == 2 and cfg.data.m1 == 7 and cfg.optim.lr == 1e-4
     assert main(["train", "--config", str(f), "optim.betas=oops"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
