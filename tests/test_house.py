@@ -170,3 +170,11 @@ def test_opencv_loads_only_where_faces_are_aligned_or_rendered():
             "assert 'cv2' not in sys.modules; import ssau.train.demo; assert 'cv2' in sys.modules")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_the_readme_import_of_the_hugging_face_features_still_works():
+    """The README told users `from ssau.data.shardwrite import hf_features`; the name stays (one-line re-export)."""
+    from ssau.data.shardwrite import hf_features, sample_arrow_type
+    from ssau.shard import schema
+
+    assert hf_features is schema.hf_features and sample_arrow_type is schema.sample_arrow_type
