@@ -89,7 +89,8 @@ def _compare(args: argparse.Namespace) -> int:
     from ssau.compare.command import compare  # lazy: a command imports only what it runs
 
     compare(args.config, args.methods, args.seeds, args.label_drop, args.folds, args.baseline, args.warm_start,
-            args.warm_steps, args.dry_run, args.name, args.overrides)
+            args.warm_steps, args.dry_run, args.name, args.overrides, args.select_on or "", args.select_metric or "",
+            args.selection, args.settings_from)
     return 0
 
 
@@ -214,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--warm-steps", type=int, help="steps of the warm-start run (default: train.steps)")
     co.add_argument("--dry-run", action="store_true", help="print the plan and its estimated time; run nothing")
     co.add_argument("--name", help="the parent run (default: compare-<config>-<hash of the grid>)")
+    co.add_argument("--select-on", choices=("val",), help="score every cell on the AU validation split (the held-out "
+                    "fold is never read) and choose per method its best label (<method>-<variant>)")
+    co.add_argument("--select-metric", choices=("f1", "auc"), help="what --select-on ranks by (default: f1)")
+    co.add_argument("--selection", help="also write --select-on's selection file here (it is always written to "
+                    "<train.out>/<name>/compare/selection.json and logged with the parent run)")
+    co.add_argument("--settings-from", help="a selection file: each compared method takes the settings chosen there")
     co.add_argument("overrides", nargs="*", help="key=value for every cell; <method>.<key>=value for one method")
     co.set_defaults(run=_compare)
 

@@ -56,6 +56,8 @@ class DataConfig:
     source_timeout: float = 600.0  # seconds a training source may yield no readable sample before the run stops
     eval_incomplete: Literal["fail", "warn"] = "fail"  # evaluation scored fewer samples than the index holds
     flow: bool = False  # stream each sample's optical flow (ssau shard --flow) as Batch.flow; off: None
+    labelled_subjects: float = 0.0  # label-scarce regime: K >= 1 training subjects (or a fraction in (0, 1)) keep
+    # their labels, chosen by split_seed and balanced over folds; the others' images stream as unlabelled. 0: all
 
 
 @dataclass
@@ -78,6 +80,10 @@ class TrainConfig:
     steps: int = 1000
     log_every: int = 20
     eval_every: int = 0  # 0: evaluate at the end only
+    evaluate_on: Literal["fold", "val"] = "fold"  # val: score on the AU validation split (data.validation) instead
+    # of the held-out fold, whose shards are then never opened (hyper-parameters chosen before the test is seen)
+    thresholds: Literal["fixed", "val"] = "fixed"  # val: also score the fold at per-AU thresholds that maximise F1
+    # on the AU validation split (metrics *_valthr), beside the usual 0.5
     checkpoint_every: int = 500
     out: str = "runs"
     name: str = ""  # run directory name; empty: <method>-fold<k>-<time>
@@ -89,9 +95,15 @@ class TrainConfig:
     deepspeed: str = ""  # a DeepSpeed JSON config (launch/deepspeed/zero2.json); empty: plain data parallel
     rank_report: bool = False  # each rank writes ranks/rank<r>.json (world size, keys seen, parameter digest)
     progress: bool = True
-    init_from: str = ""  # warm start: a model.pt or step checkpoint whose parameters of matching name and shape
-    # initialise this run's (the optimiser starts fresh; a resumed run ignores it)
+    init_from: str = ""  # warm start: a model.pt or step checkpoint whose parameters and persistent buffers of
+    # matching name and shape initialise this run's (BatchNorm statistics, large margin's centroids and counts,
+    # MLCR's classifiers; the optimiser starts fresh; a method's setup then decides what it keeps, e.g. MLCR's W^0
+    # and stage, large margin's balance; a resumed run ignores it)
     keep_checkpoints: int = 3  # the newest N step checkpoints are kept; older ones are pruned (0 = keep all)
+    collapse_share: float = 0.6  # a step metric *largest_share (the largest class or cluster's share of the global
+    # batch's assignments) whose mean over the last collapse_window steps is above this warns once per run (stderr,
+    # MLflow tag collapse_warning)
+    collapse_window: int = 50
 
 
 @dataclass
@@ -273,6 +285,10 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key}: {v} is above the limit of {hi}")
     if t.seed < 0:
         raise ConfigError(f"train.seed: must be 0 or more, got {t.seed}")
+    if not 0.0 < t.collapse_share <= 1.0:
+        raise ConfigError(f"train.collapse_share: {t.collapse_share:g} is not a share in (0, 1]")
+    if not 1 <= t.collapse_window <= 100_000:
+        raise ConfigError(f"train.collapse_window: {t.collapse_window} is not a number of steps in 1..100000")
     if d.source_timeout > 10**6:
         raise ConfigError(f"data.source_timeout: {d.source_timeout:g} s is above the limit of 1e6 s (11 days)")
     for key, ws in (("data.labelled_weights", d.labelled_weights), ("data.unlabelled_weights", d.unlabelled_weights)):
@@ -302,6 +318,16 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.deepspeed: {t.deepspeed} does not exist")
     if not 0.0 <= d.validation <= 0.5:
         raise ConfigError(f"data.validation: {d.validation} is not a fraction in [0, 0.5]")
+    for key, v in (("train.evaluate_on", t.evaluate_on), ("train.thresholds", t.thresholds)):
+        if v == "val" and d.validation <= 0:
+            raise ConfigError(f"{key}=val needs an AU validation split: set data.validation above 0 (e.g. 0.1)"
+                              + ("; ssau compare --select-on val sets it" if key == "train.evaluate_on" else ""))
+    if t.thresholds == "val" and (t.evaluate_on == "val" or not d.fold):
+        raise ConfigError("train.thresholds=val applies thresholds chosen on the AU validation split to the held-out "
+                          "fold: it needs train.evaluate_on=fold and data.fold above 0")
+    if d.labelled_subjects < 0 or (d.labelled_subjects >= 1 and not d.labelled_subjects.is_integer()):
+        raise ConfigError(f"data.labelled_subjects: {d.labelled_subjects:g} is neither a count of subjects (1, 2, ...) "
+                          f"nor a fraction in (0, 1)")
     if d.val_batch < 1:
         raise ConfigError(f"data.val_batch: must be at least 1, got {d.val_batch}")
     if not isinstance(cfg.method.get("name"), str):

@@ -2,7 +2,8 @@
 
 - F1 at threshold 0.5 on probabilities, per AU, then the unweighted mean over AUs (an AU with no positive label
   and no positive prediction scores 0, as sklearn's zero_division=0 does); AUC (Mann-Whitney, ties averaged;
-  undefined and left out of the mean when an AU has one class only); accuracy.
+  undefined and left out of the mean when an AU has one class only); accuracy. Per-AU thresholds chosen on the
+  AU validation split (``f1_thresholds``) are an option reported apart; 0.5 stays the reported default.
 - The label-distribution gaps of Wang et al. (paper 000, Sec. 4.2.2, Fig. 5-6), thresholded predictions against
   ground truth:
   - marginals: ``P(AU_i = 1)`` over the samples where AU_i is known, predicted (``p_pred``) and true (``p_true``);
@@ -87,10 +88,11 @@ def conditional_gap(pred: np.ndarray, targets: np.ndarray, mask: np.ndarray) -> 
 
 
 def au_metrics(probs: np.ndarray, targets: np.ndarray, mask: np.ndarray, aus: tuple[int, ...],
-               threshold: float = 0.5) -> dict:
+               threshold: float | np.ndarray = 0.5) -> dict:
     """-> {'per_au': {AU01: {f1, auc, acc, n, positives, p_pred, p_true}}, f1_mean, auc_mean, acc_mean,
     marginal_gap, conditional_gap, conditional_gaps / conditional_pred / conditional_true ([J, J] arrays),
-    conditional_pairs, conditional_undefined_pred, conditional_undefined_true}."""
+    conditional_pairs, conditional_undefined_pred, conditional_undefined_true}. ``threshold``: one for every AU, or
+    [J] per AU (``f1_thresholds``)."""
     probs, targets, mask = (np.asarray(a, dtype=np.float64) for a in (probs, targets, mask))
     pred = (probs >= threshold).astype(np.float64)
     per = {}
@@ -115,6 +117,32 @@ def au_metrics(probs: np.ndarray, targets: np.ndarray, mask: np.ndarray, aus: tu
         "acc_mean": nanmean(np.array([v["acc"] for v in per.values()])),
         "marginal_gap": nanmean(np.abs(p_pred - p_true)[known_any]),
     } | conditional_gap(pred, targets, mask)
+
+
+def f1_thresholds(probs: np.ndarray, targets: np.ndarray, mask: np.ndarray, default: float = 0.5) -> np.ndarray:
+    """[J] per AU, the threshold that maximises that AU's F1 over the samples where it is known (``train.thresholds
+    =val``: chosen on the AU validation split, applied to the held-out fold). A sample is positive at ``p >= t``.
+    The candidates are the cuts between consecutive distinct scores: the midpoint between the lowest score predicted
+    positive and the next lower one (half the lowest score when all are positive), so the choice does not sit on a
+    validation sample's own score. Equal F1: the candidate nearest ``default``. An AU without a known positive (F1 0
+    whatever the threshold) keeps ``default``."""
+    probs, targets, mask = (np.asarray(a, dtype=np.float64) for a in (probs, targets, mask))
+    out = np.full(probs.shape[1], float(default))
+    for j in range(probs.shape[1]):
+        known = mask[:, j] > 0
+        s, y = probs[known, j], targets[known, j]
+        if not y.sum():
+            continue
+        order = np.argsort(-s, kind="mergesort")
+        s, y = s[order], y[order]
+        last = np.flatnonzero(np.append(s[1:] != s[:-1], True))  # the last sample of each distinct score, descending
+        tp, predicted = np.cumsum(y)[last], last + 1.0
+        f1 = 2 * tp / (predicted + y.sum())  # equal ratios of whole numbers are equal floats: ties are exact
+        lower = np.append(s[last[1:]], 0.0)  # the next lower distinct score (0 below the lowest)
+        cuts = (s[last] + lower) / 2
+        best = np.flatnonzero(f1 == f1.max())
+        out[j] = cuts[best[np.argmin(np.abs(cuts[best] - default))]]
+    return out
 
 
 def view_metrics(views: dict[str, np.ndarray], targets: np.ndarray, mask: np.ndarray, aus: tuple[int, ...],

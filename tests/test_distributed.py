@@ -33,10 +33,14 @@ def _method_args(method: str, expression: Path) -> list[str]:
     if method == "mal":  # the expression stream and the AU validation set; no unlabelled images
         return [f"data.expression=[{expression}]", "data.m_expr=4", "data.validation=0.1", "data.val_batch=4",
                 "data.m2=0"]
-    if method == "mlcr":  # 3 steps crossing the stage switch: 2 of co-regularisation, then the GCN stage
-        return ["data.label_drop=0.5", "data.m2=4", "method.stage1_steps=2", "method.stage2_steps=1"]
+    if method == "mlcr":  # 3 steps crossing the stage switch: 2 of co-regularisation, then the GCN stage (its H1
+        # fitted at the switch on every rank: the state digests must still agree)
+        return ["data.label_drop=0.5", "data.m2=4", "method.stage1_steps=2", "method.stage2_steps=1",
+                "method.gcn_init=fit"]
     if method == "large_margin":  # the balance measured over steps 2-3 (step 1 has no centroid yet)
-        return ["data.label_drop=0.5", "data.m2=4", "method.balance_steps=2"]
+        return ["data.label_drop=0.5", "data.m2=4", "method.balance=auto", "method.balance_steps=2"]
+    if method in ("pseudo_label", "fixmatch"):  # thresholds the 3-step tiny net's predictions reach
+        return ["data.label_drop=0.5", "data.m2=4", "method.p_cutoff=0.51"]
     return ["data.label_drop=0.5", "data.m2=4"]
 
 
@@ -80,7 +84,8 @@ def _assert_data_parallel(reports: list[dict]) -> None:
     assert reports[0]["state_sha256"] == reports[1]["state_sha256"]  # equal parameters (and buffers) after
 
 
-@pytest.mark.parametrize("method", ["supervised", "adversarial", "mal", "mlcr", "large_margin"])
+@pytest.mark.parametrize("method", ["supervised", "adversarial", "mal", "mlcr", "large_margin", "pseudo_label",
+                                    "mean_teacher", "fixmatch"])
 def test_two_cpu_ranks_with_accelerate_launch_and_deepspeed_zero2(shards, expression, tmp_path, method):
     from mlflow.tracking import MlflowClient
 
@@ -125,7 +130,10 @@ def test_two_cpu_ranks_with_accelerate_launch_and_deepspeed_zero2(shards, expres
         assert a["meta.weight"].abs().max() > 0
     if method == "mlcr":  # the switch was crossed: W^0 taken (the stage-1 classifiers), the GCN trained after it
         assert a["switched"] == 1 and torch.equal(a["w0"][0, :, :-1], a["twins.0.head.weight"])
-        assert not torch.equal(init["gcn.h0"], a["gcn.h0"])
+        assert not torch.equal(init["gcn.h0"], a["gcn.h0"]) and not torch.equal(init["gcn.h1"], a["gcn.h1"])
+    if method == "mean_teacher":  # the EMA teacher moved with the student (identical on both ranks: the digests)
+        assert not torch.equal(a["teacher.head__weight"], init["teacher.head__weight"])
+        assert not torch.equal(a["teacher.head__weight"], a["head.weight"])
     if method == "large_margin":  # centroids from every step's global batch (4 + 4 images on 2 ranks), balanced
         assert a["counts"].sum() == 3 * 16 and a["centroids"].abs().sum() > 0 and a["lambda_auto"] > 0
 
@@ -134,7 +142,7 @@ def test_two_cpu_ranks_with_accelerate_launch_and_deepspeed_zero2(shards, expres
     (run,) = client.search_runs([client.get_experiment_by_name("ssau").experiment_id])
     assert run.data.tags["world_size"] == "2"
     first_update = {"supervised": "supervised", "adversarial": "discriminator", "mal": "meta", "mlcr": "mlcr",
-                    "large_margin": "large_margin"}[method]
+                    "large_margin": "large_margin"}.get(method, "supervised")
     assert [m.step for m in client.get_metric_history(run.info.run_id, f"train/{first_update}/loss")] == [1, 2, 3]
 
 

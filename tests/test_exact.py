@@ -88,8 +88,9 @@ def small_method(name: str, bn: bool = False):
 
     torch.manual_seed(0)
     # MLCR's selective learning keeps a random choice of negatives (its count is global, tests/test_mlcr.py)
-    m = build_method({"name": name, **({"selective": False} if name == "mlcr" else {})}, AUS,
-                     ModelConfig(backbone="tiny"))
+    extra = {"mlcr": {"selective": False},  # pseudo-labels confident enough to count at this init:
+             "pseudo_label": {"p_cutoff": 0.51}, "fixmatch": {"p_cutoff": 0.51}}.get(name, {})
+    m = build_method({"name": name, **extra}, AUS, ModelConfig(backbone="tiny"))
     if name == "mlcr":  # two BatchNorm-free twins
         for t in m.twins:
             t.backbone, t.head, t.dropout = PixelNet(S), nn.Linear(5, J), nn.Identity()
@@ -124,7 +125,8 @@ def global_batch(n: int = 8, size: int = S) -> Batch:
     mask = (torch.rand(n, J, generator=g) < 0.7).double()
     mask[: n // 2, 1:] = 0  # rank 0 knows far fewer labels than rank 1: a mean of per-rank means would differ
     return Batch(images=img(n), targets=(torch.rand(n, J, generator=g) < 0.4).double() * mask, mask=mask,
-                 keys=[f"a{i}" for i in range(n)], unlabelled=img(n), expr_images=img(n),
+                 keys=[f"a{i}" for i in range(n)], unlabelled=img(n), unlabelled_keys=[f"u{i}" for i in range(n)],
+                 expr_images=img(n),
                  expr_labels=torch.randint(0, 7, (n,), generator=g), expr_keys=[f"e{i}" for i in range(n)])
 
 
@@ -133,7 +135,8 @@ def rank_part(b: Batch, rank: int, world: int) -> Batch:
         k = len(t) // world
         return t[rank * k:(rank + 1) * k]
     return Batch(images=part(b.images), targets=part(b.targets), mask=part(b.mask), keys=part(b.keys),
-                 unlabelled=part(b.unlabelled), expr_images=part(b.expr_images), expr_labels=part(b.expr_labels),
+                 unlabelled=part(b.unlabelled), unlabelled_keys=part(b.unlabelled_keys), expr_images=part(b.expr_images),
+                 expr_labels=part(b.expr_labels),
                  expr_keys=part(b.expr_keys))
 
 
@@ -166,19 +169,27 @@ def _rank_update_grads(rank: int, world: int, name: str, bn: bool) -> dict:
     import torch.distributed as dist
 
     assert dist.get_world_size() == world == 2
-    return update_grads(small_method(name, bn), rank_part(global_batch(), rank, world), cpu_rt(rank, world), bn)
+    m = small_method(name, bn)
+    out = update_grads(m, rank_part(global_batch(), rank, world), cpu_rt(rank, world), bn)
+    return out | {"state": m.step_metrics()}
 
 
 @pytest.mark.parametrize("name,bn", [("supervised", False), ("adversarial", False), ("mtl", False),
-                                     ("mlcr", False), ("large_margin", False), ("supervised", True)])
+                                     ("mlcr", False), ("large_margin", False), ("supervised", True),
+                                     ("pseudo_label", False), ("mean_teacher", False), ("fixmatch", False),
+                                     ("pseudo_label", True), ("mean_teacher", True), ("fixmatch", True)])
 def test_two_ranks_of_b_equal_one_process_of_2b(name, bn):
     """bn=True: the tiny backbone's BatchNorm layers with model.sync_bn (global-batch statistics)."""
-    single = update_grads(small_method(name, bn), global_batch(), cpu_rt())
+    one = small_method(name, bn)
+    single = update_grads(one, global_batch(), cpu_rt())
     ranks = run_ranks(_rank_update_grads, 2, name, bn)
+    if name in ("pseudo_label", "fixmatch"):  # the pseudo-labelled part took part, its monitors global
+        assert one.step_metrics()["mask_ratio"] > 0.5
+        assert all(r["state"] == pytest.approx(one.step_metrics()) for r in ranks)
     tol = dict(rtol=1e-4, atol=1e-6) if bn else dict(rtol=1e-9, atol=1e-12)  # float32 BatchNorm nets
     for r in ranks:
         for upd, want in single.items():
-            if upd == "buffers":
+            if upd in ("buffers", "state"):
                 continue
             assert any(np.abs(w).max() > 1e-6 for w in want)
             for got, w in zip(r[upd], want):

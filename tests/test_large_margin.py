@@ -170,12 +170,12 @@ def _rank_centroids(rank: int, world: int, update: str) -> dict:
     import torch.distributed as dist
 
     assert dist.get_world_size() == world == 2
-    return centroid_steps(tiny(centroid_update=update, balance_steps=2), rank, world)
+    return centroid_steps(tiny(centroid_update=update, balance="auto", balance_steps=2), rank, world)
 
 
 @pytest.mark.parametrize("update", ["running", "cumulative"])
 def test_centroids_from_two_ranks_equal_one_process_holding_both_batches(update):
-    single = centroid_steps(tiny(centroid_update=update, balance_steps=2))
+    single = centroid_steps(tiny(centroid_update=update, balance="auto", balance_steps=2))
     assert single["counts"].sum() == 3 * 16 and (single["counts"] > 0).sum() >= 2
     assert single["lambda_auto"] > 0 and single["lambda"][-1] == single["lambda_auto"] != 1.0  # measured, then fixed
     r0, r1 = run_ranks(_rank_centroids, 2, update)
@@ -217,13 +217,13 @@ def test_running_and_cumulative_updates_by_hand():
 
 
 def test_balance_rule_and_decay():
-    m = tiny(balance_steps=2, balance_ratio=0.8, lambda_s=2.0)
+    m = tiny(balance="auto", balance_steps=2, balance_ratio=0.8, lambda_s=2.0)
     seen = []
     for step in range(6):
         defined = int((m.counts > 0).sum()) >= 2  # L_M measured only with two seen classes (a push term)
         out = m.loss(global_batch(step), step)
         seen.append((out["supervised"].item(), out["margin_abs"].item(), m.lambda_m(step), defined,
-                     out["margin"].item()))
+                     out["margin"].item(), out["loss"].item()))
         m.after_step(global_batch(step), step)
     measured = [v for v in seen if v[3]][:2]
     assert len(measured) == 2 and not seen[0][3]
@@ -231,9 +231,11 @@ def test_balance_rule_and_decay():
     s = sum(v[0] for v in measured) / 2
     mm = sum(v[1] for v in measured) / 2  # the mean per-sample |term|, not |mean L_M|
     assert all(v[1] >= abs(v[4]) - 1e-12 for v in measured) and mm > 0
-    assert all(v[2] == 1.0 for v in seen[:last + 1])  # lambda_m until it is measured
+    assert all(v[2] == 0.0 for v in seen[:last + 1])  # lambda_4 = 0 while it is measured: L_S alone trains
+    assert all(v[5] == 2.0 * v[0] for v in seen[:last + 1]) and any(v[4] != 0 for v in measured)
+    assert seen[-1][5] == pytest.approx(2.0 * seen[-1][0] + float(m.lambda_auto) * seen[-1][4], rel=1e-12)
     assert float(m.lambda_auto) == pytest.approx(2.0 * s / (0.8 * mm), rel=1e-9) == seen[last + 1][2]
-    capped = tiny(balance_steps=1, balance_max=1e-3)
+    capped = tiny(balance="auto", balance_steps=1, balance_max=1e-3)
     centroid_steps(capped)
     assert float(capped.lambda_auto) == 1e-3
     d = tiny(balance="fixed", lambda_m=3.0, decay_steps=10)
@@ -241,7 +243,7 @@ def test_balance_rule_and_decay():
 
 
 def test_a_non_finite_step_in_the_balance_window_is_not_measured():
-    m = tiny(balance_steps=2)
+    m = tiny(balance="auto", balance_steps=2)
     m._balance([torch.tensor([float("nan"), 1.0], dtype=torch.float64)], defined=True)
     m._balance([torch.tensor([0.5, float("inf")], dtype=torch.float64)], defined=True)
     assert m.balance_sums.tolist() == [0.0, 0.0, 0.0] and not m.balanced()
@@ -252,9 +254,9 @@ def test_a_non_finite_step_in_the_balance_window_is_not_measured():
 
 
 def test_centroids_and_balance_survive_a_checkpoint():
-    m = tiny(balance_steps=1)
+    m = tiny(balance="auto", balance_steps=1)
     centroid_steps(m)
-    fresh = tiny(seed=3, balance_steps=1)
+    fresh = tiny(seed=3, balance="auto", balance_steps=1)
     fresh.load_state_dict(m.state_dict())
     assert torch.equal(fresh.centroids, m.centroids) and torch.equal(fresh.counts, m.counts)
     assert float(fresh.lambda_auto) == float(m.lambda_auto) > 0
@@ -327,14 +329,18 @@ def test_intensity_target_regresses_intensity_and_predicts_at_the_active_thresho
 
 
 # ---------------------------------------------------------------------------------------------------- runs
+def _args(tmp_path: Path, name: str, *extra: str) -> list[str]:
+    return [f"data.labelled=[{tmp_path.parent / 'bp4d'}]", "model.backbone=tiny", "data.image_size=32",
+            "data.m1=4", "data.m2=4", "data.workers=0", "data.eval_batch=8", "train.steps=5",
+            f"train.out={tmp_path}", f"train.name={name}", "train.progress=false", "train.log_every=1",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "method.name=large_margin",
+            "method.balance_steps=2", *extra]
+
+
 def _train(tmp_path: Path, name: str, *extra: str) -> Path:
     from ssau.train.commands import train
 
-    train(None, [f"data.labelled=[{tmp_path.parent / 'bp4d'}]", "model.backbone=tiny", "data.image_size=32",
-                 "data.m1=4", "data.m2=4", "data.workers=0", "data.eval_batch=8", "train.steps=5",
-                 f"train.out={tmp_path}", f"train.name={name}", "train.progress=false", "train.log_every=1",
-                 f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "method.name=large_margin",
-                 "method.balance_steps=2", *extra])
+    train(None, _args(tmp_path, name, *extra))
     return tmp_path / name
 
 
@@ -355,7 +361,7 @@ def _client(runs: Path):
 
 
 def test_au_run_logs_centroid_counts_shift_and_the_convergence_plot(local_corpora):
-    run = _train(local_corpora, "au", "data.label_drop=0.5")
+    run = _train(local_corpora, "au", "data.label_drop=0.5", "method.balance=auto")
     client, runs = _client(local_corpora)
     rid = runs[0].info.run_id
     shift = client.get_metric_history(rid, "train/state/shift")
@@ -370,8 +376,8 @@ def test_au_run_logs_centroid_counts_shift_and_the_convergence_plot(local_corpor
     arts = {a.path for a in client.list_artifacts(rid, "eval/step-0000005")}
     assert {"eval/step-0000005/centroids.csv", "eval/step-0000005/centroids.png"} <= arts
     lam = [m.value for m in client.get_metric_history(rid, "train/large_margin/lambda_m")]
-    k = next(i for i, v in enumerate(lam) if v != 1.0)  # measured over 2 steps after the first centroids
-    assert k in (3, 4) and all(v == lam[k] for v in lam[k:]) and all(v == 1.0 for v in lam[:k])
+    k = next(i for i, v in enumerate(lam) if v != 0.0)  # measured over 2 steps after the first centroids, at 0
+    assert k in (3, 4) and all(v == lam[k] for v in lam[k:]) and all(v == 0.0 for v in lam[:k])
     state = torch.load(run / "model.pt", weights_only=True)["method"]
     assert state["counts"].sum() == 5 * 8 and float(state["lambda_auto"]) == pytest.approx(lam[-1])
     assert "val/f1_mean" in runs[0].data.metrics
@@ -433,3 +439,105 @@ def test_the_expression_training_stream_never_reads_the_test_split(local_corpora
     it = iter(TrainStream(cfg))
     keys = {k for _ in range(12) for k in next(it).expr_keys}
     assert keys and all(k.startswith("train") for k in keys), keys
+
+
+# ---------------------------------------------------------------------------------------------------- warm start
+def test_a_run_started_from_a_lambda_0_checkpoint_resumes_its_centroids(local_corpora):
+    from ssau.data.stream import TrainStream
+    from ssau.train.trainer import Trainer
+
+    run = _train(local_corpora, "lm0", "method.lambda_m=0", "tracking.enabled=false", "data.fold=0")
+    ckpt = torch.load(run / "model.pt", weights_only=True)["method"]
+    assert ckpt["counts"].sum() == 5 * 4 and ckpt["centroids"].abs().sum() > 0  # 4 labelled images a step
+    for lam in ("0.05", "0"):
+        t = Trainer(load_run_config(None, _args(local_corpora, f"from-lm0-{lam}", f"train.init_from={run / 'model.pt'}",
+                                                f"method.lambda_m={lam}", "tracking.enabled=false",
+                                                "data.fold=0")))
+        m = t.method
+        assert torch.equal(m.centroids, ckpt["centroids"]) and torch.equal(m.counts, ckpt["counts"])
+        _, parts = t.train_step(iter(TrainStream(t.stream_cfg, 0, 1, t.trainset)))
+        # Step 1's L_M already ran against the loaded centroids: samples of seen classes count (none in a fresh run).
+        assert parts["train/large_margin/valid"] > 0 and parts["train/large_margin/margin"] != 0
+        assert parts["train/large_margin/lambda_m"] == float(lam)
+        assert m.counts.sum() == ckpt["counts"].sum() + 4  # counted on from the checkpoint's
+    fresh = Trainer(load_run_config(None, _args(local_corpora, "fresh", "tracking.enabled=false", "data.fold=0")))
+    assert fresh.method.counts.sum() == 0
+    _, parts = fresh.train_step(iter(TrainStream(fresh.stream_cfg, 0, 1, fresh.trainset)))
+    assert parts["train/large_margin/valid"] == 0 and parts["train/large_margin/margin"] == 0
+    # A run measures its own balance: setup clears a warm start's measurement, keeps its centroids.
+    measured = tiny(balance="auto", balance_steps=1)
+    centroid_steps(measured)
+    other = tiny(seed=3, balance="auto", balance_steps=1)
+    other.load_state_dict(measured.state_dict())
+    other.setup(None)
+    assert float(measured.lambda_auto) > 0 and float(other.lambda_auto) == 0 and not other.balance_sums.any()
+    assert torch.equal(other.centroids, measured.centroids) and not other.balanced()
+
+
+# ---------------------------------------------------------------------------------------------------- collapse
+def test_largest_share_is_the_global_batch_share_of_the_largest_pseudo_class():
+    m = tiny()
+    b = global_batch(0)
+    m.loss(b, 0)
+    cls = m._stash[0][1]
+    m.after_step(b, 0)
+    counts = torch.bincount(cls, minlength=len(m.classes)).double()
+    assert m.step_metrics()["largest_share"] == pytest.approx(float(counts.max() / counts.sum()), rel=1e-12)
+    assert [m.step_metrics()[f"count/{c}"] for c in m.classes] == counts.tolist()
+
+
+def test_the_collapse_warning_fires_once_on_a_collapsed_run_and_not_on_a_healthy_one(local_corpora, monkeypatch,
+                                                                                     capsys):
+    import ssau.methods.large_margin as lm
+
+    def run_of(name: str):
+        client, runs = _client(local_corpora)
+        (r,) = [r for r in runs if r.data.tags["run_dir"].endswith(f"/{name}")]
+        return r, {m.step: m.value for m in client.get_metric_history(r.info.run_id, "train/state/largest_share")}
+
+    capsys.readouterr()
+    monkeypatch.setattr(lm, "pseudo_classes", lambda a, w, neutral: torch.zeros(len(a), dtype=torch.long))
+    _train(local_corpora, "collapsed", "data.fold=0", "train.collapse_window=3")  # every image in one class
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("collapse warning")]
+    assert lines == [("collapse warning: large_margin's train/state/largest_share averages 1.000 over the 3 steps "
+                      "to step 3, above train.collapse_share 0.6")], err[-2000:]  # once the window is full, once
+    r, share = run_of("collapsed")
+    assert share == {s: 1.0 for s in range(1, 6)}
+    assert r.data.tags["collapse_warning"] == "largest_share=1.000 over steps 1-3"
+    # Healthy: images dealt round the 5 classes (4 labelled images a step: 1, 1, 1, 1, 0), a largest share of 0.25.
+    monkeypatch.setattr(lm, "pseudo_classes", lambda a, w, neutral: torch.arange(len(a)) % len(w))
+    _train(local_corpora, "healthy", "data.fold=0", "train.collapse_window=3")
+    assert "collapse warning" not in capsys.readouterr().err
+    r, share = run_of("healthy")
+    assert share == {s: 0.25 for s in range(1, 6)} and "collapse_warning" not in r.data.tags
+    # The limit is "above": a share of exactly train.collapse_share=1.0 does not warn.
+    monkeypatch.setattr(lm, "pseudo_classes", lambda a, w, neutral: torch.zeros(len(a), dtype=torch.long))
+    _train(local_corpora, "at-limit", "data.fold=0", "train.collapse_share=1.0", "train.collapse_window=2")
+    assert "collapse warning" not in capsys.readouterr().err
+    assert "collapse_warning" not in run_of("at-limit")[0].data.tags
+
+
+def test_collapse_share_must_be_a_share():
+    for bad in ("0", "1.5", "-0.1"):
+        with pytest.raises(ConfigError, match="train.collapse_share"):
+            load_run_config(None, ["data.labelled=[x]", f"train.collapse_share={bad}"])
+    assert load_run_config(None, ["data.labelled=[x]"]).train.collapse_share == 0.6
+
+
+def test_the_collapse_monitor_judges_a_window_not_a_step():
+    """A healthy but noisy share (mean 0.45, single steps above 0.6) and an untrained start (the first steps all in
+    one class) stay silent; a share that stays high warns once, when the window's mean passes the limit."""
+    import random
+
+    from ssau.train.monitor import CollapseMonitor
+
+    rng = random.Random(0)
+    noisy = CollapseMonitor(0.6, 50, "large_margin", main=False)
+    shares = [1.0] * 5 + [min(1.0, max(0.0, rng.gauss(0.45, 0.09))) for _ in range(995)]
+    assert max(shares[5:]) > 0.6  # single steps do cross the limit
+    assert [noisy.check({"largest_share": s}, i + 1) for i, s in enumerate(shares)] == [None] * 1000
+    collapsing = CollapseMonitor(0.6, 50, "large_margin", main=False)
+    fired = [(i, w) for i, s in enumerate([0.4] * 100 + [0.9] * 100) if (w := collapsing.check({"largest_share": s},
+                                                                                             i + 1))]
+    assert len(fired) == 1 and fired[0][0] in (119, 120) and fired[0][1][1] > 0.6  # 21 steps of 0.9: mean 0.61

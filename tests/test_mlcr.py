@@ -113,6 +113,38 @@ def test_gcn_identity_initialisation_reproduces_w0_and_random_does_not():
     assert torch.allclose(random(w0, adj), adj @ (x @ random.h1))
 
 
+def test_gcn_start_reproduces_w0_by_identity_or_fit_from_the_seeded_draw_whatever_was_loaded():
+    torch.manual_seed(1)
+    w0, adj = torch.randn(2, 5, 13), normalise_adjacency(torch.rand(5, 5) + torch.eye(5))
+    torch.manual_seed(7)
+    drawn = GCN(13, "random").h0.detach().clone()
+    got = {}
+    for init in ("identity", "fit", "random"):
+        torch.manual_seed(7)
+        g = GCN(13, init)
+        with torch.no_grad():  # what a warm start from another run's GCN would leave
+            g.h0.fill_(0.3)
+            g.h1.fill_(-0.2)
+        g.start(w0, adj)
+        got[init] = torch.stack([g(w, adj) for w in w0]).detach()
+        if init != "identity":
+            assert torch.equal(g.h0, drawn)  # Eq. 6 from the seeded draw, not from what was loaded
+    assert torch.equal(got["identity"], w0)  # exactly W^0 of each view, one GCN shared by both
+    assert (got["fit"] - w0).abs().max() < 1e-4 * w0.abs().max()  # 2J = 10 rows <= D+1 = 13: an exact fit
+    cos = torch.nn.functional.cosine_similarity(got["random"].flatten(1), w0.flatten(1))
+    assert cos.abs().max() < 0.5 and not torch.allclose(got["random"], w0, atol=0.1)  # a new classifier
+    # Too few columns for an exact fit (2J = 10 > D+1 = 4): the least-squares H1, which no nudge improves.
+    w, g = torch.randn(2, 5, 4), GCN(4, "fit")
+    g.start(w, adj)
+    err = lambda: (torch.stack([g(v, adj) for v in w]) - w).norm().item()  # noqa: E731
+    best, h1 = err(), g.h1.detach().clone()
+    assert best > 1e-3
+    for k in range(5):
+        with torch.no_grad():
+            g.h1.copy_(h1 + 1e-2 * torch.randn(4, 4, generator=torch.Generator().manual_seed(k)))
+        assert err() > best
+
+
 def test_twins_are_initialised_differently_and_predict_is_their_ensemble():
     torch.manual_seed(0)
     m = build_method(resolve_params({"name": "mlcr"}), BP4D, ModelConfig(backbone="tiny")).eval()
@@ -167,8 +199,11 @@ def test_stage_switch_groups_learning_rates_and_w0_through_resume(shards, tmp_pa
     assert s2["switched"] == 1
     for i in (0, 1):
         assert torch.equal(s2["w0"][i], torch.cat([s2[f"twins.{i}.head.weight"], s2[f"twins.{i}.head.bias"][:, None]], 1))
-    # Stage 2 (steps 3-4): the GCN and the backbones train; the stage-1 classifiers and W^0 stay.
-    assert not torch.equal(s2["gcn.h0"], s3["gcn.h0"]) and not torch.equal(s3["gcn.h1"], s4["gcn.h1"])
+    # Stage 2 (steps 3-4): the GCN and the backbones train; the stage-1 classifiers and W^0 stay. The GCN starts
+    # as the identity (H0 = I, H1 = 0: no gradient reaches H0 until H1 has moved, one step later).
+    assert torch.equal(s2["gcn.h0"], torch.eye(len(s2["gcn.h0"]))) and not s2["gcn.h1"].any()
+    assert torch.equal(s2["gcn.h0"], s3["gcn.h0"]) and not torch.equal(s2["gcn.h1"], s3["gcn.h1"])
+    assert not torch.equal(s3["gcn.h0"], s4["gcn.h0"]) and not torch.equal(s3["gcn.h1"], s4["gcn.h1"])
     assert not torch.equal(s2["twins.1.backbone.body.0.weight"], s3["twins.1.backbone.body.0.weight"])
     assert torch.equal(s2["twins.0.head.weight"], s4["twins.0.head.weight"]) and torch.equal(s2["w0"], s4["w0"])
     # Learning rates by stage (constant schedule): 1e-3 for the twins in stage 1, then 1e-4; the GCN at 1e-3.
@@ -195,6 +230,40 @@ def test_stage_switch_groups_learning_rates_and_w0_through_resume(shards, tmp_pa
     end = torch.load(resumed / "model.pt", weights_only=True)["method"]
     assert end["switched"] == 1 and torch.equal(end["w0"], s3["w0"])
     assert torch.equal(end["adj"], s4["adj"]) and not torch.equal(end["adj"], torch.eye(12))
+
+
+def test_stage2_warm_started_from_a_stage1_model_takes_w0_from_its_classifiers(shards, tmp_path):
+    from ssau.train.setup import load_run_config
+    from ssau.train.trainer import Trainer
+
+    off = ("tracking.enabled=false", "data.fold=0")
+    assert main(_args(shards, tmp_path, "s1", "method.stage2_steps=0", "train.steps=2", *off)) == 0
+    model = tmp_path / "s1" / "model.pt"
+    s1 = torch.load(model, weights_only=True)["method"]
+    heads = torch.stack([torch.cat([s1[f"twins.{i}.head.weight"], s1[f"twins.{i}.head.bias"][:, None]], 1)
+                         for i in (0, 1)])
+    stage2 = ("method.stage1_steps=0", "method.stage2_steps=2", "train.steps=2", f"train.init_from={model}", *off)
+    for init in ("identity", "fit", "random"):
+        t = Trainer(load_run_config(None, _args(shards, tmp_path, f"t-{init}", *stage2, f"method.gcn_init={init}")[1:]))
+        m = t.method
+        assert m.switched == 1 and torch.equal(m.w0, heads)  # the loaded classifiers, not this run's own init
+        assert not torch.equal(m.adj, torch.eye(12))  # the relation graph, computed after the warm start
+        gcn = torch.stack([m.gcn(w, m.adj) for w in m.w0]).detach()
+        if init == "identity":
+            assert torch.equal(gcn, heads)
+        elif init == "fit":
+            assert (gcn - heads).abs().max() < 1e-4 * heads.abs().max()
+        else:  # Eq. 6 from the seeded draw, not from the checkpoint's GCN (the identity: a zero classifier here)
+            assert torch.equal(s1["gcn.h0"], torch.eye(129)) and torch.equal(m.gcn.h0, m.gcn.drawn[0])
+            assert not torch.equal(m.gcn.h0, s1["gcn.h0"]) and gcn.abs().max() > 0.01
+    # Trained: the step-1 checkpoint still holds the loaded classifiers as W^0 and as the frozen heads.
+    assert main(_args(shards, tmp_path, "s2", *stage2, "train.seed=5")) == 0
+    after = _ckpt(tmp_path / "s2", 1)["method"]
+    assert torch.equal(after["w0"], heads) and torch.equal(after["twins.1.head.weight"], s1["twins.1.head.weight"])
+    # The control arm (the same steps without the GCN, from the same checkpoint) stays in stage 1 from the heads.
+    ctl = Trainer(load_run_config(None, _args(shards, tmp_path, "ctl", "method.stage1_steps=2", "method.stage2_steps=0",
+                                              "train.steps=2", f"train.init_from={model}", *off)[1:]))
+    assert ctl.method.switched == 0 and torch.equal(ctl.method.twins[0].weights().detach(), heads[0])
 
 
 def test_evaluation_logs_each_view_their_mean_and_inconsistency(shards, tmp_path):

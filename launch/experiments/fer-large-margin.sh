@@ -14,7 +14,7 @@ PY=${PY:-.venv/bin/python}
 SEEDS=${SEEDS:-0 1 2}
 for seed in $SEEDS; do
   for variant in ce lm; do
-    lam=$([ "$variant" = ce ] && echo "method.balance=fixed method.lambda_m=0" || echo "")
+    lam=$([ "$variant" = ce ] && echo "method.balance=fixed method.lambda_m=0" || echo "method.balance=auto")
     $SSAU train --config launch/recipes/compare-synthetic.yaml method.name=large_margin method.task=expression \
       $lam train.seed="$seed" train.name="fer-$variant-s$seed" train.resume=auto \
       tracking.experiment=fer-large-margin tracking.run_name="fer-$variant-s$seed" \

@@ -15,6 +15,9 @@ options of one method can be compared in the same grid.
 
 Under ``accelerate launch`` every rank runs every cell (the trainer's collectives need them all); only rank 0 talks
 to MLflow and writes the report, and its plan is broadcast.
+
+``--select-on val`` runs the grid scored on the AU validation split, never opening the held-out fold, and writes which
+label of each method scored best (ssau/compare/select.py); ``--settings-from`` gives that choice to the final grid.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pathlib import Path
 from ssau.compare.grid import (Cell, Grid, cell_config, digest, method_sections, parse_drops, parse_folds,
                                parse_methods, parse_seeds, same_section, settings, split_overrides)
 from ssau.compare.report import format_report, parent_metrics, summarize, write_artifacts
+from ssau.compare.select import NAMES, choose, format_selection, selection_doc, settings_overrides, write_selection
 from ssau.config import Config
 from ssau.dist.ranks import init_runtime
 from ssau.errors import ConfigError, UserError
@@ -107,9 +111,23 @@ def say(line: str) -> None:
 # ---------------------------------------------------------------------------------------------------- the command
 def compare(config: str | None, methods: str, seeds: str, drops: str, folds: str | None = None,
             baseline: str | None = None, warm: bool = False, warm_steps: int | None = None, dry_run: bool = False,
-            name: str | None = None, overrides: list[str] = ()) -> dict:
-    """Run (or, with ``dry_run``, plan and time) the grid; returns the parent's metrics (rank 0; {} elsewhere)."""
+            name: str | None = None, overrides: list[str] = (), select_on: str = "", select_metric: str = "",
+            selection: str | None = None, settings_from: str | None = None) -> dict:
+    """Run (or, with ``dry_run``, plan and time) the grid; returns the parent's metrics (rank 0; {} elsewhere).
+    ``select_on='val'``: every cell scored on the AU validation split, and the selection file written."""
     labels, seed_list, drop_list = parse_methods(methods), parse_seeds(seeds), parse_drops(drops)
+    if select_on not in ("", "val") or (select_metric or selection) and select_on != "val":
+        raise UserError("--select-on takes val; --select-metric and --selection go with --select-on val")
+    if select_metric and select_metric not in NAMES:
+        raise UserError(f"--select-metric: {select_metric!r} is not one of {', '.join(NAMES)}")
+    if select_on and any(x.partition("=")[0].strip() == "train.evaluate_on" for x in overrides):
+        raise UserError("--select-on val sets train.evaluate_on=val for every cell; drop the override")
+    notes = []
+    if settings_from:  # before the command line's own <label>.<key>=value, which win
+        chosen, notes = settings_overrides(settings_from, labels)
+        overrides = chosen + list(overrides)
+    if select_on:
+        overrides = list(overrides) + ["train.evaluate_on=val"]
     if baseline is None:
         baseline = "supervised" if "supervised" in labels else labels[0]
     elif baseline not in labels:
@@ -148,9 +166,13 @@ def compare(config: str | None, methods: str, seeds: str, drops: str, folds: str
     for c in cells:  # a finished cell of a named compare run with other method settings is not this grid's
         if c.id in plan["done"] and not same_section(plan["done"][c.id]["params"], sections[_label(c)]):
             raise UserError(f"compare {name}: cell {c.id} finished with other method settings; give another --name")
+    for line in notes if rt.main else ():
+        say(line)
     if dry_run:
         return _dry_run(cfg, grid, sections, cells, plan["done"], name, rt)
-    return _run(cfg, grid, sections, cells, plan, name, fixed, rt)
+    select = {"metric": select_metric or "f1", "per_label": per_label, "config": str(config or ""),
+              "path": Path(selection).resolve() if selection else None} if select_on else None
+    return _run(cfg, grid, sections, cells, plan, name, fixed, rt, select)
 
 
 def _label(cell: Cell) -> str:
@@ -172,7 +194,8 @@ def _start_parent(cfg: Config, grid: Grid, name: str, fixed: str, parent_id: str
                               "compare_seeds": ",".join(map(str, grid.seeds)),
                               "compare_label_drops": ",".join(f"{p:g}" for p in grid.drops),
                               "compare_folds": ",".join(map(str, grid.folds)),
-                              "compare_warm_start": f"{grid.warm_steps} steps" if grid.warm else "off"})
+                              "compare_warm_start": f"{grid.warm_steps} steps" if grid.warm else "off",
+                              "compare_evaluated_on": cfg.train.evaluate_on})
         except Exception as e:  # noqa: BLE001
             tracker, error = None, (f"tracking.uri: cannot start the parent run at {cfg.tracking.uri} "
                                     f"({(str(e) or type(e).__name__).splitlines()[0][:200]})")
@@ -182,7 +205,8 @@ def _start_parent(cfg: Config, grid: Grid, name: str, fixed: str, parent_id: str
     return tracker, parent_id
 
 
-def _run(cfg: Config, grid: Grid, sections: dict, cells: list[Cell], plan: dict, name: str, fixed: str, rt) -> dict:
+def _run(cfg: Config, grid: Grid, sections: dict, cells: list[Cell], plan: dict, name: str, fixed: str, rt,
+         select: dict | None = None) -> dict:
     tracker, parent_id = _start_parent(cfg, grid, name, fixed, plan["parent_id"], rt)
     done, warm_models, results, folder = plan["done"], {}, [], Path(cfg.train.out).resolve() / name / "compare"
     ran = 0
@@ -227,6 +251,12 @@ def _run(cfg: Config, grid: Grid, sections: dict, cells: list[Cell], plan: dict,
             return {}
         report = summarize(results, grid.methods, grid.drops, grid.baseline)
         paths, values = write_artifacts(report, folder), parent_metrics(report)
+        if select:  # the search's choice, beside the report (and an artifact of the parent)
+            meta = {"compare": name, "parent_run_id": tracker.run_id if tracker else "", "config": select["config"],
+                    "seeds": list(grid.seeds), "label_drops": list(grid.drops), "folds_held_out": list(grid.folds)}
+            doc = selection_doc(choose(report, select["metric"]), sections, select["per_label"], select["metric"], meta)
+            paths.append(write_selection(doc, folder / "selection.json"))  # logged: inside the run directory
+            chosen = write_selection(doc, select["path"]) if select["path"] else paths[-1]
         if tracker:
             # One value per (metric, step) is kept (ssau/tracking/tracker.py): a call that ran cells logs at a new step, a call
             # that ran none the same values at the last step (dropped as already logged)
@@ -236,6 +266,8 @@ def _run(cfg: Config, grid: Grid, sections: dict, cells: list[Cell], plan: dict,
                 tracker.log_artifact(path)
             tracker.end()
         print(format_report(report))
+        if select:
+            print(format_selection(doc, chosen))
         print(f"compare {name}: report in {folder}" + (f", parent MLflow run {tracker.run_id}" if tracker else ""))
         return values
     except BaseException as e:

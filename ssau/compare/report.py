@@ -23,10 +23,11 @@ from ssau.metrics import sample_std, standard_error
 METRICS = {"f1": "val/f1_mean", "auc": "val/auc_mean", "acc": "val/acc_mean", "marginal_gap": "val/marginal_gap",
            "conditional_gap": "val/conditional_gap"}
 # Reported only when a compared method logs them (MLCR): the mean of the views' F1 (a single-view method's is its
-# F1, so the paired difference to the baseline is defined) and the views' inconsistency rate.
-EXTRA = {"f1_views": "val/f1_views", "inconsistency": "val/inconsistency_mean"}
+# F1, so the paired difference to the baseline is defined) and the views' inconsistency rate; F1 at per-AU thresholds
+# chosen on the AU validation split (train.thresholds=val).
+EXTRA = {"f1_views": "val/f1_views", "inconsistency": "val/inconsistency_mean", "f1_valthr": "val/f1_valthr_mean"}
 HEADS = {"f1": "F1", "auc": "AUC", "acc": "Acc", "marginal_gap": "marginal gap", "conditional_gap": "cond. gap",
-         "f1_views": "F1 views", "inconsistency": "inconsistency"}
+         "f1_views": "F1 views", "inconsistency": "inconsistency", "f1_valthr": "F1 val-thr"}
 NAN = float("nan")
 
 

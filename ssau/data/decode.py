@@ -114,7 +114,12 @@ def _image(data: bytes, key: object, size: int) -> tuple[Image.Image, tuple[int,
     return img, (w, h), (img.width / (k * dw), img.height / (k * dh))
 
 
-def _load(sample: dict, size: int) -> tuple[Image.Image, dict, tuple[int, int], tuple[float, float]]:
+LABEL_FIELDS = ("aus", "occurrence", "mask", "intensity", "expression")
+
+
+def _load(sample: dict, size: int,
+          labels: bool = True) -> tuple[Image.Image, dict, tuple[int, int], tuple[float, float]]:
+    """``labels=False`` (an unlabelled source): the label fields are dropped unread, never checked."""
     key = sample.get("__key__")
     if "json" not in sample or "jpg" not in sample:
         raise DecodeError(f"{key}: sample has no {'json' if 'json' not in sample else 'jpg'} member")
@@ -122,6 +127,8 @@ def _load(sample: dict, size: int) -> tuple[Image.Image, dict, tuple[int, int], 
         meta = json.loads(sample["json"])
     except (ValueError, RecursionError) as e:  # RecursionError: json nested thousands deep
         raise DecodeError(f"{key}: json: {str(e)[:100]}") from e
+    if not labels and isinstance(meta, dict):
+        meta = {k: v for k, v in meta.items() if k not in LABEL_FIELDS}
     meta = check_meta(meta, key)
     try:
         img, stored, scale = _image(sample["jpg"], key, size)
@@ -195,10 +202,11 @@ class TrainSample:
     flipped: bool
 
 
-def decode_sample(sample: dict, size: int, rng: random.Random, flow: bool = False) -> TrainSample:
-    """Decode and augment one training sample; ``flow``: also read and transform its ``flow.npy``. The random
-    draws are the image's alone (crop, flip, jitter): the geometry adds none."""
-    img, meta, stored, scale = _load(sample, size)
+def decode_sample(sample: dict, size: int, rng: random.Random, flow: bool = False, labels: bool = True) -> TrainSample:
+    """Decode and augment one training sample; ``flow``: also read and transform its ``flow.npy``; ``labels=False``:
+    its label fields are dropped unread (an unlabelled source). The random draws are the image's alone (crop, flip,
+    jitter): the geometry adds none."""
+    img, meta, stored, scale = _load(sample, size, labels)
     key = sample.get("__key__")
     lm, lm_valid = _landmarks(meta, stored, key)
     grid = None

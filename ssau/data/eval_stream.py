@@ -3,6 +3,8 @@
 Evaluation (``eval_loader``): every sample of the chosen folds exactly once across all ranks. The global sample
 order comes from the parquet index; rank r takes a contiguous 1/world slice of it, and every rank yields the same
 number of batches (padding batches have ``valid`` all False), so collectives never hang on uneven shards.
+With ``keys`` (the AU validation split, ``train.evaluate_on=val``) only those samples of the chosen folds are scored,
+each exactly once: the index says which shard holds each, and only those shards are opened.
 
 Evaluation counts the samples it scored against the index (``EvalLoader.expected``); the caller decides what a shortfall means.
 """
@@ -18,9 +20,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ssau.data.decode import au_targets, decode_eval
-from ssau.data.sources import read_dataset
+from ssau.data.sources import index_batches, index_names, read_dataset
 from ssau.data.tario import SkipCounter, tar_samples
-from ssau.errors import DecodeError, SourceError
+from ssau.errors import ConfigError, DecodeError, SourceError
 
 
 @dataclass
@@ -34,40 +36,59 @@ class EvalBatch:
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
-def _eval_segments(dirs: tuple[str, ...], folds: tuple[int, ...] | None, world: int, split: str | None = None
-                   ) -> tuple[list[list[tuple[str, int, int]]], int]:
-    """-> (per rank: [(url, first offset, end offset)], total samples); ``split``: only that split's shards (the
-    expression corpus's test split). Every rank computes the same plan."""
-    order: list[tuple[str, int]] = []  # (url, samples in it) in global order
+def _keyed(d: str, folds: tuple[int, ...] | None, keys: frozenset[str]) -> list[tuple[str, int, tuple]]:
+    """[(url, count, its keys to score in index order)] of one directory: the shards of ``folds`` (by dataset.json
+    and by the index row both) that hold one of ``keys``, as the index places them."""
+    fold_of = {s["name"]: s["fold"] for s in read_dataset(d)["shards"]}
+    if "shard" not in index_names(d):
+        raise ConfigError(f"{Path(d) / 'index.parquet'}: no shard column, so the AU validation split cannot be found")
+    found: dict[str, list[str]] = {}
+    for b in index_batches(d, ["key", "fold", "subject", "shard"]):
+        t = b.to_pydict()
+        for key, fold, name in zip(t["key"], t["fold"], t["shard"]):
+            if key in keys and name in fold_of and fold_of[name] == fold and (folds is None or fold in folds):
+                found.setdefault(name, []).append(key)
+    return [(str(Path(d) / name), len(ks), tuple(ks)) for name, ks in found.items()]
+
+
+def _eval_segments(dirs: tuple[str, ...], folds: tuple[int, ...] | None, world: int, split: str | None = None,
+                   keys: frozenset[str] | None = None) -> tuple[list[list[tuple[str, int, int, tuple | None]]], int]:
+    """-> (per rank: [(url, first, end, keys)], total samples); ``split``: only that split's shards (the expression
+    corpus's test split); ``keys``: only those samples, ``first``/``end`` then index the segment's ``keys`` instead
+    of the shard's positions. Every rank computes the same plan."""
+    order: list[tuple[str, int, tuple | None]] = []  # (url, samples in it, its keys) in global order
     for d in dirs:
+        if keys is not None:
+            order += _keyed(d, folds, keys)
+            continue
         for s in read_dataset(d)["shards"]:
             if (folds is None or s["fold"] in folds) and s["samples"] and (split is None or s.get("split") == split):
-                order.append((str(Path(d) / s["name"]), s["samples"]))
-    total = sum(n for _, n in order)
+                order.append((str(Path(d) / s["name"]), s["samples"], None))
+    total = sum(n for _, n, _ in order)
     plans = []
     for r in range(world):
         lo, hi = total * r // world, total * (r + 1) // world
         segs, base = [], 0
-        for url, n in order:
+        for url, n, ks in order:
             a, b = max(lo, base), min(hi, base + n)
             if a < b:
-                segs.append((url, a - base, b - base))
+                segs.append((url, a - base, b - base, ks))
             base += n
         plans.append(segs)
     return plans, total
 
 
-def _split(segs: list[tuple[str, int, int]], parts: int) -> list[list[tuple[str, int, int]]]:
+def _split(segs: list[tuple], parts: int) -> list[list[tuple]]:
     """Cut a rank's segments into ``parts`` contiguous pieces of near-equal sample count (one per worker)."""
-    total = sum(b - a for _, a, b in segs)
+    total = sum(b - a for _, a, b, _ in segs)
     out = []
     for w in range(parts):
         lo, hi = total * w // parts, total * (w + 1) // parts
         piece, base = [], 0
-        for url, a, b in segs:
+        for url, a, b, ks in segs:
             x, y = max(lo, base), min(hi, base + b - a)
             if x < y:
-                piece.append((url, a + x - base, a + y - base))
+                piece.append((url, a + x - base, a + y - base, ks))
             base += b - a
         out.append(piece)
     return out
@@ -76,7 +97,7 @@ def _split(segs: list[tuple[str, int, int]], parts: int) -> list[list[tuple[str,
 class _EvalDataset(IterableDataset):
     _PROBLEMS = 5  # reasons kept per worker: enough to say what broke, bounded for a shard of garbage
 
-    def __init__(self, pieces: list[list[tuple[str, int, int]]], batch: int, size: int, aus: tuple[int, ...]):
+    def __init__(self, pieces: list[list[tuple]], batch: int, size: int, aus: tuple[int, ...]):
         self.pieces, self.batch, self.size, self.aus = pieces, batch, size, aus
 
     def __iter__(self) -> Iterator[dict]:
@@ -92,12 +113,13 @@ class _EvalDataset(IterableDataset):
             if noted <= self._PROBLEMS:
                 problems.append(text[:300])
 
-        for url, a, b in piece:
+        for url, a, b, keys in piece:
             bad, reached = SkipCounter(), 0
+            wanted = frozenset(keys[a:b]) if keys is not None else None  # by key: a..b index the segment's keys
             for pos, s in enumerate(tar_samples(url, bad)):
-                if pos >= b:
+                if wanted is None and pos >= b or wanted is not None and reached == len(wanted):
                     break
-                if pos < a:
+                if wanted is None and pos < a or wanted is not None and s["__key__"] not in wanted:
                     continue
                 reached += 1
                 try:
@@ -110,7 +132,10 @@ class _EvalDataset(IterableDataset):
                 if len(rows) == self.batch:
                     yield _collate_eval(rows) | {"problems": problems}
                     rows, problems = [], []
-            if reached < b - a:
+            if reached < b - a and wanted is not None:
+                note(f"{Path(url).name}: {b - a - reached} of its {b - a} samples to score not read ("
+                     + (bad.first or "the index lists keys the shard does not hold") + ")")
+            elif reached < b - a:
                 note(f"{Path(url).name}: samples {a + reached}-{b - 1} not read ("
                      + (bad.first or "the shard holds fewer samples than dataset.json lists") + ")")
         if rows:
@@ -126,20 +151,22 @@ def _collate_eval(rows: list) -> dict:
 
 
 class EvalLoader:
-    """Every sample of ``folds`` exactly once over all ranks; the same number of batches on every rank.
+    """Every sample of ``folds`` (with ``keys``: those samples of them) exactly once over all ranks; the same
+    number of batches on every rank.
 
-    ``expected`` is what the folds hold by dataset.json (all ranks together); after a pass, ``problems`` holds
+    ``expected`` is what the folds hold by dataset.json (with ``keys``: how many of them the index places in those
+    folds), all ranks together; after a pass, ``problems`` holds
     the first reasons this rank found for samples it could not score. A caller that gathers the valid rows of
     all ranks passes their number to ``finish``, so every rank takes the same decision.
     """
 
     def __init__(self, dirs: tuple[str, ...], folds: tuple[int, ...] | None, aus: tuple[int, ...],
                  batch_size: int = 64, image_size: int = 64, rank: int = 0, world: int = 1, workers: int = 1,
-                 split: str | None = None):
+                 split: str | None = None, keys: frozenset[str] | None = None):
         self.dirs, self.folds, self.aus, self.batch_size, self.image_size = dirs, folds, aus, batch_size, image_size
-        self.workers, self.split = workers, split
-        plans, self.expected = _eval_segments(dirs, folds, world, split)
-        self.target = eval_batches_per_rank(dirs, folds, batch_size, world, workers, split)  # the busiest rank's
+        self.workers, self.split, self.keys = workers, split, keys
+        plans, self.expected = _eval_segments(dirs, folds, world, split, keys)
+        self.target = _busiest(plans, batch_size, workers)  # the busiest rank's batches
         self.pieces = _split(plans[rank], max(1, workers))
         self.problems: list[str] = []
 
@@ -175,7 +202,8 @@ class EvalLoader:
         rank (``'warn'``); ``problems`` are the first reasons any rank found. Every rank passes the same count, so
         every rank raises, or none does."""
         if scored != self.expected:
-            what = (f"fold {','.join(map(str, self.folds))}" if self.folds else
+            what = ("the AU validation split" if self.keys is not None else
+                    f"fold {','.join(map(str, self.folds))}" if self.folds else
                     f"the {self.split} split" if self.split else "all folds")
             line = (f"evaluation of {what} of {', '.join(self.dirs)} scored {scored} of the {self.expected} samples "
                     f"dataset.json lists ({self.expected - scored} unreadable or missing); the first problem: "
@@ -189,15 +217,19 @@ class EvalLoader:
 
 def eval_loader(dirs: tuple[str, ...], folds: tuple[int, ...] | None, aus: tuple[int, ...], batch_size: int = 64,
                 image_size: int = 64, rank: int = 0, world: int = 1, workers: int = 1,
-                split: str | None = None) -> EvalLoader:
-    """Every sample of ``folds`` (and ``split``) exactly once over all ranks; the same number of batches on every
-    rank."""
-    return EvalLoader(dirs, folds, aus, batch_size, image_size, rank, world, workers, split)
+                split: str | None = None, keys: frozenset[str] | None = None) -> EvalLoader:
+    """Every sample of ``folds`` (and ``split``; with ``keys``, only those) exactly once over all ranks; the same
+    number of batches on every rank."""
+    return EvalLoader(dirs, folds, aus, batch_size, image_size, rank, world, workers, split, keys)
+
+
+def _busiest(plans: list[list[tuple]], batch_size: int, workers: int) -> int:
+    return max(sum(-(-sum(b - a for _, a, b, _ in p) // batch_size) for p in _split(segs, max(1, workers)))
+               for segs in plans)
 
 
 def eval_batches_per_rank(dirs: tuple[str, ...], folds: tuple[int, ...] | None, batch_size: int,
-                          world: int, workers: int, split: str | None = None) -> int:
+                          world: int, workers: int, split: str | None = None,
+                          keys: frozenset[str] | None = None) -> int:
     """The number of batches every rank yields (what the busiest rank has; the others pad up to it)."""
-    plans, _ = _eval_segments(dirs, folds, world, split)
-    return max(sum(-(-sum(b - a for _, a, b in p) // batch_size) for p in _split(segs, max(1, workers)))
-               for segs in plans)
+    return _busiest(_eval_segments(dirs, folds, world, split, keys)[0], batch_size, workers)

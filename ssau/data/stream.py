@@ -114,14 +114,19 @@ class _SourceDataset(IterableDataset):
     """Batches of one training source, built inside each DataLoader worker."""
 
     def __init__(self, shards: _SlotShards, batch: int, cfg: StreamConfig, aus: tuple[int, ...], kind: str,
-                 keep: Callable[[dict], bool] | None, dirs: list[str]):
+                 keep: Callable[[dict], bool] | None, dirs: list[str], unlabelled_keys: frozenset[str] = frozenset()):
         self.shards, self.batch, self.cfg, self.aus, self.kind, self.keep = shards, batch, cfg, aus, kind, keep
         self.what = f"{kind} source ({', '.join(dirs)})"
+        self.unlabelled_keys = unlabelled_keys  # images of subjects without labels (data.labelled_subjects)
 
     def _example(self, s: dict, rng: random.Random) -> tuple[TrainSample, tuple | None, int | None]:
         """(decoded sample, AU labels (targets, mask, intensity, intensity mask), expression) of one sample;
         DecodeError when it cannot be used."""
-        ex = decode_sample(s, self.cfg.image_size, rng, flow=self.cfg.flow and self.kind != "expression")
+        if self.kind == "labelled" and s["__key__"] in self.unlabelled_keys:  # the guard behind the filter, before
+            raise SourceError(f"{self.what}: {s['__key__']} belongs to a subject without labels "  # any decoding
+                              f"(data.labelled_subjects) yet reached the labelled stream")
+        ex = decode_sample(s, self.cfg.image_size, rng, flow=self.cfg.flow and self.kind != "expression",
+                           labels=self.kind != "unlabelled")
         if self.kind == "labelled":
             hidden = (hidden_aus(s["__key__"], self.aus, self.cfg.label_drop, self.cfg.split_seed)
                       if self.cfg.label_drop_mode == "au" else None)
@@ -265,17 +270,22 @@ class TrainStream:
             raise ValueError(f"label_drop {cfg.label_drop}: use a fraction in [0, 1)")
         self.cfg, self.rank, self.world = cfg, rank, world
         self.aus = resolve_aus(cfg)
-        image_drop = cfg.label_drop > 0 and cfg.label_drop_mode == "image"
-        if trainset is None and cfg.validation > 0:  # the trainer passes its own: one read of the index a run
-            trainset = TrainingSet.read(cfg)
+        if trainset is None and (cfg.validation > 0 or cfg.labelled_subjects):  # the trainer passes its own: one
+            trainset = TrainingSet.read(cfg)  # read of the index a run
         val_keys = frozenset(trainset.validation.keys) if trainset is not None else frozenset()
+        # Images whose labels are hidden (label drop in image mode, subjects without labels) stream as unlabelled.
+        hidden = trainset.hidden_images if trainset is not None else frozenset()
+        scarce = hidden if cfg.labelled_subjects else frozenset()
+        image_drop = (cfg.label_drop > 0 and cfg.label_drop_mode == "image") or bool(scarce)
+        dropped = (lambda k: k in hidden) if trainset is not None else (  # noqa: E731
+            lambda k: is_hidden(k, cfg.label_drop, cfg.split_seed))
 
         def keep_labelled(s: dict) -> bool:
-            return s["__key__"] not in val_keys and not (image_drop and is_hidden(s["__key__"], cfg.label_drop, cfg.split_seed))
+            return s["__key__"] not in val_keys and not (image_drop and dropped(s["__key__"]))
 
         self.sources: dict[str, IterableDataset] = {
             "labelled": self._source("labelled", cfg.labelled, cfg.m1,
-                                     keep_labelled if image_drop or val_keys else None)}
+                                     keep_labelled if image_drop or val_keys else None, scarce)}
         # The unlabelled source: unlabelled corpora, plus the labelled images whose labels were dropped (T2).
         unl_lists, unl_weights = self._lists(cfg.unlabelled) if cfg.unlabelled else ([], [])
         if image_drop:
@@ -286,7 +296,7 @@ class TrainStream:
             keep = None
             if image_drop:
                 labelled_urls = {u for urls in self._lists(cfg.labelled)[0] for u in urls}
-                keep = lambda s: s["__url__"] not in labelled_urls or is_hidden(s["__key__"], cfg.label_drop, cfg.split_seed)  # noqa: E731
+                keep = lambda s: s["__url__"] not in labelled_urls or dropped(s["__key__"])  # noqa: E731
             unl_dirs = list(cfg.unlabelled.dirs if cfg.unlabelled else ()) + (
                 [f"label-dropped images of {d}" for d in cfg.labelled.dirs] if image_drop else [])
             self.sources["unlabelled"] = _SourceDataset(
@@ -325,10 +335,10 @@ class TrainStream:
                                  f"training so that its images never leak into it)")
         return lists, weights
 
-    def _source(self, kind: str, src: SourceConfig, batch: int, keep) -> _SourceDataset:
+    def _source(self, kind: str, src: SourceConfig, batch: int, keep, unlabelled_keys=frozenset()) -> _SourceDataset:
         lists, weights = self._lists(src)
         return _SourceDataset(_SlotShards(lists, weights, self.cfg.seed, self.rank, self.world, kind),
-                              batch, self.cfg, self.aus, kind, keep, list(src.dirs))
+                              batch, self.cfg, self.aus, kind, keep, list(src.dirs), unlabelled_keys)
 
     def _next(self, kind: str, it: Iterator[dict]) -> dict:
         try:

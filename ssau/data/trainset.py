@@ -9,6 +9,14 @@ Label drop (the adversarial paper's T1/T2 split): ``label_drop=p`` hides the lab
 labelled training images - they stream as unlabelled - or, with ``label_drop_mode='au'``, hides single AU labels.
 Hiding is a hash of (split_seed, key[, AU]), the same on every rank, worker, epoch, initialisation seed and method.
 
+Label-scarce regime (``labelled_subjects``): K training subjects keep their labels (a fraction f: K = max(1,
+round(f n))), chosen by ``split_seed``: within each training fold subjects are ordered by hash(split_seed, directory,
+subject) (the directory's place in the list) and taken in turn from fold to fold (starting at a fold the seed
+picks), so the K spread over the folds. Every image of the other subjects is hidden like a label-dropped one (it
+streams as unlabelled); its label values are replaced by "unknown" as the index rows are read (the column is read,
+its values never kept or used) and never reach a tensor, a count or a stream: the labelled stream stops with a
+``SourceError`` should one of their images reach it, and the unlabelled stream drops every label field unread.
+
 AU validation set (MAL, Li & Shan Sec. 4.1.4): ``validation=f`` reserves, per (directory, subject), the
 ``max(1, round(f * n))`` images with the lowest hash(split_seed, key) among its n labelled training images with at
 least one label left known. Images without a subject (EmotioNet) form one group per directory.
@@ -23,6 +31,7 @@ import torch
 
 from ssau.aus import au_name
 from ssau.data.sources import StreamConfig, hidden_aus, index_batches, index_names, is_hidden, resolve_aus, unit_hash
+from ssau.errors import ConfigError
 
 
 @dataclass
@@ -47,12 +56,16 @@ class TrainingSet:
     validation: ValidationSplit
     label_drop_mode: str = "image"
     label_drop: float = 0.0
+    labelled_subjects: tuple[tuple[str, str], ...] = ()  # (directory, subject) keeping labels; () = all subjects
+    unlabelled_subjects: int = 0  # training subjects whose images stream as unlabelled (labelled_subjects set)
+    unlabelled_subject_images: int = 0  # their images
 
     @classmethod
     def read(cls, cfg: StreamConfig) -> "TrainingSet":
         aus = resolve_aus(cfg)
         cols = [au_name(a) for a in aus]
-        dirs, keys, subjects, folds, values = [], [], [], [], []
+        keep = _labelled_subjects(cfg)  # None: every subject keeps its labels
+        dirs, keys, subjects, folds, values, scarce = [], [], [], [], [], set()
         for d in cfg.labelled.dirs:
             present = [c for c in cols if c in index_names(d)]
             for b in index_batches(d, ["key", "fold", "subject"] + present):
@@ -60,24 +73,32 @@ class TrainingSet:
                 for i, key in enumerate(t["key"]):
                     if cfg.labelled.folds is not None and t["fold"][i] not in cfg.labelled.folds:
                         continue
+                    subject = t["subject"][i] or ""
                     dirs.append(str(d))
                     keys.append(key)
-                    subjects.append(t["subject"][i] or "")
+                    subjects.append(subject)
                     folds.append(int(t["fold"][i]))
-                    values.append([t[c][i] if c in t else -1 for c in cols])
+                    if keep is None or (str(d), subject) in keep:
+                        values.append([t[c][i] if c in t else -1 for c in cols])
+                    else:  # an unlabelled subject: its labels are dropped here, unread by anything after
+                        values.append([-1] * len(cols))
+                        scarce.add(key)
         v = torch.tensor(values, dtype=torch.float32).reshape(-1, len(aus))
         known = (v != -1).float()
         hidden_img = frozenset(k for k in keys if cfg.label_drop_mode == "image"
-                               and is_hidden(k, cfg.label_drop, cfg.split_seed))
+                               and is_hidden(k, cfg.label_drop, cfg.split_seed)) | scarce
         if cfg.label_drop_mode == "au" and cfg.label_drop > 0:
             hid = torch.tensor([hidden_aus(k, aus, cfg.label_drop, cfg.split_seed) for k in keys],
                                dtype=torch.bool).reshape(-1, len(aus))
         else:
-            hid = torch.tensor([k in hidden_img for k in keys], dtype=torch.bool).view(-1, 1).expand(-1, len(aus))
+            hid = torch.zeros(len(keys), len(aus), dtype=torch.bool)
+        hid |= torch.tensor([k in hidden_img for k in keys], dtype=torch.bool).view(-1, 1)
         visible = known * (~hid).float()
         ts = cls(aus, dirs, keys, subjects, folds, v.clamp_min(0), known, visible, hidden_img,
                  ValidationSplit([], torch.zeros(0, len(aus)), torch.zeros(0, len(aus)), 0),
-                 cfg.label_drop_mode, cfg.label_drop)
+                 cfg.label_drop_mode, cfg.label_drop, tuple(sorted(keep or ())),
+                 len({(d, s) for d, s in zip(dirs, subjects)} - (keep or set())) if keep is not None else 0,
+                 len(scarce))
         ts.validation = ts._validation(cfg.validation, cfg.split_seed)
         return ts
 
@@ -107,14 +128,48 @@ class TrainingSet:
         return self.targets[idx].reshape(-1, J), self.visible[idx].reshape(-1, J), [self.keys[i] for i in rows]
 
     def drop_report(self) -> dict:
-        """The fraction actually hidden, over the labelled training folds."""
-        images, labels = len(self.keys), int(self.known.sum())
-        hidden_labels = int((self.known - self.visible).sum())
+        """The fraction label drop actually hid, over the labelled training folds' images of subjects that keep
+        their labels (``hidden_images`` counts the images of subjects without labels too; ``unlabelled_subject_images``
+        those alone)."""
+        images, labels, scarce = len(self.keys), int(self.known.sum()), self.unlabelled_subject_images
+        hidden_labels = int((self.known - self.visible).sum())  # a subject without labels has none known
         hidden_images = len(self.hidden_images)
         return {"mode": self.label_drop_mode, "requested": self.label_drop, "images": images,
+                "labelled_subjects": len(self.labelled_subjects), "unlabelled_subjects": self.unlabelled_subjects,
+                "unlabelled_subject_images": scarce,
                 "hidden_images": hidden_images, "labels": labels, "hidden_labels": hidden_labels,
-                "fraction": (hidden_images / max(images, 1)) if self.label_drop_mode == "image"
+                "fraction": ((hidden_images - scarce) / max(images - scarce, 1)) if self.label_drop_mode == "image"
                 else hidden_labels / max(labels, 1)}
+
+
+def _labelled_subjects(cfg: StreamConfig) -> set[tuple[str, str]] | None:
+    """The (directory, subject) pairs that keep their labels under ``cfg.labelled_subjects`` (None: all). Reads only
+    the key, fold and subject columns. Balanced over folds: each fold's subjects in hash order, taken fold by fold."""
+    want = cfg.labelled_subjects
+    if not want:
+        return None
+    by_fold: dict[int, set[tuple[str, str]]] = defaultdict(set)
+    position = {str(d): i for i, d in enumerate(cfg.labelled.dirs)}  # the hash names a directory by its place in
+    for d in cfg.labelled.dirs:  # data.labelled, not its path: moved or copied shards keep their split
+        for b in index_batches(d, ["key", "fold", "subject"]):
+            t = b.to_pydict()
+            for fold, subject in zip(t["fold"], t["subject"]):
+                if cfg.labelled.folds is None or fold in cfg.labelled.folds:
+                    by_fold[int(fold)].add((str(d), subject or ""))
+    total = sum(map(len, by_fold.values()))
+    k = int(want) if want >= 1 else max(1, round(want * total))
+    if k > total:
+        raise ConfigError(f"data.labelled_subjects={want:g}: the training folds hold only {total} subjects")
+    order = lambda ds: unit_hash("labelled-subject", cfg.split_seed, position[ds[0]], ds[1])  # noqa: E731
+    queues = [sorted(by_fold[f], key=order, reverse=True) for f in sorted(by_fold)]
+    first = int(unit_hash("labelled-fold", cfg.split_seed) * len(queues))  # K < folds: the seed picks the folds too
+    queues = queues[first:] + queues[:first]
+    chosen: set[tuple[str, str]] = set()
+    while len(chosen) < k:
+        for q in queues:
+            if q and len(chosen) < k:
+                chosen.add(q.pop())
+    return chosen
 
 
 def label_drop_report(cfg: StreamConfig) -> dict:

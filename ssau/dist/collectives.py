@@ -57,7 +57,7 @@ def sum_across_ranks(t: torch.Tensor, differentiable: bool = False) -> torch.Ten
     return out
 
 
-def average_buffers(module: nn.Module, rt: Runtime) -> None:
+def average_buffers(module: nn.Module, rt: Runtime, skip: tuple[str, ...] = ()) -> None:
     """Floating buffers (BatchNorm statistics, centroids) averaged so that every rank holds the same state.
 
     BatchNorm running variances get the between-rank term too. Buffers are averaged after every step, so before
@@ -66,11 +66,13 @@ def average_buffers(module: nn.Module, rt: Runtime) -> None:
     mean_r(mu_r) - the average of M_r - and variance mean_r(v_r) + mean_r((mu_r - mu)^2) (law of total variance);
     since M_r - mean(M) = m (mu_r - mu), the missing term is mean_r((M_r - mean(M))^2) / m. Exact up to the n/(n-1)
     corrections of the per-rank variances; with ``model.sync_bn`` the statistics are global already (this adds 0).
-    A BatchNorm with momentum=None (cumulative average) gets plain averaging."""
+    A BatchNorm with momentum=None (cumulative average) gets plain averaging. Buffers named with a prefix in ``skip``
+    are equal on every rank by construction and left alone."""
     if rt.world == 1:
         return
     persistent = module.state_dict(keep_vars=True)  # non-persistent buffers (constants) need no averaging
-    bufs = [b for name, b in module.named_buffers() if b.is_floating_point() and name in persistent]
+    bufs = [b for name, b in module.named_buffers() if b.is_floating_point() and name in persistent
+            and not name.startswith(skip or ("\0",))]
     norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
              and m.track_running_stats and m.running_mean is not None and m.momentum]
     squares = [m.running_mean.detach().double() ** 2 for m in norms]  # for mean_r(M_r^2) - mean(M)^2

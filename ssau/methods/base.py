@@ -27,17 +27,24 @@ never touches loaders, devices, the accelerator, ranks or checkpoint files. It d
   (``predict_all`` returns both from one pass).
 - ``after_step(batch, step)``: state updated without gradients (centroids, banks), under ``torch.no_grad``;
   the trainer then averages floating-point buffers across ranks so every rank holds the same state.
-  ``step_metrics()``: numbers about that state after the step (centroid shift, class counts), logged as
-  ``train/state/<name>`` beside the losses; they must be the same on every rank (computed from global sums).
+  Buffers named in ``identical_buffers`` (Mean Teacher's EMA teacher, computed alike on every rank from the
+  averaged parameters) are left out of that averaging. ``step_metrics()``: numbers about that state after the
+  step (centroid shift, class counts), logged as ``train/state/<name>`` beside the losses; they must be the same
+  on every rank (computed from global sums).
+  A method that assigns images to classes or clusters reports ``largest_share`` (or ``<name>/largest_share``):
+  the largest one's share of the global batch's assignments; when its mean over ``train.collapse_window`` steps is
+  above ``train.collapse_share`` the trainer warns once per run (``ssau.train.monitor``).
 - ``predict(images) -> [B, J]`` AU probabilities, for evaluation. ``tasks()``: what evaluation scores, ``au``
   (the held-out fold, the default) and/or ``expression``: ``predict_expression(images) -> [B, C]`` class
   probabilities over EXPRESSIONS, scored on the expression corpus's test split (accuracy, mean class accuracy).
-- ``setup(info)``: called once before training with the training-set facts a method may need (the label bank of
-  known training AU vectors, AU list, expression classes, the AU validation set's labels).
+- ``setup(info)``: called once before training, after a warm start, with the training-set facts a method may need
+  (the label bank of known training AU vectors, AU list, expression classes, the AU validation set's labels, the
+  run's ``train.steps`` and ``train.seed``).
 - ``report()``: tables of what training saw (MAL: per-sample weights), gathered from all ranks at each evaluation
   and logged as CSV + histogram.
-- ``needs``: data a method cannot run without (``expression``, ``validation``); the config check names what is
-  missing before anything starts.
+- ``needs``: data a method cannot run without (``expression``, ``validation``, ``unlabelled``: the generic
+  semi-supervised baselines, which would otherwise train as ``supervised``); the config check names what is missing
+  before anything starts.
 
 How each paper's Algorithm 1 maps onto this:
 
@@ -124,6 +131,8 @@ class SetupInfo:
     expressions: int = 7
     validation_targets: torch.Tensor | None = None  # [K, J] the AU validation set's labels (data.validation > 0)
     validation_mask: torch.Tensor | None = None
+    steps: int = 0  # the run's train.steps (ramp-ups measured as a fraction of the run)
+    seed: int = 0  # the run's train.seed (per-image augmentation draws)
     extra: dict = field(default_factory=dict)
 
 
@@ -134,6 +143,8 @@ class Method(nn.Module, abc.ABC):
     Params: ClassVar[type]
     needs: ClassVar[tuple[str, ...]] = ()  # data the method cannot run without: "expression", "validation"
     uses: ClassVar[tuple[str, ...]] = ()  # data it reads when given: "unlabelled", "expression", "validation"
+    identical_buffers: ClassVar[tuple[str, ...]] = ()  # name prefixes of buffers every rank computes alike from the
+    # averaged parameters (Mean Teacher's EMA): the trainer does not average them across ranks
 
     def __init__(self, params, aus: tuple[int, ...]):
         super().__init__()

@@ -33,12 +33,24 @@ One update per step (group ``model``), loss lambda_3 L_S + lambda_4 L_M (Eq. 4, 
   batch's known labels (``supervised: bce`` as an option). ``target: intensity`` regresses intensity / 5 where the
   corpus codes it (DISFA: Batch.intensity); ``predict`` then maps the predicted intensity v onto [0, 1] piecewise
   linearly so that 0.5 falls at ``intensity_active`` (DISFA's active threshold, 2): F1 at 0.5 means v >= 2.
-- Balance: the paper picks lambda_3 L_S ~ 0.8 lambda_4 L_M, ill-posed when L_M < 0 (it is, whenever samples sit
-  nearer their own centroid than the others). ``balance: auto`` measures, on absolute values, the global batch's
-  |L_S| and mean per-sample |L_M term| (not |mean L_M|, which nears 0 while pull and push balance) over the first
-  ``balance_steps`` steps where L_M had two seen classes (lambda_4 = ``lambda_m`` meanwhile), then fixes lambda_4 =
-  lambda_3 |L_S| / (``balance_ratio`` |L_M|), capped at ``balance_max``, the same on every rank (a buffer,
-  checkpointed); ``fixed`` keeps ``lambda_m``. ``decay_steps`` > 0 decays lambda_4 linearly to 0 there (Sec. 3.3's option).
+- Balance: ``balance: fixed`` (default) keeps lambda_4 = ``lambda_m``, 0.05 by default: a hyper-parameter to choose
+  on the AU validation split (``data.validation``, ``ssau compare --select-on val``), never on the test fold. 0.05 is
+  where a toy with fixed features gained (F1 74.6 against 70.5 for lambda_4 = 0) while the ratio rule collapsed it
+  (38.4, one pseudo-class holding 65-80 % of the images; issue 22): with self-predicted classes nothing penalises
+  an empty class, so pulling every embedding to one centroid lowers L_M and flattens the head's input.
+  ``balance: auto`` is the paper's rule lambda_3 L_S ~ 0.8 lambda_4 L_M (Sec. 4.2), ill-posed when L_M < 0 (it is
+  whenever samples sit nearer their own centroid than the others); it measures, on absolute values, the global
+  batch's |L_S| and mean per-sample |L_M term| (not |mean L_M|, which nears 0 while pull and push balance) over the
+  first ``balance_steps`` steps where L_M had two seen classes, with lambda_4 = 0 meanwhile (measured at 1.0, L_M
+  shrank under its own weight while it was measured, and the rule fixed lambda_4 too high), then fixes
+  lambda_4 = lambda_3 |L_S| / (``balance_ratio`` |L_M|), capped at ``balance_max`` (``lambda_m`` when a measured mean
+  is 0), the same on every rank (a buffer, checkpointed). ``decay_steps`` > 0 decays lambda_4 linearly to 0 there
+  (Sec. 3.3's option).
+- Starting from the lambda_4 = 0 network (``train.init_from=<a lambda_m=0 run>/model.pt``): the warm start loads the
+  centroids and their counts (persistent buffers), so L_M acts from the first step against the centroids that
+  network's embeddings formed; ``setup`` clears the balance measurement, which each run makes for itself.
+- Collapse monitor: ``largest_share``, the largest pseudo-class's share of the global batch's assignments each step
+  (train/state/largest_share; the trainer warns once above ``train.collapse_share``).
 - FER variant (``task: expression``, Sec. 3.1): the decision layer has the 7 RAF-DB classes (softmax + CE on the
   expression stream, its train split; mutually exclusive, so the pseudo-class is the argmax). L_M runs on the
   expression images, the unlabelled faces and the labelled stream's images (the trainer always streams a labelled
@@ -65,7 +77,7 @@ from ssau.data.sources import read_dataset
 from ssau.dist.collectives import sum_across_ranks, world_size
 from ssau.errors import ConfigError
 from ssau.methods.backbones import build_backbone
-from ssau.methods.base import Group, Method, Update
+from ssau.methods.base import Group, Method, SetupInfo, Update
 from ssau.methods.parts import full_precision, global_mean
 
 EPS = 1e-12  # inside square roots: a distance's gradient at 0
@@ -86,8 +98,8 @@ class LargeMarginParams:
     centroid_update: Literal["running", "cumulative"] = "running"
     centroid_rate: float = 0.5  # running estimate's rate
     lambda_s: float = 1.0  # lambda_3
-    lambda_m: float = 1.0  # lambda_4 (under balance: auto, until it is measured)
-    balance: Literal["auto", "fixed"] = "auto"
+    lambda_m: float = 0.05  # lambda_4: choose it on the AU validation split (module docstring)
+    balance: Literal["fixed", "auto"] = "fixed"  # auto: the paper's ratio rule, measured with lambda_4 = 0
     balance_steps: int = 20
     balance_ratio: float = 0.8  # lambda_3 L_S = ratio * lambda_4 L_M (Sec. 4.2)
     balance_max: float = 1000.0  # the measured lambda_4's cap
@@ -200,6 +212,12 @@ class LargeMargin(Method):
                     raise ConfigError(f"data.expression: {d} has no test split to score the expression task on "
                                       f"(RAF-DB's test_* images)")
 
+    def setup(self, info: SetupInfo) -> None:
+        """A run measures its own balance: a warm start brings the centroids and counts, not the measurement
+        (``train.resume`` restores a run's own after this)."""
+        self.balance_sums.zero_()
+        self.lambda_auto.zero_()
+
     # ------------------------------------------------------------------------------------------------ network
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(embeddings x, decision-layer logits)."""
@@ -228,7 +246,10 @@ class LargeMargin(Method):
 
     def lambda_m(self, step: int) -> float:
         p = self.params
-        base = float(self.lambda_auto) if self.balanced() else p.lambda_m
+        if p.balance == "auto":  # 0 while the rule measures: L_M's size on a network it has not shaped yet
+            base = float(self.lambda_auto) if self.balanced() else 0.0
+        else:
+            base = p.lambda_m
         return base * max(0.0, 1 - step / p.decay_steps) if p.decay_steps else base
 
     def _supervised_au(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -310,7 +331,8 @@ class LargeMargin(Method):
         self.centroids.copy_(new.to(self.centroids.dtype))
         self.counts += n
         self._last = {"shift": float(shift[here & ~first].mean()) if (here & ~first).any() else 0.0,
-                      "seen": float((self.counts > 0).sum()), "lambda_m": self.lambda_m(step + 1)}
+                      "seen": float((self.counts > 0).sum()), "lambda_m": self.lambda_m(step + 1),
+                      "largest_share": float(n.max() / n.sum()) if n.sum() > 0 else 0.0}  # the collapse monitor
         for c, name in enumerate(self.classes):
             self._last[f"count/{name}"] = float(n[c])
             self._last[f"shift/{name}"] = float(shift[c])

@@ -47,9 +47,22 @@ gives them. The stage-1 classifiers get no gradient in stage 2.
   the label bank (training folds' known, not label-dropped labels) over images with both labels known; a
   conditional with no image is 0.5 (no link); the diagonal is 1 (Sec. 3.4); normalised as D^-1/2 A^T D^-1/2 with
   D = diag(row sums) (the code's gen_adj). A buffer (checkpointed): ``ssau eval`` needs no training set.
-- GCN initialisation: ``gcn_init: random`` (the code: uniform +-1/sqrt(D+1), Eq. 6 as written, so stage 2 starts
-  from a new classifier) or ``identity``: the residual form W^0 + A LeakyReLU(A W^0 H0) H1 with H0 = I and H1 = 0,
-  which reproduces W^0 exactly at the switch (stage 2 continues from stage 1's classifier).
+- GCN start, set at the switch (``GCN.start``, from the seeded draw whatever a warm start loaded): the paper says
+  the GCN fine-tunes the pre-trained classifiers (Sec. 3.4; 20 epochs, Sec. 4.1.2), so by default stage 2 starts
+  from W^0.
+  ``gcn_init: identity`` (default): the residual form W^0 + A LeakyReLU(A W^0 H0) H1 with H0 = I and H1 = 0,
+  which reproduces W^0 exactly. ``fit``: Eq. 6 as written, H0 the seeded draw and H1 the minimum-norm
+  least-squares solution of GCN(W^0_v) = W^0_v over both views (closed form, float64 on the CPU: deterministic
+  from rank-equal inputs, so every rank computes the same H1; exact up to float32 whenever the 2J rows of
+  A LeakyReLU(A W^0 H0) are independent, i.e. 2J <= D+1). ``random``: the code's uniform +-1/sqrt(D+1) draw in
+  Eq. 6 as written, so stage 2 starts from a new classifier (cosine ~0 with W^0, a fraction of its norm: with
+  lambda_cr = 100 pushing both views towards all-negative, a short stage 2 collapses; issue 22).
+- Continuing from a stage-1 checkpoint: ``method.stage1_steps=0 method.stage2_steps=N
+  train.init_from=<stage-1 run>/model.pt``. The warm start loads the twins before ``setup``, which then takes W^0
+  from the loaded classifiers (and starts the GCN from them). Its control arm is the same N steps without the GCN,
+  from the same checkpoint: ``stage1_steps=N stage2_steps=0`` (stage 1's loss, L_mv included, at stage 1's rates;
+  ``optim.groups.twins.lr`` matches stage 2's twin rate). ``setup`` starts any other run in stage 1, even from a
+  checkpoint that had switched.
 
 Prediction: ``predict`` returns the ensemble (the mean of the views' probabilities, Sec. 4.4); ``predict_views``
 gives each view, so evaluation also logs val/view1/*, val/view2/*, ``val/f1_views`` (the mean of the two views'
@@ -70,6 +83,7 @@ from ssau.data.batch import Batch
 from ssau.errors import ConfigError
 from ssau.methods.backbones import build_backbone
 from ssau.methods.base import Group, Method, SetupInfo, Update
+from ssau.dist.collectives import rank, sum_across_ranks
 from ssau.methods.parts import a_c_values, full_precision, global_mean, selective_mask
 
 CLAMP = 1e-3
@@ -87,14 +101,14 @@ class MLCRParams:
     stage2_steps: int = 250  # 0: no GCN stage
     stage2_twins_lr_scale: float = 0.1  # 1e-4 at optim.lr = 1e-3
     gcn_lr_scale: float = 1.0
-    gcn_init: Literal["random", "identity"] = "random"
+    gcn_init: Literal["identity", "fit", "random"] = "identity"  # the GCN at the switch (module docstring)
     labelled_pass: bool = False
 
     def __post_init__(self) -> None:
         if self.a_c_table not in ("auto", "bp4d", "emotionet", "default"):
             raise ConfigError(f"method.a_c_table: {self.a_c_table!r}; choose auto, bp4d, emotionet or default")
-        if self.gcn_init not in ("random", "identity"):
-            raise ConfigError(f"method.gcn_init: {self.gcn_init!r}; choose random or identity")
+        if self.gcn_init not in ("identity", "fit", "random"):
+            raise ConfigError(f"method.gcn_init: {self.gcn_init!r}; choose identity, fit or random")
         if not 0.0 < self.a_c_default <= 1.0:
             raise ConfigError(f"method.a_c_default: {self.a_c_default:g} is not in (0, 1]")
         if self.stage1_steps < 0 or self.stage2_steps < 0:
@@ -137,24 +151,45 @@ def multi_view_loss(w1: torch.Tensor, w2: torch.Tensor, absolute: bool) -> torch
 
 
 class GCN(nn.Module):
-    """Eq. 6: W^t = A LeakyReLU(A W^0 H0) H1 over the AU nodes (rows of W^0, [J, D+1]); see the module docstring
-    for ``identity``."""
+    """Eq. 6: W^t = A LeakyReLU(A W^0 H0) H1 over the AU nodes (rows of W^0, [J, D+1]); ``start`` sets its
+    starting point at the switch (``identity``, ``fit``, ``random``: the module docstring)."""
 
     def __init__(self, dim: int, init: str):
         super().__init__()
+        self.init = init
         self.h0, self.h1 = nn.Parameter(torch.empty(dim, dim)), nn.Parameter(torch.empty(dim, dim))
         self.residual = init == "identity"
-        if self.residual:
-            nn.init.eye_(self.h0)
-            nn.init.zeros_(self.h1)
-        else:
-            for h in (self.h0, self.h1):
-                nn.init.uniform_(h, -1 / math.sqrt(dim), 1 / math.sqrt(dim))
+        for h in (self.h0, self.h1):  # the code's draw, in every mode (one RNG stream whatever gcn_init)
+            nn.init.uniform_(h, -1 / math.sqrt(dim), 1 / math.sqrt(dim))
+        # The seeded draw, kept apart (not checkpointed, so no warm start replaces it): ``start`` begins from it.
+        self.register_buffer("drawn", torch.stack([self.h0.detach(), self.h1.detach()]).clone(), persistent=False)
+        self.start()
+
+    @staticmethod
+    def hidden(w0: torch.Tensor, adj: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+        """LeakyReLU_0.2(A W^0 H0): the first layer's output."""
+        return nn.functional.leaky_relu(adj @ (w0 @ h0), 0.2)
 
     def forward(self, w0: torch.Tensor, adj: torch.Tensor) -> torch.Tensor:
-        x = nn.functional.leaky_relu(adj @ (w0 @ self.h0), 0.2)
-        x = adj @ (x @ self.h1)
+        x = adj @ (self.hidden(w0, adj, self.h0) @ self.h1)
         return w0 + x if self.residual else x
+
+    @torch.no_grad()
+    def start(self, w0: torch.Tensor | None = None, adj: torch.Tensor | None = None) -> None:
+        """The GCN's starting point, from the seeded draw whatever a warm start loaded: ``identity`` H0 = I, H1 = 0;
+        ``random`` the draw; ``fit`` H0 the draw and H1 the minimum-norm least-squares solution of
+        GCN(W^0_v) = W^0_v over the views ``w0`` [V, J, D+1] (float64 on the CPU; rank 0's solution is sent to every
+        rank, since BLAS builds on other nodes may round differently and nothing would align the GCN again)."""
+        self.h0.copy_(self.drawn[0])
+        self.h1.copy_(self.drawn[1])
+        if self.init == "identity":
+            nn.init.eye_(self.h0)
+            nn.init.zeros_(self.h1)
+        elif self.init == "fit" and w0 is not None:
+            w, a, h0 = (t.detach().double().cpu() for t in (w0, adj, self.h0))
+            x = torch.cat([a @ self.hidden(v, a, h0) for v in w])  # [V J, D+1]
+            sol = torch.linalg.lstsq(x, w.flatten(0, 1), driver="gelsd").solution.to(self.h1)
+            self.h1.copy_(sum_across_ranks(sol if rank() == 0 else torch.zeros_like(sol)))
 
 
 class Twin(nn.Module):
@@ -199,16 +234,20 @@ class MLCR(Method):
         if self.params.stage2_steps:
             self.adj.copy_(normalise_adjacency(relation_matrix(info.label_bank, info.label_bank_mask)))
         if self.params.stage2_steps and self.params.stage1_steps == 0:
-            self.take_w0()  # straight into stage 2: W^0 are the initial classifiers
+            self.take_w0()  # straight into stage 2: W^0 are the classifiers as built or warm-started
+        else:  # a run starts in stage 1, whatever a warm start loaded (train.resume loads its state after this)
+            self.switched.zero_()
 
     # ------------------------------------------------------------------------------------------------ views
     def stage2(self, step: int) -> bool:
         return self.params.stage2_steps > 0 and step >= self.params.stage1_steps
 
     def take_w0(self) -> None:
+        """The switch: W^0 = the classifiers as they are now (stage 1's, or a warm start's), and the GCN's start."""
         with torch.no_grad():
             self.w0.copy_(torch.stack([t.weights() for t in self.twins]))
             self.switched.fill_(1.0)
+            self.gcn.start(self.w0, self.adj)
 
     def view_logits(self, images: torch.Tensor) -> list[torch.Tensor]:
         x = self.normalise(images)

@@ -8,10 +8,13 @@ from ssau.config import build
 from ssau.errors import ConfigError
 from ssau.methods.adversarial import Adversarial
 from ssau.methods.base import Method
+from ssau.methods.fixmatch import FixMatch
 from ssau.methods.large_margin import LargeMargin
 from ssau.methods.mal import MAL
+from ssau.methods.mean_teacher import MeanTeacher
 from ssau.methods.mlcr import MLCR
 from ssau.methods.mtl import MultiTask
+from ssau.methods.pseudo_label import PseudoLabel
 from ssau.methods.supervised import Supervised
 
 METHODS: dict[str, type[Method]] = {
@@ -21,6 +24,9 @@ METHODS: dict[str, type[Method]] = {
     MAL.name: MAL,
     MLCR.name: MLCR,
     LargeMargin.name: LargeMargin,
+    PseudoLabel.name: PseudoLabel,  # the field's generic semi-supervised baselines (USB's implementations)
+    MeanTeacher.name: MeanTeacher,
+    FixMatch.name: FixMatch,
 }
 
 

@@ -13,7 +13,7 @@ SETUP_PARAMS = ("data.labelled", "data.labelled_weights", "data.unlabelled_weigh
                 "data.shuffle_buffer", "data.eval_batch", "data.source_timeout", "data.eval_incomplete",
                 "train.log_every", "train.eval_every", "train.checkpoint_every", "train.out", "train.name",
                 "train.resume", "train.device", "train.channels_last", "train.rank_report", "train.progress",
-                "train.keep_checkpoints", "train.init_from", "tracking.")
+                "train.keep_checkpoints", "train.init_from", "train.collapse_share", "train.collapse_window", "tracking.")
 
 
 # Settings that mean nothing unless the method reads that data (supervised ignores m2), or the optimiser is that one.
@@ -25,8 +25,11 @@ def experiment_params(flat: dict, uses: tuple[str, ...]) -> dict:
     """The experimental choices of a flattened config, the params MLflow's compare view plots: no paths, workers
     or logging cadence, nothing the method does not read, momentum only for SGD and betas only for Adam(W)."""
     out = {}
+    # the AU validation split also decides what a run is scored on, or at which thresholds
+    scored_on_val = "val" in (flat.get("train.evaluate_on"), flat.get("train.thresholds"))
     for k, v in flat.items():
-        if k.startswith(SETUP_PARAMS) or (k in UNUSED_UNLESS and UNUSED_UNLESS[k] not in uses):
+        if k.startswith(SETUP_PARAMS) or (k in UNUSED_UNLESS and UNUSED_UNLESS[k] not in uses
+                                          and not (k == "data.validation" and scored_on_val)):
             continue
         if (k == "optim.momentum" and flat.get("optim.name") != "sgd") or \
                 (k == "optim.betas" and flat.get("optim.name") == "sgd") or \
@@ -50,7 +53,8 @@ def run_tags(cfg, world: int, run_dir: Path) -> dict:
     return {"method": cfg.method_name, "backbone": cfg.model.backbone, "fold": d.fold, "label_drop": d.label_drop,
             "seed": t.seed, "corpus": ",".join(read_dataset(x)["corpus"] for x in d.labelled), "world_size": world,
             "deepspeed": Path(t.deepspeed).name if t.deepspeed else "off", "run_dir": str(Path(run_dir).resolve()),
-            "warm_start": t.init_from or "none", **source_tags("ssau train"), **cfg.tracking.tags}
+            "warm_start": t.init_from or "none", "evaluated_on": t.evaluate_on, **source_tags("ssau train"),
+            **cfg.tracking.tags}
 
 
 def source_tags(command: str) -> dict:
@@ -101,6 +105,12 @@ def eval_metric_dict(m: dict, prefix: str = "val") -> dict[str, float]:
                 out[f"{prefix}/{k}"] = m[k]
         for name, v in m.get("inconsistency", {}).items():
             out[f"{prefix}/inconsistency/{name}"] = v
+    if "valthr" in m:  # train.thresholds=val: the fold at per-AU thresholds chosen on the AU validation split
+        v = m["valthr"]
+        out |= {f"{prefix}/f1_valthr_mean": v["f1_mean"], f"{prefix}/acc_valthr_mean": v["acc_mean"],
+                f"{prefix}/marginal_gap_valthr": v["marginal_gap"], f"{prefix}/threshold_samples": v["scored"]}
+        for name, a in v["per_au"].items():
+            out[f"{prefix}/f1_valthr/{name}"], out[f"{prefix}/threshold/{name}"] = a["f1"], v["thresholds"][name]
     for key in ("eval_scored", "eval_expected", "eval_skipped"):  # samples scored vs what the index lists
         if key in m:
             out[f"{prefix}/samples_{key.removeprefix('eval_')}"] = m[key]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ssau.config import Config, load_config
 from ssau.errors import ConfigError
-from ssau.methods.registry import METHODS, resolve_params
+from ssau.methods.registry import METHODS, resolve_params, scores_au
 
 
 def resolve_method(cfg: Config) -> Config:
@@ -28,6 +28,13 @@ def check_method(cfg: Config) -> Config:
         raise ConfigError(f"data.expression: method {name} needs an expression corpus (shard one with `ssau shard rafdb`)")
     if "validation" in needs and d.validation <= 0:
         raise ConfigError(f"data.validation: method {name} needs an AU validation fraction above 0 (the paper's: 0.02)")
+    unlabelled = d.unlabelled or (d.label_drop > 0 and d.label_drop_mode == "image") or d.labelled_subjects
+    if "unlabelled" in needs and not (unlabelled and d.m2 > 0):  # else it would quietly train as supervised
+        raise ConfigError(f"data.unlabelled: method {name} needs unlabelled images (data.unlabelled, image-mode label "
+                          f"drop or data.labelled_subjects) and data.m2 > 0")
+    for key, v in (("train.evaluate_on", cfg.train.evaluate_on), ("train.thresholds", cfg.train.thresholds)):
+        if v == "val" and not scores_au(cfg.method):  # the AU validation split serves the AU task only
+            raise ConfigError(f"{key}=val: method {name} as configured is scored on expressions, not AUs")
     METHODS[name].check(cfg)
     return cfg
 

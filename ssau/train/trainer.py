@@ -41,6 +41,7 @@ from ssau.tracking.journal import JOURNAL, journal_run_id
 from ssau.tracking.naming import eval_metric_dict, experiment_params, run_name, run_tags
 from ssau.tracking.tracker import Tracker
 from ssau.train.evaluate import evaluate_tasks
+from ssau.train.monitor import CollapseMonitor
 from ssau.train.optim import build_optimizer, check_group_names, group_config, lr_factor
 from ssau.train.setup import resolve_method
 from ssau.train.updates import Updates
@@ -77,7 +78,8 @@ class Trainer:
             tqdm.write(f"AU validation set: {len(self.validation.keys)} images from {self.validation.subjects} "
                        f"subjects, excluded from training ({len(bank)} training images remain)", file=sys.stderr)
         self.method.setup(SetupInfo(self.aus, bank, bank_mask, validation_targets=self.validation.targets,
-                                    validation_mask=self.validation.mask, extra={"trainset": self.trainset}))
+                                    validation_mask=self.validation.mask, steps=t.steps, seed=t.seed,
+                                    extra={"trainset": self.trainset}))
         broadcast_module(self.method, rt)
         self.groups = self.method.groups()
         check_groups(cfg.method_name, self.groups)
@@ -95,6 +97,7 @@ class Trainer:
         self.step, self.starts, self.skipped_samples, self.run_id = 0, 0, 0, ""
         self.tracker = None
         self._last_good = ""  # the newest checkpoint known complete (named when a run has to stop)
+        self.collapse = CollapseMonitor(t.collapse_share, t.collapse_window, cfg.method_name, rt.main)
 
     # ------------------------------------------------------------------------------------------------ building
     def _lr(self, group: str, step: int) -> float:
@@ -198,10 +201,10 @@ class Trainer:
             last = self.step == t.steps
             if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or last:
                 self.save_checkpoint()  # before evaluating: a damaged eval shard must not cost the step's state
-            if cfg.data.fold and ((t.eval_every and self.step % t.eval_every == 0) or last):
+            if (cfg.data.fold or t.evaluate_on == "val") and ((t.eval_every and self.step % t.eval_every == 0) or last):
                 metrics = self.evaluate()
                 self.method.train()
-            if last or (cfg.data.fold and t.eval_every and self.step % t.eval_every == 0):
+            if last or ((cfg.data.fold or t.evaluate_on == "val") and t.eval_every and self.step % t.eval_every == 0):
                 self._log_reports()
         bar.close()
         if t.rank_report:
@@ -222,9 +225,10 @@ class Trainer:
                     window[f"train/{upd.name}/{k}"] += v / upd.repeat
         with torch.no_grad():
             self.method.after_step(batch, self.step)
-        average_buffers(self.method, self.rt)
-        for k, v in self.method.step_metrics().items():
+        average_buffers(self.method, self.rt, type(self.method).identical_buffers)
+        for k, v in (state := self.method.step_metrics()).items():
             window[f"train/state/{k}"] += v
+        self.collapse.check(state, self.step + 1, self.tracker)  # warns once: a *largest_share over the limit
         for name, s in self.schedulers.items():
             if name not in self.engines:  # DeepSpeed engines step their own schedules
                 with warnings.catch_warnings():  # a group no update stepped yet (MLCR's GCN in stage 1)
@@ -249,8 +253,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Exact-once evaluation of the held-out fold over all ranks; metrics on rank 0 (others get {})."""
-        metrics = evaluate_tasks(self.method, self.cfg.data, self.aus, self.rt)
+        """Exact-once evaluation of the held-out fold or the AU validation split over all ranks; metrics on rank 0."""
+        metrics = evaluate_tasks(self.method, self.cfg.data, self.aus, self.rt, self.cfg.train,
+                                 self.validation, self.stream_cfg.labelled.folds)
         if self.rt.main and metrics and self.tracker:
             self.tracker.log_metrics(eval_metric_dict(metrics), self.step)
         return metrics
@@ -369,9 +374,12 @@ class Trainer:
             raise ConfigError(error)
         if self.tracker and fresh:  # a resumed run logged its params and config when it started
             self.tracker.log_params(experiment_params(flatten(to_dict(self.cfg)), type(self.method).uses))
-            self.tracker.log_inputs(dataset_inputs(self.stream_cfg))
+            self.tracker.log_inputs([i for i in dataset_inputs(self.stream_cfg) if self.cfg.train.evaluate_on == "fold"
+                                     or i["tags"]["mlflow.data.context"] != "eval"])  # val: the fold is not read
             self.tracker.log_metrics({"data/label_drop_fraction": self.drop["fraction"],
-                                      "data/hidden_images": self.drop["hidden_images"]}, 0)
+                                      "data/hidden_images": self.drop["hidden_images"]}
+                                     | ({"data/labelled_subjects": self.drop["labelled_subjects"]}
+                                        if self.drop["labelled_subjects"] else {}), 0)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg_path = self.run_dir / "config.yaml"
             atomic_write(cfg_path, yaml.safe_dump(to_dict(self.cfg), sort_keys=False).encode())

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Issue 22: a semi-supervised benchmark that can show an effect. The AU methods against the field's generic
+# semi-supervised baselines (USB's pseudo_label, mean_teacher, fixmatch) under one protocol, at two regimes:
+#   scarce  data.labelled_subjects=$K training subjects keep their labels; every frame of the other training
+#           subjects and a 21,000-face pool stream as unlabelled
+#   rich    every training subject labelled, label drop 0.5 (the adversarial paper's setting), the same pool
+# Steps (each resumes where it stopped: run the script again; STEPS_ONLY=<list> runs some of them):
+#   pool     render and shard the unlabelled pool (20,000 realistic faces, aligned to 64 px like the labelled ones)
+#   plateau  one supervised run per regime scored on the AU validation split every $EVERY steps: steps to plateau
+#   search   hyper-parameters chosen on the validation split (ssau compare --select-on val, 2 seeds), never fold 1
+#   final    the grid on fold 1 with the chosen settings, $SEEDS paired seeds
+# The report: docs/experiments/ssl-benchmark.md. Sizing (2 CPU cores): see there; BACKBONE, SIZE, STEPS, SEEDS, K and
+# ARMS override it. Needs `ssau demo --out demo` first (the labelled corpus, 41 subjects x 4 x 40 frames).
+set -euo pipefail
+SSAU=${SSAU:-.venv/bin/ssau}
+CONFIG=${CONFIG:-launch/recipes/ssl-benchmark.yaml}
+DEMO=${DEMO:-demo}
+BACKBONE=${BACKBONE:-resnet18}
+STEPS=${STEPS:-1000}
+EVERY=${EVERY:-100}
+SEEDS=${SEEDS:-0-4}
+K=${K:-4}
+ARMS=${ARMS:-supervised,supervised-sel,pseudo_label,mean_teacher,fixmatch,adversarial,mlcr,large_margin}
+STEPS_ONLY=${STEPS_ONLY:-pool,plateau,search,final}
+OUT=${OUT:-runs/ssl-benchmark}
+COMMON=(--config "$CONFIG" "data.labelled=[$DEMO/shards/bp4d]" "data.unlabelled=[$DEMO/shards/pool,$DEMO/shards/folder]"
+        "model.backbone=$BACKBONE" "train.steps=$STEPS" "train.out=$OUT")
+# Arms that differ in one thing: supervised-sel is supervised with MLCR's selective loss (MLCR's ablation baseline);
+# mlcr runs its last quarter as stage 2 from the identity GCN; large_margin its fixed lambda_4 (searched below).
+ARM_SETTINGS=(supervised-sel.loss=selective "mlcr.stage1_steps=$((STEPS * 3 / 4))" "mlcr.stage2_steps=$((STEPS / 4))")
+declare -A REGIME=([scarce]="--label-drop 0 data.labelled_subjects=$K" [rich]="--label-drop 0.5")
+run() { [[ ",$STEPS_ONLY," == *",$1,"* ]]; }
+
+if run pool && [ ! -f "$DEMO/shards/pool/dataset.json" ]; then
+  $SSAU synth --out "$DEMO/pool" --style realistic --subjects 1 --tasks 1 --frames 1 --expression-images 0 \
+    --unlabelled 20000 --size 128 --seed 7
+  $SSAU shard folder --images "$DEMO/pool/unlabelled" --out "$DEMO/shards/pool" --align 64 --shard-size 500
+fi
+
+for regime in scarce rich; do
+  read -r -a R <<< "${REGIME[$regime]}"
+  drop=${R[1]}
+  extra=("${R[@]:2}")
+  if run plateau; then  # the supervised baseline's validation F1/AUC every $EVERY steps (train/... and val/...)
+    $SSAU train --config "$CONFIG" "data.labelled=[$DEMO/shards/bp4d]" "model.backbone=$BACKBONE" \
+      "train.steps=$STEPS" "train.eval_every=$EVERY" train.evaluate_on=val "train.out=$OUT" \
+      "train.name=plateau-$regime" train.resume=auto "data.label_drop=$drop" "${extra[@]}" "$@"
+  fi
+  if run search; then  # the settings a paper leaves to the user, on the validation split (2 seeds)
+    $SSAU compare "${COMMON[@]}" --name "ssl-search-$regime" --select-on val --seeds 0-1 --label-drop "$drop" \
+      --selection "$OUT/selection-$regime.json" \
+      --methods pseudo_label,pseudo_label-t80,fixmatch,fixmatch-t80,mean_teacher,mean_teacher-w10,large_margin,large_margin-l01,large_margin-l20 \
+      pseudo_label-t80.p_cutoff=0.8 fixmatch-t80.p_cutoff=0.8 mean_teacher-w10.lambda_u=10 \
+      large_margin-l01.lambda_m=0.01 large_margin-l20.lambda_m=0.2 "${extra[@]}" "$@"
+  fi
+  if run final; then
+    $SSAU compare "${COMMON[@]}" --name "ssl-$regime" --methods "$ARMS" --seeds "$SEEDS" --label-drop "$drop" \
+      --settings-from "$OUT/selection-$regime.json" "${ARM_SETTINGS[@]}" "${extra[@]}" "$@"
+  fi
+done
