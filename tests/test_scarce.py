@@ -132,6 +132,8 @@ def test_no_label_of_a_subject_without_labels_is_read(shards, tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("ssau").experiment_id])
     assert run.data.metrics["data/labelled_subjects"] == 2 and run.data.metrics["data/hidden_images"] == 24
+    assert run.data.params["data.labelled_subjects"] == "2.0"  # a param to compare runs by (data.labelled is not)
+    assert "data.labelled" not in run.data.params and "train.collapse_window" not in run.data.params
 
 
 def _json_members(tar: Path):

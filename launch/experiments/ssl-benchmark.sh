@@ -9,22 +9,32 @@
 #   plateau  one supervised run per regime scored on the AU validation split every $EVERY steps: steps to plateau
 #   search   hyper-parameters chosen on the validation split (ssau compare --select-on val, 2 seeds), never fold 1
 #   final    the grid on fold 1 with the chosen settings, $SEEDS paired seeds
-# The report: docs/experiments/ssl-benchmark.md. Sizing (2 CPU cores): see there; BACKBONE, SIZE, STEPS, SEEDS, K and
-# ARMS override it. Needs `ssau demo --out demo` first (the labelled corpus, 41 subjects x 4 x 40 frames).
+# The report: docs/experiments/ssl-benchmark.md (attempts run so far, their exact commands, what each showed).
+# Sizing for a 2-core machine (ResNet-18, 64 px, m1 = 16 + m2 = 32): a supervised step 0.24 s, pseudo_label 0.43,
+# mean_teacher 0.51, fixmatch 0.57 (measured on an idle machine: never run tests beside it, oversubscribed cores made
+# steps 10x slower); the generic arms' final grid is about 16 minutes per seed, the whole script many hours.
+# BACKBONE, WARM_STEPS, STEPS, SEEDS, K, ARMS, SEARCH and WARM override it. Needs `ssau demo --out demo` first (the
+# labelled corpus, 41 subjects x 4 x 40 frames).
 set -euo pipefail
 SSAU=${SSAU:-.venv/bin/ssau}
 CONFIG=${CONFIG:-launch/recipes/ssl-benchmark.yaml}
 DEMO=${DEMO:-demo}
 BACKBONE=${BACKBONE:-resnet18}
-STEPS=${STEPS:-1000}
+WARM_STEPS=${WARM_STEPS:-600}  # the supervised run every arm starts from (its validation plateau, measured)
+STEPS=${STEPS:-400}  # each arm's steps after it
 EVERY=${EVERY:-100}
 SEEDS=${SEEDS:-0-4}
 K=${K:-4}
 ARMS=${ARMS:-supervised,supervised-sel,pseudo_label,mean_teacher,fixmatch,adversarial,mlcr,large_margin}
+SEARCH=${SEARCH:-pseudo_label,pseudo_label-t80,fixmatch,fixmatch-t80,mean_teacher,mean_teacher-w10,mean_teacher-e99,large_margin,large_margin-l01,large_margin-l20}
+WARM=${WARM:---warm-start --warm-steps $WARM_STEPS}  # every arm continues from one supervised run per seed (WARM= :
+# from scratch; MLCR's twins and large margin's embedding have no supervised counterpart and start fresh)
 STEPS_ONLY=${STEPS_ONLY:-pool,plateau,search,final}
 OUT=${OUT:-runs/ssl-benchmark}
-COMMON=(--config "$CONFIG" "data.labelled=[$DEMO/shards/bp4d]" "data.unlabelled=[$DEMO/shards/pool,$DEMO/shards/folder]"
-        "model.backbone=$BACKBONE" "train.steps=$STEPS" "train.out=$OUT")
+DATA=("data.labelled=[$DEMO/shards/bp4d]" "data.unlabelled=[$DEMO/shards/pool,$DEMO/shards/folder]"
+      "model.backbone=$BACKBONE" "train.steps=$STEPS" "train.out=$OUT")
+# mal is left out of ARMS by default: it needs data.expression, and an expression corpus in the config streams into
+# every cell (ARMS=...,mal plus data.expression=[$DEMO/shards/rafdb] adds it, at that cost to every arm).
 # Arms that differ in one thing: supervised-sel is supervised with MLCR's selective loss (MLCR's ablation baseline);
 # mlcr runs its last quarter as stage 2 from the identity GCN; large_margin its fixed lambda_4 (searched below).
 ARM_SETTINGS=(supervised-sel.loss=selective "mlcr.stage1_steps=$((STEPS * 3 / 4))" "mlcr.stage2_steps=$((STEPS / 4))")
@@ -42,19 +52,19 @@ for regime in scarce rich; do
   drop=${R[1]}
   extra=("${R[@]:2}")
   if run plateau; then  # the supervised baseline's validation F1/AUC every $EVERY steps (train/... and val/...)
-    $SSAU train --config "$CONFIG" "data.labelled=[$DEMO/shards/bp4d]" "model.backbone=$BACKBONE" \
-      "train.steps=$STEPS" "train.eval_every=$EVERY" train.evaluate_on=val "train.out=$OUT" \
-      "train.name=plateau-$regime" train.resume=auto "data.label_drop=$drop" "${extra[@]}" "$@"
+    $SSAU train --config "$CONFIG" "${DATA[@]}" "train.steps=$((2 * WARM_STEPS))" "train.eval_every=$EVERY" \
+      train.evaluate_on=val "train.name=plateau-$regime" train.resume=auto "data.label_drop=$drop" "${extra[@]}" "$@"
   fi
   if run search; then  # the settings a paper leaves to the user, on the validation split (2 seeds)
-    $SSAU compare "${COMMON[@]}" --name "ssl-search-$regime" --select-on val --seeds 0-1 --label-drop "$drop" \
-      --selection "$OUT/selection-$regime.json" \
-      --methods pseudo_label,pseudo_label-t80,fixmatch,fixmatch-t80,mean_teacher,mean_teacher-w10,large_margin,large_margin-l01,large_margin-l20 \
-      pseudo_label-t80.p_cutoff=0.8 fixmatch-t80.p_cutoff=0.8 mean_teacher-w10.lambda_u=10 \
+    # (ssau compare's options first: its key=value overrides are one block at the end)
+    $SSAU compare --config "$CONFIG" --name "ssl-search-$regime" --select-on val --seeds 0-1 --label-drop "$drop" \
+      --selection "$OUT/selection-$regime.json" --methods "$SEARCH" "${DATA[@]}" \
+      pseudo_label-t80.p_cutoff=0.8 fixmatch-t80.p_cutoff=0.8 mean_teacher-w10.lambda_u=10 mean_teacher-e99.ema=0.99 \
       large_margin-l01.lambda_m=0.01 large_margin-l20.lambda_m=0.2 "${extra[@]}" "$@"
   fi
   if run final; then
-    $SSAU compare "${COMMON[@]}" --name "ssl-$regime" --methods "$ARMS" --seeds "$SEEDS" --label-drop "$drop" \
-      --settings-from "$OUT/selection-$regime.json" "${ARM_SETTINGS[@]}" "${extra[@]}" "$@"
+    $SSAU compare --config "$CONFIG" --name "ssl-$regime" --methods "$ARMS" --seeds "$SEEDS" --label-drop "$drop" \
+      --settings-from "$OUT/selection-$regime.json" $WARM "${DATA[@]}" train.thresholds=val "${ARM_SETTINGS[@]}" \
+      "${extra[@]}" "$@"
   fi
 done

@@ -21,6 +21,12 @@ UNUSED_UNLESS = {"data.m2": "unlabelled", "data.unlabelled": "unlabelled", "data
                  "data.validation": "validation", "data.val_batch": "validation"}
 
 
+def _is_setup(key: str) -> bool:
+    """A key of SETUP_PARAMS, or under one of its sections (``tracking.``): whole keys, so that data.labelled does
+    not take data.labelled_subjects with it."""
+    return key in SETUP_PARAMS or any(key.startswith(p) for p in SETUP_PARAMS if p.endswith("."))
+
+
 def experiment_params(flat: dict, uses: tuple[str, ...]) -> dict:
     """The experimental choices of a flattened config, the params MLflow's compare view plots: no paths, workers
     or logging cadence, nothing the method does not read, momentum only for SGD and betas only for Adam(W)."""
@@ -28,7 +34,7 @@ def experiment_params(flat: dict, uses: tuple[str, ...]) -> dict:
     # the AU validation split also decides what a run is scored on, or at which thresholds
     scored_on_val = "val" in (flat.get("train.evaluate_on"), flat.get("train.thresholds"))
     for k, v in flat.items():
-        if k.startswith(SETUP_PARAMS) or (k in UNUSED_UNLESS and UNUSED_UNLESS[k] not in uses
+        if _is_setup(k) or (k in UNUSED_UNLESS and UNUSED_UNLESS[k] not in uses
                                           and not (k == "data.validation" and scored_on_val)):
             continue
         if (k == "optim.momentum" and flat.get("optim.name") != "sgd") or \
