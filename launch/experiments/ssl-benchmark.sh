@@ -10,9 +10,10 @@
 #   search   hyper-parameters chosen on the validation split (ssau compare --select-on val, 2 seeds), never fold 1
 #   final    the grid on fold 1 with the chosen settings, $SEEDS paired seeds
 # The report: docs/experiments/ssl-benchmark.md (attempts run so far, their exact commands, what each showed).
-# Sizing for a 2-core machine (ResNet-18, 64 px, m1 = 16 + m2 = 32): a supervised step 0.24 s, pseudo_label 0.43,
-# mean_teacher 0.51, fixmatch 0.57 (measured on an idle machine: never run tests beside it, oversubscribed cores made
-# steps 10x slower); the generic arms' final grid is about 16 minutes per seed, the whole script many hours.
+# Sizing for a 2-core machine (ResNet-18, 64 px, m1 = 16 + m2 = 32; python -m ssau.bench.ssl_steps): a supervised
+# step 0.28 s, pseudo_label 0.46, mean_teacher 0.52, fixmatch 0.56 (on an idle machine: never run tests beside it,
+# oversubscribed cores made steps 10x slower); the generic arms' final grid is about 16 minutes per seed, the whole
+# script many hours.
 # BACKBONE, WARM_STEPS, STEPS, SEEDS, K, ARMS, SEARCH and WARM override it. Needs `ssau demo --out demo` first (the
 # labelled corpus, 41 subjects x 4 x 40 frames).
 set -euo pipefail
