@@ -32,8 +32,7 @@ from ssau.config import ModelConfig
 from ssau.data.batch import Batch
 from ssau.errors import ConfigError
 from ssau.methods.augment import strong
-from ssau.methods.parts import (confident_targets, cutoffs, full_precision, global_mean, masked_bce,
-                               pseudo_label_stats, selective_mask)
+from ssau.methods.parts import confident_targets, cutoffs, full_precision, global_mean, pseudo_label_stats
 from ssau.methods.supervised import Supervised, SupervisedParams
 
 
@@ -72,8 +71,7 @@ class FixMatch(Supervised):
         views = strong(batch.unlabelled, batch.unlabelled_keys, self.seed, step, self.params.n_ops, self.params.cutout)
         logits = full_precision(self.logits(torch.cat([batch.images, batch.unlabelled, views])))
         lab, weak_logits, strong_logits = logits[:n], logits[n:n + u], logits[n + u:]
-        mask = selective_mask(batch.targets, batch.mask, self.a_c) if self.params.loss == "selective" else batch.mask
-        sup = masked_bce(lab, batch.targets, mask, self.pos_w if self.params.pos_weight else None)
+        sup = self.labelled_loss(lab, batch)
         targets, conf = confident_targets(torch.sigmoid(weak_logits.detach()), self.cutoff)
         per = torch.nn.functional.binary_cross_entropy_with_logits(strong_logits, targets, reduction="none") * conf
         unsup = global_mean(per.sum(), torch.tensor(float(per.numel()), device=per.device))

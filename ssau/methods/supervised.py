@@ -59,6 +59,11 @@ class Supervised(AUClassifier):
         return [Update("supervised", "model", self.loss)]
 
     def loss(self, batch: Batch, step: int) -> dict:
-        mask = selective_mask(batch.targets, batch.mask, self.a_c) if self.params.loss == "selective" else batch.mask
-        bce = masked_bce(self.logits(batch.images), batch.targets, mask, self.pos_w if self.params.pos_weight else None)
+        bce = self.labelled_loss(self.logits(batch.images), batch)
         return {"loss": bce, "bce": bce.detach()}
+
+    def labelled_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The masked BCE of the labelled images' ``logits`` (``loss=selective``: MLCR's Eq. 2 mask), which the
+        semi-supervised baselines built on this class share."""
+        mask = selective_mask(batch.targets, batch.mask, self.a_c) if self.params.loss == "selective" else batch.mask
+        return masked_bce(logits, batch.targets, mask, self.pos_w if self.params.pos_weight else None)
