@@ -25,7 +25,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/corpora.py, helpers.py, ranks.py, nets.py
 
-from corpora import shard_bp4d, shard_rafdb  # noqa: E402
+from corpora import shard_bp4d, shard_bp4d_flow, shard_rafdb  # noqa: E402
 
 RANKS = re.compile(r"\brun_ranks\(|torchrun|accelerate\.commands\.launch|debug_launcher|_launch\(|init_process_group")
 ON_DISK = re.compile(r"\bshard_bp4d\(|\bshard_rafdb\(|\bcorpora\.|\bwrite_bp4d\(|\bwrite_tar\(|\bmain\(|\bTrainer\("
@@ -109,6 +109,11 @@ class Corpora:
         """The BP4D look-alike (6 subjects, two per standard fold), sharded with the standard folds. Read only."""
         return self._get(("bp4d", frames, shard_size), lambda tmp: shard_bp4d(tmp, frames=frames,
                                                                               shard_size=shard_size))
+
+    def bp4d_flow(self, size: int = 32, shard_size: int = 3) -> Path:
+        """Three subjects' faces with OpenFace landmarks, aligned to ``size`` px, TV-L1 flow to frame t + 3.
+        Read only."""
+        return self._get(("bp4d-flow", size, shard_size), lambda tmp: shard_bp4d_flow(tmp, size, shard_size))
 
     def rafdb(self, images: int = 24, shard_size: int = 8) -> Path:
         """The RAF-DB look-alike (aligned images, train/test split). Read only."""

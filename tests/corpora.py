@@ -62,6 +62,21 @@ def shard_bp4d(tmp: Path, frames: int = 6, shard_size: int = 4) -> Path:
     return out
 
 
+def shard_bp4d_flow(tmp: Path, size: int = 32, shard_size: int = 3) -> Path:
+    """The landmarked BP4D look-alike (three subjects, one per standard fold) aligned to ``size`` px with TV-L1 flow
+    between frames t and t + 3; returns the shard directory."""
+    from helpers import bp4d_with_landmarks
+
+    from ssau.cli import main
+
+    root = bp4d_with_landmarks(tmp / "BP4D", frames=6)
+    out = tmp / "bp4d-flow"
+    assert main(["shard", "bp4d", "--images", str(root), "--labels", str(root), "--landmarks", str(root / "landmarks"),
+                 "--landmark-frames", "position", "--align", str(size), "--flow", "3", "--flow-size", "16",
+                 "--folds", "bp4d", "--shard-size", str(shard_size), "--out", str(out), "--quiet"]) == 0
+    return out
+
+
 def shard_rafdb(tmp: Path, images: int = 24, shard_size: int = 8) -> Path:
     """A RAF-DB look-alike (aligned images + list_patition_label.txt) sharded; returns the shard directory."""
     from ssau.cli import main

@@ -114,4 +114,39 @@ def make_batch(seed: int = 0, m1: int = 6, m2: int = 4, size: int = 32,
                  expr_images=torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8, generator=g),
                  expr_labels=torch.randint(0, 7, (4,), generator=g), expr_keys=[f"e{i}" for i in range(4)],
                  val_images=torch.randint(0, 256, (5, 3, size, size), dtype=torch.uint8, generator=g),
-                 val_targets=targets[:5], val_mask=mask[:5])
+                 val_targets=targets[:5], val_mask=mask[:5],
+                 landmarks=_landmarks(m1, size, g), landmarks_valid=torch.ones(m1, dtype=torch.bool),
+                 unlabelled_landmarks=_landmarks(m2, size, g),
+                 unlabelled_landmarks_valid=torch.ones(m2, dtype=torch.bool),
+                 flow=torch.randn(m1, 2, size, size, generator=g), flow_valid=torch.arange(m1) % 3 > 0,
+                 unlabelled_flow=torch.zeros(m2, 2, size, size),
+                 unlabelled_flow_valid=torch.zeros(m2, dtype=torch.bool))
+
+
+def _landmarks(n: int, size: int, g: torch.Generator) -> torch.Tensor:
+    """[n, 68, 2] the template over a ``size`` px face, each point moved by up to a pixel."""
+    from ssau.faces.template import mean_landmarks
+
+    return torch.from_numpy(mean_landmarks(size, size)) + torch.rand(n, 68, 2, generator=g) * 2 - 1
+
+
+FACE_SUBJECTS = ("F001", "M011", "F007")  # one per standard BP4D fold
+
+
+def bp4d_with_landmarks(root: Path, frames: int = 6, failed: tuple = ()) -> Path:
+    """BP4D tree whose OpenFace CSVs number frames by position, as OpenFace does on a frame folder."""
+    occ = root / "AUCoding" / "AU_OCC"
+    occ.mkdir(parents=True)
+    for s_i, s in enumerate(FACE_SUBJECTS):
+        for task in ("T1", "T2"):
+            first = 100 + 7 * s_i
+            lines, rows = ["0,1,2,4,6,12"], []
+            for i in range(frames):
+                rgb, pts = face_frame(s_i * 10 + (task == "T2"), t=i)
+                save(root / s / task / f"{first + i:04d}.jpg", rgb)
+                lines.append(f"{first + i},{i % 2},0,1,{(i // 2) % 2},1")
+                bad = (s, task, i + 1) in failed
+                rows.append(openface_row(i + 1, None if bad else pts, success=0 if bad else 1))
+            (occ / f"{s}_{task}.csv").write_text("\n".join(lines) + "\n")
+            write_csv(root / "landmarks" / f"{s}_{task}.csv", openface_header(), rows)
+    return root

@@ -25,6 +25,11 @@ def shards(corpora) -> Path:
 
 
 @pytest.fixture(scope="module")
+def flow_shards(corpora) -> Path:
+    return corpora.bp4d_flow()
+
+
+@pytest.fixture(scope="module")
 def expression(corpora) -> Path:
     return corpora.rafdb(shard_size=4)
 
@@ -39,8 +44,13 @@ def _method_args(method: str, expression: Path) -> list[str]:
                 "method.gcn_init=fit"]
     if method == "large_margin":  # the balance measured over steps 2-3 (step 1 has no centroid yet)
         return ["data.label_drop=0.5", "data.m2=4", "method.balance=auto", "method.balance_steps=2"]
-    if method in ("pseudo_label", "fixmatch"):  # thresholds the 3-step tiny net's predictions reach
+    if method == "pseudo_label":  # a threshold the 3-step tiny net's predictions reach
         return ["data.label_drop=0.5", "data.m2=4", "method.p_cutoff=0.51"]
+    if method == "rtatl":  # every part on: flow (its own shards), inpainting, the transformer (small sizes)
+        return ["data.label_drop=0.5", "data.m2=4", "data.flow=true", "method.d=16", "method.heads=2",
+                "method.fused_width=8"]
+    if method == "fixmatch":  # CAP's thresholds: the queue of every rank's rows must be the same on both ranks
+        return ["data.label_drop=0.5", "data.m2=4", "method.threshold=class_aware", "method.cap_queue=6"]
     return ["data.label_drop=0.5", "data.m2=4"]
 
 
@@ -85,12 +95,13 @@ def _assert_data_parallel(reports: list[dict]) -> None:
 
 
 @pytest.mark.parametrize("method", ["supervised", "adversarial", "mal", "mlcr", "large_margin", "pseudo_label",
-                                    "mean_teacher", "fixmatch"])
-def test_two_cpu_ranks_with_accelerate_launch_and_deepspeed_zero2(shards, expression, tmp_path, method):
+                                    "mean_teacher", "fixmatch", "rtatl"])
+def test_two_cpu_ranks_with_accelerate_launch_and_deepspeed_zero2(shards, expression, flow_shards, tmp_path, method):
     from mlflow.tracking import MlflowClient
 
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
     extra = _method_args(method, expression)
+    shards = flow_shards if method == "rtatl" else shards
     _finish([_launch("cpu-2ranks.yaml", _train_args(shards, tmp_path, "ddp", f"tracking.uri={db}",
                                                     f"method.name={method}", *extra))])
     ddp = _reports(tmp_path / "ddp")
@@ -124,7 +135,8 @@ def test_two_cpu_ranks_with_accelerate_launch_and_deepspeed_zero2(shards, expres
     seed_all(0)
     cfg = load_run_config(None, ["data.labelled=[x]", "model.backbone=tiny", f"method.name={method}", "train.steps=3",
                              *extra])
-    init = build_method(cfg.method, tuple(range(12)), cfg.model).state_dict()
+    aus = tuple(torch.load(tmp_path / "ddp" / "model.pt", weights_only=True)["aus"])
+    init = build_method(cfg.method, aus, cfg.model).state_dict()
     assert any(not torch.equal(init[k], a[k]) for k in a if a[k].is_floating_point())
     if method == "mal":  # psi left its zero initialisation, identically on both ranks (the digests above)
         assert a["meta.weight"].abs().max() > 0
@@ -136,13 +148,15 @@ def test_two_cpu_ranks_with_accelerate_launch_and_deepspeed_zero2(shards, expres
         assert not torch.equal(a["teacher.head__weight"], a["head.weight"])
     if method == "large_margin":  # centroids from every step's global batch (4 + 4 images on 2 ranks), balanced
         assert a["counts"].sum() == 3 * 16 and a["centroids"].abs().sum() > 0 and a["lambda_auto"] > 0
+    if method == "rtatl":  # model.pt holds the recognition path: the auxiliary heads stayed behind
+        assert "relation.indicators" in a and not [k for k in a if k.startswith(("generator.", "discriminator."))]
 
     # Rank 0 alone logged, after reducing across ranks: one run, world_size 2.
     client = MlflowClient(tracking_uri=db)
     (run,) = client.search_runs([client.get_experiment_by_name("ssau").experiment_id])
     assert run.data.tags["world_size"] == "2"
     first_update = {"supervised": "supervised", "adversarial": "discriminator", "mal": "meta", "mlcr": "mlcr",
-                    "large_margin": "large_margin"}.get(method, "supervised")
+                    "large_margin": "large_margin", "rtatl": "model"}.get(method, "supervised")
     assert [m.step for m in client.get_metric_history(run.info.run_id, f"train/{first_update}/loss")] == [1, 2, 3]
 
 

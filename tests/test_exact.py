@@ -17,6 +17,7 @@ from ssau.config import ModelConfig
 from ssau.data.batch import Batch
 from ssau.dist.ranks import Runtime
 from ssau.errors import ConfigError
+from ssau.faces.template import mean_landmarks
 from ssau.methods.base import SetupInfo
 from ssau.train.setup import load_run_config
 
@@ -86,10 +87,15 @@ def test_draws_are_a_function_of_seed_rank_step_and_update():
 def small_method(name: str, bn: bool = False):
     from ssau.methods.registry import build_method
 
+    name, _, rule = name.partition("+")  # "fixmatch+class_aware": CAP's thresholds from every rank's rows
     torch.manual_seed(0)
     # MLCR's selective learning keeps a random choice of negatives (its count is global, tests/test_mlcr.py)
     extra = {"mlcr": {"selective": False},  # pseudo-labels confident enough to count at this init:
              "pseudo_label": {"p_cutoff": 0.51}, "fixmatch": {"p_cutoff": 0.51}}.get(name, {})
+    if name == "rtatl":  # small RoI modules and transformer; every part on (flow, inpainting, relation)
+        extra = {"d": 16, "heads": 2, "fused_width": 8}
+    if rule:
+        extra = {"threshold": rule, "cap_queue": 12}  # 8 rows, then 4 more wrapping: whole global batches stay
     m = build_method({"name": name, **extra}, AUS, ModelConfig(backbone="tiny"))
     if name == "mlcr":  # two BatchNorm-free twins
         for t in m.twins:
@@ -100,6 +106,8 @@ def small_method(name: str, bn: bool = False):
         m.centroids = torch.randn(len(m.classes), 4, generator=torch.Generator().manual_seed(2))
         m.counts.fill_(1.0)
         m.double()
+    elif name == "rtatl":  # the tiny pyramid's BatchNorm (bn=True: global statistics)
+        pass
     elif not bn:
         m.backbone = PixelNet(S)
         m.head = nn.Linear(5, J)
@@ -115,6 +123,8 @@ def small_method(name: str, bn: bool = False):
             m.discriminator = Discriminator64(J, 8)
         m.double()
     bank = torch.tensor([[1.0, 0, 1, 1]])  # one real vector: D's inputs are the same however they are drawn
+    if rule:  # positive rates 1/4 and 1/2: CAP's quantiles fall inside the batch
+        bank = torch.tensor([[1.0, 0, 1, 1], [0, 0, 0, 1], [0, 1, 0, 0], [0, 0, 1, 0]])
     m.setup(SetupInfo(AUS, bank, torch.ones_like(bank)))
     return m
 
@@ -124,10 +134,14 @@ def global_batch(n: int = 8, size: int = S) -> Batch:
     img = lambda k: torch.randint(0, 256, (k, 3, size, size), dtype=torch.uint8, generator=g)  # noqa: E731
     mask = (torch.rand(n, J, generator=g) < 0.7).double()
     mask[: n // 2, 1:] = 0  # rank 0 knows far fewer labels than rank 1: a mean of per-rank means would differ
+    lm = lambda: torch.from_numpy(mean_landmarks(size, size)) + torch.rand(n, 68, 2, generator=g)  # noqa: E731
     return Batch(images=img(n), targets=(torch.rand(n, J, generator=g) < 0.4).double() * mask, mask=mask,
                  keys=[f"a{i}" for i in range(n)], unlabelled=img(n), unlabelled_keys=[f"u{i}" for i in range(n)],
                  expr_images=img(n),
-                 expr_labels=torch.randint(0, 7, (n,), generator=g), expr_keys=[f"e{i}" for i in range(n)])
+                 expr_labels=torch.randint(0, 7, (n,), generator=g), expr_keys=[f"e{i}" for i in range(n)],
+                 landmarks=lm(), unlabelled_landmarks=lm(), flow=torch.randn(n, 2, size, size, generator=g),
+                 flow_valid=torch.arange(n) % 3 > 0, unlabelled_flow=torch.randn(n, 2, size, size, generator=g),
+                 unlabelled_flow_valid=torch.arange(n) % 2 > 0)
 
 
 def rank_part(b: Batch, rank: int, world: int) -> Batch:
@@ -137,7 +151,9 @@ def rank_part(b: Batch, rank: int, world: int) -> Batch:
     return Batch(images=part(b.images), targets=part(b.targets), mask=part(b.mask), keys=part(b.keys),
                  unlabelled=part(b.unlabelled), unlabelled_keys=part(b.unlabelled_keys), expr_images=part(b.expr_images),
                  expr_labels=part(b.expr_labels),
-                 expr_keys=part(b.expr_keys))
+                 expr_keys=part(b.expr_keys), landmarks=part(b.landmarks), unlabelled_landmarks=part(b.unlabelled_landmarks),
+                 flow=part(b.flow), flow_valid=part(b.flow_valid), unlabelled_flow=part(b.unlabelled_flow),
+                 unlabelled_flow_valid=part(b.unlabelled_flow_valid))
 
 
 def update_grads(m, batch: Batch, rt: Runtime, sync_bn: bool = False) -> dict:
@@ -161,7 +177,8 @@ def update_grads(m, batch: Batch, rt: Runtime, sync_bn: bool = False) -> dict:
             p.requires_grad_(True)
         average_gradients(params, rt)
         out[upd.name] = [p.grad.detach().double().numpy().copy() for p in params]
-    out["buffers"] = {k: v.double().numpy().copy() for k, v in m.state_dict().items() if "running" in k}
+    out["buffers"] = {k: v.double().numpy().copy() for k, v in m.state_dict().items()
+                      if "running" in k or k.startswith("labeller.")}  # CAP's queue: every rank's rows, rank order
     return out
 
 
@@ -177,13 +194,15 @@ def _rank_update_grads(rank: int, world: int, name: str, bn: bool) -> dict:
 @pytest.mark.parametrize("name,bn", [("supervised", False), ("adversarial", False), ("mtl", False),
                                      ("mlcr", False), ("large_margin", False), ("supervised", True),
                                      ("pseudo_label", False), ("mean_teacher", False), ("fixmatch", False),
-                                     ("pseudo_label", True), ("mean_teacher", True), ("fixmatch", True)])
+                                     ("pseudo_label", True), ("mean_teacher", True), ("fixmatch", True),
+                                     ("pseudo_label+class_aware", False), ("fixmatch+class_aware", False),
+                                     ("rtatl", True)])
 def test_two_ranks_of_b_equal_one_process_of_2b(name, bn):
     """bn=True: the tiny backbone's BatchNorm layers with model.sync_bn (global-batch statistics)."""
     one = small_method(name, bn)
     single = update_grads(one, global_batch(), cpu_rt())
     ranks = run_ranks(_rank_update_grads, 2, name, bn)
-    if name in ("pseudo_label", "fixmatch"):  # the pseudo-labelled part took part, its monitors global
+    if name.split("+")[0] in ("pseudo_label", "fixmatch"):  # the pseudo-labelled part took part, monitors global
         assert one.step_metrics()["mask_ratio"] > 0.5
         assert all(r["state"] == pytest.approx(one.step_metrics()) for r in ranks)
     tol = dict(rtol=1e-4, atol=1e-6) if bn else dict(rtol=1e-9, atol=1e-12)  # float32 BatchNorm nets

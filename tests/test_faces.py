@@ -11,13 +11,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import face_frame, one_error_line, openface_header, openface_row, samples_of, save, tree_bytes, write_csv
+from helpers import (FACE_SUBJECTS, bp4d_with_landmarks, face_frame, one_error_line, openface_header, openface_row,
+                     samples_of, save, tree_bytes, write_csv)
 from PIL import Image
 
 from ssau.cli import main
@@ -26,26 +26,7 @@ from ssau.faces.align import detect_face, landmark_matrix, transform, warp
 from ssau.faces.template import MEAN_5, MEAN_68, placed
 from ssau.shard.landmarks import read_landmark_csv
 
-SUBJECTS = ("F001", "M011", "F007")  # one per standard BP4D fold
-
-
-def bp4d_with_landmarks(root: Path, frames: int = 6, failed: tuple = ()) -> Path:
-    """BP4D tree whose OpenFace CSVs number frames by position, as OpenFace does on a frame folder."""
-    occ = root / "AUCoding" / "AU_OCC"
-    occ.mkdir(parents=True)
-    for s_i, s in enumerate(SUBJECTS):
-        for task in ("T1", "T2"):
-            first = 100 + 7 * s_i
-            lines, rows = ["0,1,2,4,6,12"], []
-            for i in range(frames):
-                rgb, pts = face_frame(s_i * 10 + (task == "T2"), t=i)
-                save(root / s / task / f"{first + i:04d}.jpg", rgb)
-                lines.append(f"{first + i},{i % 2},0,1,{(i // 2) % 2},1")
-                bad = (s, task, i + 1) in failed
-                rows.append(openface_row(i + 1, None if bad else pts, success=0 if bad else 1))
-            (occ / f"{s}_{task}.csv").write_text("\n".join(lines) + "\n")
-            write_csv(root / "landmarks" / f"{s}_{task}.csv", openface_header(), rows)
-    return root
+SUBJECTS = FACE_SUBJECTS  # one per standard BP4D fold
 
 
 # ---------------------------------------------------------------------------------------------------- landmark files

@@ -13,7 +13,8 @@ from ssau.data.batch import Batch
 from ssau.errors import ConfigError
 from ssau.methods.augment import strong, weak
 from ssau.methods.base import SetupInfo
-from ssau.methods.parts import confident_targets, frozen_bn, ramp
+from ssau.methods.parts import frozen_bn, ramp
+from ssau.methods.pseudo_targets import confident_targets
 from ssau.methods.registry import build_method, resolve_params
 
 AUS = (1, 2, 4, 6)
@@ -201,3 +202,53 @@ def test_the_baselines_refuse_a_run_without_unlabelled_images(shards):
             load_run_config(None, [f"data.labelled=[{shards}]", f"method.name={name}", "data.m2=4"])
     load_run_config(None, [f"data.labelled=[{shards}]", "method.name=fixmatch", "data.m2=4",
                            "data.labelled_subjects=2"])
+
+
+# ---------------------------------------------------------------------------------------------------- CAP's thresholds
+def _labeller(cap_queue: int = 8, pos_per: float = 1.0, neg_per: float = 1.0, prior=(0.25, 0.0)):
+    from ssau.methods.pseudo_targets import PseudoTargets, ThresholdParams
+
+    t = PseudoTargets(ThresholdParams(threshold="class_aware", cap_queue=cap_queue, pos_per=pos_per,
+                                      neg_per=neg_per), (1, 2))
+    bank = torch.tensor([[1.0, 0], [0, 0], [0, 0], [0, 0]]) if prior[0] else torch.zeros(4, 2)
+    t.setup(bank, torch.ones_like(bank))
+    assert t.prior.tolist() == list(prior)
+    return t
+
+
+CAP_P = torch.tensor([[0.10, 0.9], [0.20, 0.8], [0.30, 0.1], [0.90, 0.2]])
+
+
+def test_class_aware_thresholds_keep_the_labels_positive_rate_by_hand():
+    # AU1: pi = 1/4, the queue's 4 rows sorted 0.1 0.2 0.3 0.9; q = 1 - 1/4 -> index floor(4 x 0.75) = 3 -> 0.9:
+    # only the top quarter is labelled 1. AU2: no known positive -> never 1. CAP's defaults: every pair counts.
+    targets, mask = _labeller()(CAP_P)
+    assert targets.tolist() == [[0, 0], [0, 0], [0, 0], [1, 0]]
+    assert mask.tolist() == [[1, 1]] * 4
+    # pos_per = neg_per = 1/2: positives count above q(1 - 1/8) -> index 3 (0.9), negatives below q(3/8) -> index 1
+    # (AU1: 0.2; AU2, pi 0: q(1/2) -> index 2 -> 0.8): the pairs between are masked.
+    targets, mask = _labeller(pos_per=0.5, neg_per=0.5)(CAP_P)
+    assert targets[:, 0].tolist() == [0, 0, 0, 1]
+    assert mask.tolist() == [[1, 0], [1, 1], [0, 1], [1, 1]]
+
+
+def test_class_aware_queue_keeps_the_newest_rows_and_is_checkpointed():
+    t = _labeller(cap_queue=3)
+    t(CAP_P[:2])
+    assert int(t.filled) == 2 and int(t.head) == 2
+    t(CAP_P[2:])  # rows 3 and 4: row 4 overwrites row 1, the oldest
+    assert int(t.filled) == 3 and int(t.head) == 1
+    assert sorted(t.rows[:, 0].tolist()) == pytest.approx([0.2, 0.3, 0.9])
+    state = t.state_dict()
+    assert {"rows", "filled", "head"} <= set(state) and "prior" not in state  # the prior comes from the label bank
+    again = _labeller(cap_queue=3)
+    again.load_state_dict(state)
+    probe = torch.tensor([[0.25, 0.5], [0.35, 0.5]])
+    assert torch.equal(again(probe)[0], t(probe)[0])
+
+
+def test_class_aware_rule_is_checked():
+    with pytest.raises(ConfigError, match="threshold"):
+        method("fixmatch", "threshold=median")
+    with pytest.raises(ConfigError, match="cap_queue"):
+        method("pseudo_label", "threshold=class_aware", "cap_queue=0")

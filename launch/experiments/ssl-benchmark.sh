@@ -26,8 +26,8 @@ STEPS=${STEPS:-400}  # each arm's steps after it
 EVERY=${EVERY:-100}
 SEEDS=${SEEDS:-0-4}
 K=${K:-4}
-ARMS=${ARMS:-supervised,supervised-sel,pseudo_label,mean_teacher,fixmatch,adversarial,mlcr,large_margin}
-SEARCH=${SEARCH:-pseudo_label,pseudo_label-t80,fixmatch,fixmatch-t80,mean_teacher,mean_teacher-w10,mean_teacher-e99,large_margin,large_margin-l01,large_margin-l20}
+ARMS=${ARMS:-supervised,supervised-sel,pseudo_label,mean_teacher,fixmatch,adversarial,mlcr,large_margin,rtatl}
+SEARCH=${SEARCH:-pseudo_label,pseudo_label-t80,pseudo_label-cap,fixmatch,fixmatch-t80,fixmatch-cap,mean_teacher,mean_teacher-w10,mean_teacher-e99,large_margin,large_margin-l01,large_margin-l20}
 WARM=${WARM:---warm-start --warm-steps $WARM_STEPS}  # every arm continues from one supervised run per seed (WARM= :
 # from scratch; MLCR's twins and large margin's embedding have no supervised counterpart and start fresh)
 STEPS_ONLY=${STEPS_ONLY:-pool,plateau,search,final}
@@ -38,7 +38,10 @@ DATA=("data.labelled=[$DEMO/shards/bp4d]" "data.unlabelled=[$DEMO/shards/pool,$D
 # every cell (ARMS=...,mal plus data.expression=[$DEMO/shards/rafdb] adds it, at that cost to every arm).
 # Arms that differ in one thing: supervised-sel is supervised with MLCR's selective loss (MLCR's ablation baseline);
 # mlcr runs its last quarter as stage 2 from the identity GCN; large_margin its fixed lambda_4 (searched below).
-ARM_SETTINGS=(supervised-sel.loss=selective "mlcr.stage1_steps=$((STEPS * 3 / 4))" "mlcr.stage2_steps=$((STEPS / 4))")
+# rtatl runs without its flow task here (these shards carry no flow; launch/experiments/rtatl.sh's scarce step runs
+# the full method on shards made with --flow 3).
+ARM_SETTINGS=(supervised-sel.loss=selective "mlcr.stage1_steps=$((STEPS * 3 / 4))" "mlcr.stage2_steps=$((STEPS / 4))"
+              rtatl.flow=false)
 declare -A REGIME=([scarce]="--label-drop 0 data.labelled_subjects=$K" [rich]="--label-drop 0.5")
 run() { [[ ",$STEPS_ONLY," == *",$1,"* ]]; }
 
@@ -60,7 +63,8 @@ for regime in scarce rich; do
     # (ssau compare's options first: its key=value overrides are one block at the end)
     $SSAU compare --config "$CONFIG" --name "ssl-search-$regime" --select-on val --seeds 0-1 --label-drop "$drop" \
       --selection "$OUT/selection-$regime.json" --methods "$SEARCH" "${DATA[@]}" \
-      pseudo_label-t80.p_cutoff=0.8 fixmatch-t80.p_cutoff=0.8 mean_teacher-w10.lambda_u=10 mean_teacher-e99.ema=0.99 \
+      pseudo_label-t80.p_cutoff=0.8 fixmatch-t80.p_cutoff=0.8 pseudo_label-cap.threshold=class_aware \
+      fixmatch-cap.threshold=class_aware mean_teacher-w10.lambda_u=10 mean_teacher-e99.ema=0.99 \
       large_margin-l01.lambda_m=0.01 large_margin-l20.lambda_m=0.2 "${extra[@]}" "$@"
   fi
   if run final; then

@@ -34,6 +34,17 @@ def step_seconds(config: str, overrides: list[str], method: str, warmup: int, st
         return (time.perf_counter() - t0) / steps
 
 
+def compare_steps(config: str, arms: dict[str, tuple[str, list[str]]], warmup: int, steps: int) -> dict:
+    """Seconds per step of each arm (name -> (method, overrides)) and its ratio to the first, printed as they come."""
+    results, first = {}, None
+    for name, (method, overrides) in arms.items():
+        s = step_seconds(config, overrides, method, warmup, steps)
+        first = first or s
+        results[name] = {"s_per_step": round(s, 4), "ratio": round(s / first, 2)}
+        print(json.dumps({name: results[name]}), flush=True)
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="launch/recipes/ssl-benchmark.yaml")
@@ -47,13 +58,9 @@ def main() -> None:
     a = ap.parse_args()
     overrides = [f"data.labelled=[{a.labelled}]", f"data.unlabelled=[{a.unlabelled}]", f"model.backbone={a.backbone}",
                  f"data.labelled_subjects={a.labelled_subjects}", "train.steps=1000"]
-    results, first = {}, None
-    for method in a.methods.split(","):
-        s = step_seconds(a.config, overrides, method, a.warmup, a.steps)
-        first = first or s
-        results[method] = {"s_per_step": round(s, 4), "ratio": round(s / first, 2)}
-        print(json.dumps({method: results[method]}), flush=True)
-    print(json.dumps({"backbone": a.backbone, "steps": a.steps, "results": results}))
+    arms = {m: (m, overrides) for m in a.methods.split(",")}
+    print(json.dumps({"backbone": a.backbone, "steps": a.steps,
+                      "results": compare_steps(a.config, arms, a.warmup, a.steps)}))
 
 
 if __name__ == "__main__":

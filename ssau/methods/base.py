@@ -42,6 +42,8 @@ never touches loaders, devices, the accelerator, ranks or checkpoint files. It d
   run's ``train.steps`` and ``train.seed``).
 - ``report()``: tables of what training saw (MAL: per-sample weights), gathered from all ranks at each evaluation
   and logged as CSV + histogram.
+- ``inference_drops``: submodules only training uses (RTATL's generator, discriminators, flow head); model.pt
+  leaves them out and ``ssau eval`` builds the method without them.
 - ``needs``: data a method cannot run without (``expression``, ``validation``, ``unlabelled``: the generic
   semi-supervised baselines, which would otherwise train as ``supervised``); the config check names what is missing
   before anything starts.
@@ -80,8 +82,9 @@ averaging finds them equal); ``step_metrics`` reports their shift and class coun
 the FER variant's ``tasks()`` is ``("expression",)``.
 
 RTATL (regional and temporal auxiliary tasks, Eq. 9): groups ``model`` (backbone, RoI transformer, flow head,
-generator) and ``discriminator``; updates: the inpainting discriminator (L_D), then everything else on
-L_sup + L_G + lambda_f L_F with the discriminator frozen.
+generator) and ``discriminator`` (the patch discriminator D and AU classifier C); updates: everything but D and C on
+L_sup + L_G + lambda_f L_F with them frozen, then D and C (L_D + L_C, ``new_batch=False``) on the patches the first
+update generated. model.pt keeps the recognition path (``inference_drops``).
 """
 
 from __future__ import annotations
@@ -145,6 +148,8 @@ class Method(nn.Module, abc.ABC):
     uses: ClassVar[tuple[str, ...]] = ()  # data it reads when given: "unlabelled", "expression", "validation"
     identical_buffers: ClassVar[tuple[str, ...]] = ()  # name prefixes of buffers every rank computes alike from the
     # averaged parameters (Mean Teacher's EMA): the trainer does not average them across ranks
+    inference_drops: ClassVar[tuple[str, ...]] = ()  # submodules only training uses (RTATL's auxiliary heads): left
+    # out of model.pt (``inference_state``) and of a model built to load it (``for_inference``)
 
     def __init__(self, params, aus: tuple[int, ...]):
         super().__init__()
@@ -152,6 +157,20 @@ class Method(nn.Module, abc.ABC):
         self.aus = tuple(aus)
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
+
+    def inference_state(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """``state`` (this method's state_dict by default; a step checkpoint's) without the ``inference_drops``
+        submodules' tensors: what model.pt keeps and what ``for_inference`` loads."""
+        drop = tuple(f"{name}." for name in self.inference_drops)
+        state = self.state_dict() if state is None else state
+        return {k: v for k, v in state.items() if not k.startswith(drop or ("\0",))}
+
+    def for_inference(self) -> "Method":
+        """This method without its ``inference_drops`` submodules, ready to load a model.pt."""
+        for name in self.inference_drops:
+            if getattr(self, name, None) is not None:
+                setattr(self, name, None)
+        return self
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 NCHW -> normalised float, in the dtype/memory format of the images' device."""

@@ -10,7 +10,8 @@ Per step, one update on the group ``model`` (backbone + linear AU head):
 - Pseudo-labels from the weak view (the stream's augmented image), without gradient: per AU, p >= tau_j gives 1,
   p <= 1 - tau_j gives 0, anything between is masked (USB's FixedThresholdingHook and hard labels, per AU since AUs
   are not mutually exclusive; with hard labels the temperature T plays no part). tau: ``p_cutoff`` (0.95) or
-  ``p_cutoffs``, one per AU.
+  ``p_cutoffs``, one per AU; ``threshold=class_aware``: CAP's quantiles that keep the labels' positive rate
+  (``ssau.methods.pseudo_targets``).
 - L_u: BCE of the strong view's logits against them, masked, averaged over every (image, AU) pair of the global
   batch (USB: (ce * mask).mean()). ``lambda_u`` 1, no warm-up (USB). The unlabelled batch's size relative to the
   labelled one is data.m2 / data.m1 (the paper's mu = 7).
@@ -32,14 +33,13 @@ from ssau.config import ModelConfig
 from ssau.data.batch import Batch
 from ssau.errors import ConfigError
 from ssau.methods.augment import strong
-from ssau.methods.parts import confident_targets, cutoffs, full_precision, global_mean, pseudo_label_stats
+from ssau.methods.parts import full_precision, global_mean
+from ssau.methods.pseudo_targets import PseudoTargets, ThresholdParams, pseudo_label_stats
 from ssau.methods.supervised import Supervised, SupervisedParams
 
 
 @dataclass
-class FixMatchParams(SupervisedParams):
-    p_cutoff: float = 0.95  # USB's
-    p_cutoffs: list[float] | None = None  # one threshold per AU of the run's list, over p_cutoff
+class FixMatchParams(SupervisedParams, ThresholdParams):
     lambda_u: float = 1.0
     n_ops: int = 3  # RandAugment operations per strong view (USB: 3)
     cutout: float = 0.25  # Cutout's largest side, as a fraction of the image side (USB: 0.5)
@@ -54,14 +54,16 @@ class FixMatch(Supervised):
     name = "fixmatch"
     Params = FixMatchParams
     needs = uses = ("unlabelled",)
+    identical_buffers = ("labeller.",)  # CAP's queue holds every rank's rows alike: never averaged
 
     def __init__(self, params: FixMatchParams, aus: tuple[int, ...], model: ModelConfig):
         super().__init__(params, aus, model)
-        self.register_buffer("cutoff", cutoffs(params.p_cutoff, params.p_cutoffs, aus, "p_cutoffs"), persistent=False)
+        self.labeller = PseudoTargets(params, aus)
         self.seed, self.stats = 0, {}
 
     def setup(self, info) -> None:
         super().setup(info)
+        self.labeller.setup(info.label_bank, info.label_bank_mask)
         self.seed = info.seed
 
     def loss(self, batch: Batch, step: int) -> dict:
@@ -72,7 +74,7 @@ class FixMatch(Supervised):
         logits = full_precision(self.logits(torch.cat([batch.images, batch.unlabelled, views])))
         lab, weak_logits, strong_logits = logits[:n], logits[n:n + u], logits[n + u:]
         sup = self.labelled_loss(lab, batch)
-        targets, conf = confident_targets(torch.sigmoid(weak_logits.detach()), self.cutoff)
+        targets, conf = self.labeller(torch.sigmoid(weak_logits.detach()))
         per = torch.nn.functional.binary_cross_entropy_with_logits(strong_logits, targets, reduction="none") * conf
         unsup = global_mean(per.sum(), torch.tensor(float(per.numel()), device=per.device))
         self.stats = pseudo_label_stats(conf, targets)

@@ -13,7 +13,6 @@ from torch import nn
 
 from ssau.aus import STANDARD_AUS
 from ssau.dist.collectives import rank, sum_across_ranks, world_size
-from ssau.errors import ConfigError
 from ssau.methods.backbones import build_backbone
 from ssau.methods.base import Method
 
@@ -106,30 +105,6 @@ def _share(total: int, weights: list[float]) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------------- generic SSL
-def cutoffs(p_cutoff: float, per_au: list[float] | None, aus: tuple[int, ...], key: str) -> torch.Tensor:
-    """[J] confidence thresholds: ``per_au`` (one per AU of the run's list) or ``p_cutoff`` for every AU."""
-    values = per_au if per_au is not None else [p_cutoff] * len(aus)
-    if len(values) != len(aus) or not all(0.5 < v <= 1.0 for v in values):
-        raise ConfigError(f"method.{key}: {values} must hold one threshold in (0.5, 1] per AU of {list(aus)}")
-    return torch.tensor(values, dtype=torch.float32)
-
-
-def confident_targets(probs: torch.Tensor, cutoff: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-AU hard pseudo-labels and their confidence mask (multi-label pseudo-labelling): AU j of an image is
-    labelled 1 where p >= cutoff_j, 0 where p <= 1 - cutoff_j, and masked out between (USB's FixedThresholdingHook
-    on max(p, 1 - p), per AU)."""
-    pos, neg = probs >= cutoff, probs <= 1.0 - cutoff
-    return pos.to(probs.dtype), (pos | neg).to(probs.dtype)
-
-
-def pseudo_label_stats(mask: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-    """Global (all ranks) share of confident (image, AU) pairs and the positive share among them: the monitors of a
-    pseudo-labelling method (an all-negative collapse shows as positive_share falling to 0)."""
-    s = sum_across_ranks(torch.stack([mask.sum(), (mask * targets).sum(), torch.tensor(float(mask.numel()),
-                                                                                     device=mask.device)]).double())
-    return {"mask_ratio": float(s[0] / s[2].clamp_min(1)), "positive_share": float(s[1] / s[0].clamp_min(1))}
-
-
 def ramp(step: int, steps: int, fraction: float) -> float:
     """USB's linear warm-up of an unsupervised weight: clip(step / (fraction x steps), 0, 1); 1 when fraction is 0."""
     if fraction <= 0 or steps <= 0:

@@ -12,7 +12,8 @@ Per step, one update on the group ``model`` (backbone + linear AU head, ``AUClas
   (image, AU) pair of the global batch (USB: (ce * mask).mean() over the unlabelled batch), so fewer confident pairs
   mean a smaller loss rather than a renormalised one.
 - tau: ``p_cutoff`` (USB: 0.95) for every AU, or ``p_cutoffs``, one per AU of the run's list (rare AUs may need
-  their own).
+  their own); ``threshold=class_aware`` replaces the fixed rule by CAP's quantiles that keep the labels' positive
+  rate (``ssau.methods.pseudo_targets``).
 - ramp: USB's linear warm-up clip(step / (``unsup_warmup`` x train.steps), 0, 1) (0.4); ``lambda_u`` 1 (USB).
 - BatchNorm: the unlabelled forward leaves the running statistics alone (USB's freeze_bn: "calculate BN only for
   the first batch").
@@ -28,15 +29,13 @@ import torch
 
 from ssau.config import ModelConfig
 from ssau.data.batch import Batch
-from ssau.methods.parts import (confident_targets, cutoffs, frozen_bn, full_precision, global_mean,
-                               pseudo_label_stats, ramp)
+from ssau.methods.parts import frozen_bn, full_precision, global_mean, ramp
+from ssau.methods.pseudo_targets import PseudoTargets, ThresholdParams, pseudo_label_stats
 from ssau.methods.supervised import Supervised, SupervisedParams
 
 
 @dataclass
-class PseudoLabelParams(SupervisedParams):
-    p_cutoff: float = 0.95  # USB's; an AU's pseudo-label counts where max(p, 1 - p) >= p_cutoff
-    p_cutoffs: list[float] | None = None  # one threshold per AU of the run's list, over p_cutoff
+class PseudoLabelParams(SupervisedParams, ThresholdParams):
     lambda_u: float = 1.0
     unsup_warmup: float = 0.4  # the weight of L_u ramps linearly from 0 over this fraction of train.steps
 
@@ -45,14 +44,16 @@ class PseudoLabel(Supervised):
     name = "pseudo_label"
     Params = PseudoLabelParams
     needs = uses = ("unlabelled",)
+    identical_buffers = ("labeller.",)  # CAP's queue holds every rank's rows alike: never averaged
 
     def __init__(self, params: PseudoLabelParams, aus: tuple[int, ...], model: ModelConfig):
         super().__init__(params, aus, model)
-        self.register_buffer("cutoff", cutoffs(params.p_cutoff, params.p_cutoffs, aus, "p_cutoffs"), persistent=False)
+        self.labeller = PseudoTargets(params, aus)
         self.steps, self.stats = 0, {}
 
     def setup(self, info) -> None:
         super().setup(info)
+        self.labeller.setup(info.label_bank, info.label_bank_mask)
         self.steps = info.steps
 
     def loss(self, batch: Batch, step: int) -> dict:
@@ -61,7 +62,7 @@ class PseudoLabel(Supervised):
             return out
         with frozen_bn(self):
             logits = full_precision(self.logits(batch.unlabelled))
-        targets, mask = confident_targets(torch.sigmoid(logits.detach()), self.cutoff)
+        targets, mask = self.labeller(torch.sigmoid(logits.detach()))
         per = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none") * mask
         unsup = global_mean(per.sum(), torch.tensor(float(per.numel()), device=per.device))
         weight = self.params.lambda_u * ramp(step, self.steps, self.params.unsup_warmup)

@@ -15,6 +15,7 @@ from ssau.methods.mean_teacher import MeanTeacher
 from ssau.methods.mlcr import MLCR
 from ssau.methods.mtl import MultiTask
 from ssau.methods.pseudo_label import PseudoLabel
+from ssau.methods.rtatl.method import RTATL
 from ssau.methods.supervised import Supervised
 
 METHODS: dict[str, type[Method]] = {
@@ -27,6 +28,7 @@ METHODS: dict[str, type[Method]] = {
     PseudoLabel.name: PseudoLabel,  # the field's generic semi-supervised baselines (USB's implementations)
     MeanTeacher.name: MeanTeacher,
     FixMatch.name: FixMatch,
+    RTATL.name: RTATL,
 }
 
 

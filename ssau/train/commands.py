@@ -86,11 +86,11 @@ def evaluate(checkpoint: str, shards: list[str], folds: list[int] | None, batch:
         raise CheckpointError(f"{path}: its config is not valid ({e})") from None
     aus = tuple(state["aus"])
     rt = init_runtime(TrainConfig(device="auto", precision="fp32"))
-    method = build_method(cfg.method, aus, cfg.model)
+    method = build_method(cfg.method, aus, cfg.model).for_inference()  # model.pt holds the inference path only
     if "au" not in method.tasks():
         raise ConfigError(f"{path}: a {cfg.method_name} model of the {'/'.join(method.tasks())} task has no AU "
                           f"output to score (its training run logged val/expr_acc)")
-    load_into(method, state["method"], "model", path)
+    load_into(method, method.inference_state(state["method"]), "model", path)  # a step checkpoint holds more
     method.to(rt.device)
     metrics = evaluate_method(method, cfg.data, aus, rt, dirs=tuple(shards), folds=tuple(folds) if folds else None)
     if rt.main:

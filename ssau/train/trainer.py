@@ -387,7 +387,7 @@ class Trainer:
 
     def _finish(self, metrics: dict) -> None:
         model = self.run_dir / "model.pt"
-        atomic_save({"method": self.method.state_dict(), "config": to_dict(self.cfg), "aus": list(self.aus)}, model)
+        atomic_save({"method": self.method.inference_state(), "config": to_dict(self.cfg), "aus": list(self.aus)}, model)
         if not self.tracker:
             return
         # at the artifact root, where MLflow's compare view lists them side by side
