@@ -249,6 +249,8 @@ def test_flow_task_needs_flow_in_the_stream():
     with pytest.raises(ConfigError, match="data.flow"):
         load_run_config(None, ["method.name=rtatl", "data.labelled=[x]"])
     assert load_run_config(None, ["method.name=rtatl", "method.flow=false", "data.labelled=[x]"])
+    with pytest.raises(ConfigError, match="optim.accumulate"):  # D/C would judge patches update 1 never made
+        load_run_config(None, ["method.name=rtatl", "method.flow=false", "data.labelled=[x]", "optim.accumulate=2"])
 
 
 def test_a_supervised_run_warm_starts_the_backbone(tmp_path):
@@ -299,3 +301,10 @@ def test_train_then_eval_model_pt_and_a_step_checkpoint_alike(corpora, tmp_path,
     b = evaluate(str(next((run / "checkpoints").glob("step-*.pt"))), [str(shards)], [1], 8, 0, "fail")
     assert repr(a["per_au"]) == repr(b["per_au"]) and a["f1_mean"] == b["f1_mean"]  # repr: nan where no label
     assert sum(v["n"] for v in a["per_au"].values()) > 0
+
+
+def test_cost_script_counts_training_above_inference():
+    from ssau.bench.rtatl_cost import model_cost
+
+    c = model_cost(32, "tiny")
+    assert c["params_train_M"] > c["params_infer_M"] > 0 and c["gflops_train"] > 2 * c["gflops_infer"] > 0

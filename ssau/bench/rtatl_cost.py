@@ -22,6 +22,7 @@ from ssau.aus import STANDARD_AUS
 from ssau.bench.ssl_steps import compare_steps
 from ssau.config import ModelConfig
 from ssau.methods.registry import build_method, resolve_params
+from ssau.methods.rtatl.regions import region_side
 
 VARIANTS = {"backbone": ["transformer=false", "inpaint=false", "flow=false"],
             "transformer": ["inpaint=false", "flow=false"], "ofe": ["inpaint=false"], "roii": ["flow=false"],
@@ -41,7 +42,7 @@ def model_cost(size: int, backbone: str) -> dict:
     with torch.no_grad():
         infer = flops(lambda: m.predict(img))
         regions = m.regions(None, 1, size, img.device)
-        side = int(round(48 / 200 * size))
+        side = int(round(region_side(size)))
 
         def train_forward():
             m.recognise(img, regions)  # the cropped forward (the same shapes as the intact one)
@@ -51,7 +52,7 @@ def model_cost(size: int, backbone: str) -> dict:
             real = torch.zeros_like(fake)
             for net in (m.discriminator, m.classifier):
                 net(fake), net(real)
-            m.flow_head(last)
+            m.flow_head(last, size)
         train = flops(train_forward) - flops(lambda: m.recognise(img, regions))  # two forwards, as a step has
     n_train = sum(p.numel() for p in m.parameters())
     n_infer = sum(v.numel() for v in m.inference_state().values() if v.is_floating_point())

@@ -57,9 +57,9 @@ from ssau.config import ModelConfig
 from ssau.data.batch import Batch
 from ssau.dist.collectives import sum_across_ranks
 from ssau.errors import ConfigError
+from ssau.methods.backbones import build_backbone
 from ssau.methods.base import Group, Method, Update
 from ssau.methods.parts import frozen_bn, full_precision, global_mean, masked_bce
-from ssau.methods.backbones import build_backbone
 from ssau.methods.rtatl.inpaint import Generator, PatchNet, choose, patches, white_out
 from ssau.methods.rtatl.network import FlowHead, Heads, Pyramid, Regional, Relation, stage_channels, stages
 from ssau.methods.rtatl.regions import au_centres, boxes, overlaps, region_side, rule_table, template_landmarks
