@@ -55,7 +55,8 @@ def test_au_centres_by_hand_for_every_au():
             24: [(51, 102), (57, 114)]}
     assert got.tolist() == [[list(map(float, c)) for c in want[a]] for a in AUS]
     eac = au_centres(lm, rule_table(AUS, "eac"))[0]
-    assert eac[AUS.index(10)].tolist() == [[49, 98], [53, 106]] and eac[AUS.index(17)].tolist() == [[51, 102], [57, 114]]
+    assert eac[AUS.index(10)].tolist() == [[49, 98], [53, 106]]
+    assert eac[AUS.index(17)].tolist() == [[51, 102], [57, 114]]
     assert eac[AUS.index(23)].tolist() == [[61, 122], [63, 126]]
 
 
