@@ -240,7 +240,7 @@ class RTATL(Method):
 
     def discriminator_loss(self, batch: Batch, step: int) -> dict:
         images, keys, regions = self._step_data(batch)
-        if self._made is None or self._made[0] != tuple(keys):  # accumulated micro-batches: make them again
+        if self._made is None or self._made[0] != tuple(keys):  # no patches of this batch yet: make them
             with torch.no_grad(), frozen_bn(self):
                 self.main_loss(batch, step)
         _, real, fake, y2, c2 = self._made
