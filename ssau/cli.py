@@ -14,6 +14,7 @@ DEFAULT_UNKNOWN = {"emotionet": "999", "csv": ""}
 
 
 def _shard(args: argparse.Namespace) -> int:
+    from ssau.faces.detect import EXTRA_MISSING, resolve  # lazy: a command imports only what it runs
     from ssau.shard.plan import run_shard  # lazy: a command imports only what it runs
     from ssau.shard.write import ShardSettings  # lazy: a command imports only what it runs
 
@@ -21,6 +22,9 @@ def _shard(args: argparse.Namespace) -> int:
         aus = parse_au_list(args.aus) if args.aus else None
     except ValueError as e:
         raise UserError(f"--aus: {e}") from None
+    detector = resolve(args.detector) if args.align else "haar"  # only an aligned shard detects faces
+    if args.align and not args.no_detect and args.detector == "auto" and detector == "haar":
+        print(f"ssau shard: note: {EXTRA_MISSING}", file=sys.stderr)
     s = ShardSettings(format=args.format, images=str(Path(args.images).resolve()),
                       labels=str(Path(args.labels).resolve()) if args.labels else None, aus=aus,
                       unknown=args.unknown if args.unknown is not None else DEFAULT_UNKNOWN.get(args.format, ""),
@@ -32,7 +36,8 @@ def _shard(args: argparse.Namespace) -> int:
                       landmark_frame_column=args.landmark_frame_column,
                       min_landmark_confidence=args.min_landmark_confidence, require_landmarks=args.require_landmarks,
                       align=args.align, align_margin=args.align_margin, align_points=args.align_points,
-                      detect=not args.no_detect, flow=args.flow, flow_size=args.flow_size, flow_clip=args.flow_clip)
+                      detect=not args.no_detect, detector=detector, landmarks_from=args.landmarks_from,
+                      flow=args.flow, flow_size=args.flow_size, flow_clip=args.flow_clip)
     doc = run_shard(s, Path(args.out), workers=args.workers, overwrite=args.overwrite, progress=not args.quiet)
     run = doc["last_run"]
     print(f"{doc['corpus']}: {doc['samples']} samples in {len(doc['shards'])} shards "
@@ -98,6 +103,21 @@ def _eval(args: argparse.Namespace) -> int:
     from ssau.train.commands import evaluate  # lazy: a command imports only what it runs
 
     evaluate(args.checkpoint, args.shards, args.folds, args.batch, args.workers, args.incomplete)
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from ssau.predict.command import predict  # lazy: a command imports only what it runs
+
+    predict(args.model, args.inputs, args.out, args.every, args.batch, args.workers, args.detector, args.device,
+            not args.quiet)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ssau.predict.export import export_onnx  # lazy: a command imports only what it runs
+
+    print(export_onnx(args.model, Path(args.onnx), args.opset, args.check))
     return 0
 
 
@@ -169,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fit eye centres, nose tip and mouth corners, or all 68 landmarks")
     fa.add_argument("--no-detect", action="store_true", help="with --align: no face detector; frames without "
                                                             "landmarks or box are skipped as no-face")
+    fa.add_argument("--detector", choices=("auto", "dlib", "haar"), default="auto",
+                    help="with --align, for frames without landmarks: dlib's face detector and 68 landmarks (the "
+                         "[faces] extra; its landmark model is for non-commercial use), OpenCV's Haar box, or auto: "
+                         "dlib where installed")
+    fa.add_argument("--landmarks-from", choices=("file", "detector"), default="file",
+                    help="file: CSV or sidecar landmarks where there are some, else the detector; detector: dlib's "
+                         "landmarks for every frame, even where a CSV has some (to compare)")
     fa.add_argument("--flow", type=int, default=0, metavar="K",
                     help="TV-L1 optical flow from frame t to t+K of each sequence (RTATL: 3), stored per sample")
     fa.add_argument("--flow-size", type=int, default=64, help="shorter side of the stored flow grid")
@@ -233,6 +260,31 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--incomplete", choices=("fail", "warn"), default="fail",
                     help="when fewer samples are scored than the index lists: stop (default) or warn and score the rest")
     ev.set_defaults(run=_eval)
+
+    pr = sub.add_parser("predict", help="a trained model on images, folders, videos or shard directories: one row per "
+                                        "face per frame (AU probabilities and presence) in a CSV or parquet file")
+    pr.add_argument("model", help="a run directory, a model.pt, or an MLflow model URI (runs:/<id>/model, "
+                                  "models:/<name>/<version>; MLFLOW_TRACKING_URI names the store)")
+    pr.add_argument("inputs", nargs="+", metavar="INPUT", help="images, folders (recursive), videos, shard directories")
+    pr.add_argument("--out", required=True, help="FILE.csv or FILE.parquet")
+    pr.add_argument("--every", type=int, default=1, help="videos: score every N-th frame")
+    pr.add_argument("--batch", type=int, default=64, help="faces per forward pass")
+    pr.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding and aligning")
+    pr.add_argument("--detector", choices=("auto", "dlib", "haar"), default="auto",
+                    help="faces without a landmark CSV beside them: dlib's faces and 68 landmarks (the [faces] "
+                         "extra), OpenCV's Haar box, or auto: dlib where installed")
+    pr.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
+    pr.set_defaults(run=_predict)
+
+    ex = sub.add_parser("export", help="the recognition path as one ONNX file (dynamic batch), checked against "
+                                       "PyTorch with onnxruntime")
+    ex.add_argument("model", help="a run directory, a model.pt, or an MLflow model URI")
+    ex.add_argument("--onnx", required=True, help="the .onnx file to write (weights inside it, no .onnx.data)")
+    ex.add_argument("--opset", type=int, default=18)
+    ex.add_argument("--no-check", dest="check", action="store_false",
+                    help="skip the onnxruntime comparison against PyTorch")
+    ex.set_defaults(run=_export)
 
     de = sub.add_parser("demo", help="synthetic corpus -> shards -> supervised training -> evaluation -> MLflow")
     de.add_argument("--out", default="demo", help="where the corpus, shards and runs go")

@@ -115,6 +115,8 @@ class TrackingConfig:
     parent_run_id: str = ""  # set by `ssau cv` for fold runs
     tags: dict = field(default_factory=dict)  # extra tags of a fresh run (`ssau compare` names its cell here)
     flush_timeout: float = 60.0  # seconds the end of a run waits for an unreachable server before leaving the journal
+    log_model: bool = True  # log model.pt as the run's MLflow pyfunc model `model` (ssau/predict/mlflow_model.py)
+    register_as: str = ""  # also register that model under this name in the model registry
 
 
 @dataclass

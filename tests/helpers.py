@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import tarfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -150,3 +151,25 @@ def bp4d_with_landmarks(root: Path, frames: int = 6, failed: tuple = ()) -> Path
             (occ / f"{s}_{task}.csv").write_text("\n".join(lines) + "\n")
             write_csv(root / "landmarks" / f"{s}_{task}.csv", openface_header(), rows)
     return root
+
+
+@contextmanager
+def global_tracking_uri(uri: str):
+    """MLflow's global tracking URI set to ``uri`` for a block, then given back (tests share one process)."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    previous = utils._tracking_uri  # None when unset: MLFLOW_TRACKING_URI applies again afterwards
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def model_artifacts(client, run_id: str) -> set[str]:
+    """Paths under a run's ``model`` artifact: model/model.pt, and the MLflow model's files where one was logged.
+    MLflow 3.17 looks the logged model up in the global tracking store, not the client's, when it lists a run's
+    artifacts; the global URI points at the client's store for the call."""
+    with global_tracking_uri(client.tracking_uri):
+        return {a.path for a in client.list_artifacts(run_id, "model")}

@@ -119,7 +119,8 @@ def test_folder_aligned_by_detector_box_sidecar_and_no_face(tmp_path, capsys):
     save(root / "box.jpg", np.full((120, 96, 3), 90, np.uint8))
     (root / "box.jpg.json").write_text(json.dumps({"bounding_box": {"x": 20, "y": 30, "width": 40, "height": 40}}))
     out = tmp_path / "out"
-    assert main(["shard", "folder", "--images", str(root), "--out", str(out), "--align", "48", "--quiet"]) == 0
+    assert main(["shard", "folder", "--images", str(root), "--out", str(out), "--align", "48", "--detector", "haar",
+                 "--quiet"]) == 0
     doc = json.loads((out / "dataset.json").read_text())
     assert doc["skipped_by_reason"] == {"no-face": 1} and doc["samples"] == 3
     assert doc["faces"]["aligned_by"] == {"bbox": 1, "detector": 1, "landmarks": 1}
@@ -136,7 +137,7 @@ def test_folder_aligned_by_detector_box_sidecar_and_no_face(tmp_path, capsys):
 def test_bp4d_openface_landmarks_aligned_counted_and_required(tmp_path, capsys):
     root = bp4d_with_landmarks(tmp_path / "BP4D", frames=4, failed={("F001", "T1", 2)})
     common = ["shard", "bp4d", "--images", str(root), "--labels", str(root), "--landmarks", str(root / "landmarks"),
-              "--folds", "bp4d", "--quiet"]
+              "--folds", "bp4d", "--detector", "haar", "--quiet"]
     out = tmp_path / "pos"
     assert main([*common, "--out", str(out), "--landmark-frames", "position", "--align", "40"]) == 0
     doc = json.loads((out / "dataset.json").read_text())
@@ -272,3 +273,14 @@ def test_rafdb_root_or_basic_is_accepted(tmp_path):
         from ssau.shard.write import ShardSettings
 
         run_shard(ShardSettings("rafdb", str(empty), str(empty / "list_patition_label.txt")), tmp_path / "o", progress=False)
+
+
+def test_a_shard_without_align_keeps_its_fingerprint_when_dlib_is_installed(tmp_path, monkeypatch):
+    """Issue 24: `--detector auto` takes dlib only for aligned shards; an unaligned shard directory made before
+    detectors existed is still verified and kept, not refused as made with other settings."""
+    monkeypatch.setattr("ssau.faces.detect.available", lambda: True)  # as with the [faces] extra installed
+    save(tmp_path / "photos" / "a.jpg", face_frame(1)[0])
+    out = tmp_path / "out"
+    assert main(["shard", "folder", "--images", str(tmp_path / "photos"), "--out", str(out), "--quiet"]) == 0
+    settings = json.loads((out / "dataset.json").read_text())["settings"]
+    assert "detector" not in settings and "landmarks_from" not in settings  # defaults are left out

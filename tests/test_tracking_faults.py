@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import model_artifacts
 
 from ssau.cli import main
 from ssau.tracking.journal import JOURNAL, read_journal
@@ -210,7 +211,8 @@ def test_server_killed_and_restarted_mid_run_on_two_cpu_ranks(shards, tmp_path, 
     assert _logged(run_dir)[LOSS] == list(range(1, 41))
     _assert_holds_journal_once(client, run.info.run_id, run_dir)
     assert run.data.params["train.steps"] == "40"
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {"model/model.pt"}
+    # the weights, and the MLflow model logged beside them once the server answered again (issue 24)
+    assert {"model/model.pt", "model/MLmodel"} <= model_artifacts(client, run.info.run_id)
     # Upload afterwards finds nothing missing.
     assert main(["upload", str(run_dir)]) == 0
     assert _server_history(client, run.info.run_id, [LOSS])[LOSS] == list(range(1, 41))
@@ -253,7 +255,7 @@ def test_server_that_never_returns_then_upload_to_another_server(shards, tmp_pat
     assert run.info.status == "FINISHED" and run.data.params["train.steps"] == "24"
     _assert_holds_journal_once(client, run.info.run_id, run_dir)
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    arts |= {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    arts |= model_artifacts(client, run.info.run_id)
     assert {"config.yaml", "model/model.pt", "per_au.csv", "f1_bar.png"} <= arts
     inputs = {(i.dataset.name, {t.key: t.value for t in i.tags}["mlflow.data.context"])
               for i in run.inputs.dataset_inputs}  # the journal's dataset inputs, through a real server

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import model_artifacts
 
 from ssau.cli import main
 from ssau.errors import ConfigError
@@ -107,9 +108,9 @@ def test_train_logs_metrics_params_tags_and_artifacts_to_mlflow(shards, tmp_path
     history = client.get_metric_history(run.info.run_id, "train/supervised/loss")
     assert [h.step for h in history] == [2, 4]
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    arts |= {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    arts |= model_artifacts(client, run.info.run_id)
     assert {"config.yaml", "per_au.csv", "per_au.json", "f1_bar.png", "conditional.png", "marginal.png",
-            "model/model.pt"} <= arts  # the evaluation at the root, where MLflow's compare view lists artifacts
+            "model/model.pt", "model/MLmodel"} <= arts  # the evaluation at the root, where MLflow's compare view lists artifacts
     csv = Path(client.download_artifacts(run.info.run_id, "per_au.csv", str(tmp_path))).read_text()
     assert csv.splitlines()[1].startswith("AU01,")
     assert run.info.status == "FINISHED"

@@ -48,7 +48,10 @@ run() { [[ ",$STEPS_ONLY," == *",$1,"* ]]; }
 if run pool && [ ! -f "$DEMO/shards/pool/dataset.json" ]; then
   $SSAU synth --out "$DEMO/pool" --style realistic --subjects 1 --tasks 1 --frames 1 --expression-images 0 \
     --unlabelled 20000 --size 128 --seed 7
-  $SSAU shard folder --images "$DEMO/pool/unlabelled" --out "$DEMO/shards/pool" --align 64 --shard-size 500
+  # POOL_DETECTOR: the faces without sidecar landmarks; attempts 1-3 were sharded with OpenCV's Haar box (the only
+  # detector then), auto takes dlib's face and 68 landmarks where the [faces] extra is installed
+  $SSAU shard folder --images "$DEMO/pool/unlabelled" --out "$DEMO/shards/pool" --align 64 --shard-size 500 \
+    --detector "${POOL_DETECTOR:-haar}"
 fi
 
 for regime in scarce rich; do

@@ -3,7 +3,8 @@
 On the realistic synthetic corpus (head-and-shoulders frames with OpenFace landmark CSVs), one shard worker:
   pass-through        ssau shard as before (frames stored as they are)
   align, landmarks    --landmarks ... --align SIZE: decode, similarity transform, warp, encode
-  align, detector     --align SIZE without landmarks: the Haar cascade finds every face
+  align, detector     --align SIZE without landmarks: the Haar cascade finds every face (a box)
+  align, dlib         --align SIZE --detector dlib: dlib's face and 68 landmarks per frame (the [faces] extra)
   flow                --align SIZE --flow 3: TV-L1 per pair (pairs/s), on top of the alignment
 Every figure comes from one run and is also given as a ratio to pass-through in that run.
 """
@@ -17,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ssau.faces.detect import available as detector_available
 from ssau.shard.plan import run_shard
 from ssau.shard.write import ShardSettings
 from ssau.synth.corpus import render_corpus
@@ -40,9 +42,11 @@ def run(frames: int, size: int, align: int, work: Path) -> dict:
     cases = {
         "pass_through": ShardSettings(**base),
         "align_landmarks": ShardSettings(**base, **lm, align=align),
-        "align_detector": ShardSettings(**base, align=align),
+        "align_detector": ShardSettings(**base, align=align, detector="haar"),
         "align_landmarks_flow3": ShardSettings(**base, **lm, align=align, flow=3),
     }
+    if detector_available():
+        cases["align_dlib"] = ShardSettings(**base, align=align, detector="dlib")
     out = {"frames": sum(1 for _ in bp4d.rglob("*.jpg")), "frame_size": f"{size}x{round(size * 1.25)}",
            "align": align, "workers": 1}
     for name, s in cases.items():

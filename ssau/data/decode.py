@@ -239,10 +239,26 @@ def decode_train(sample: dict, size: int, rng: random.Random) -> tuple[torch.Ten
     return ex.image, ex.meta
 
 
+def _centre(img: Image.Image, size: int) -> torch.Tensor:
+    x, y = (img.width - size) // 2, (img.height - size) // 2
+    return _to_tensor(np.asarray(img.crop((x, y, x + size, y + size))))
+
+
 def decode_eval(sample: dict, size: int) -> tuple[torch.Tensor, dict]:
     img, meta, _, _ = _load(sample, size)
-    x, y = (img.width - size) // 2, (img.height - size) // 2
-    return _to_tensor(np.asarray(img.crop((x, y, x + size, y + size)))), meta
+    return _centre(img, size), meta
+
+
+def eval_image(data: bytes, size: int, key: object = "image") -> torch.Tensor:
+    """A stored face's bytes -> the network's uint8 [3, size, size] input, exactly as evaluation makes it (resize,
+    centre crop): what ``ssau predict`` feeds a face it aligned itself. DecodeError when the bytes are no image."""
+    try:
+        img = _image(data, key, size)[0]
+    except DecodeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - PIL's zoo of decoder errors, confined to this image (see _load)
+        raise DecodeError(f"{key}: image: {type(e).__name__}: {str(e)[:100]}") from e
+    return _centre(img, size)
 
 
 def au_targets(meta: dict, aus: tuple[int, ...], hidden: list[bool] | None = None) -> tuple[list[float], list[float]]:

@@ -7,9 +7,11 @@ Used by ``ssau shard --align SIZE`` and meant for inference too (one definition 
   placed in a SIZE x SIZE crop with ``margin`` free on each side. Closed form rather than
   ``cv2.estimateAffinePartial2D``: that one is a robust estimator over random subsets (RANSAC/LMedS), where exact
   least squares over five reliable points is what the papers' alignment is.
-- Without: OpenCV's Haar cascade (``haarcascade_frontalface_default.xml``, inside the opencv wheel: nothing is
-  downloaded at run time; the DNN detectors OpenCV offers need model files no wheel ships). The largest face wins;
-  the crop is the square around the box's centre whose side leaves the same margin. No face: ``SkipImage("no-face")``.
+- Without, where the ``[faces]`` extra is installed (``detector="dlib"``): dlib's face detector and 68 landmarks
+  (``ssau.faces.detect``), then the same landmark similarity, so such a face is aligned like a landmarked one.
+- Without, otherwise (``detector="haar"``): OpenCV's Haar cascade (``haarcascade_frontalface_default.xml``, inside
+  the opencv wheel: nothing is downloaded at run time; the DNN detectors OpenCV offers need model files no wheel
+  ships). The largest face wins; the crop is the square around the box's centre whose side leaves the same margin. No face: ``SkipImage("no-face")``.
 - The warp is ``cv2.warpAffine`` (bilinear, border replicated, so a face near the frame edge gets no black wedge).
 """
 
@@ -20,6 +22,7 @@ from functools import lru_cache
 import numpy as np
 
 from ssau.errors import SkipImage
+from ssau.faces.detect import landmarks_in_box, largest_face
 from ssau.faces.template import DEFAULT_MARGIN, MEAN_5, MEAN_68, five_points, placed, plausible
 
 DETECTOR = "haarcascade_frontalface_default.xml"
@@ -107,18 +110,32 @@ def warp(rgb: np.ndarray, m: np.ndarray, size: int) -> np.ndarray:
 
 
 def face_matrix(rgb: np.ndarray, points: np.ndarray | None, bbox, size: int, margin: float, use: str,
-                detect: bool = True) -> tuple[np.ndarray, str]:
-    """(source -> crop matrix, how it was found: landmarks / bbox / detector). SkipImage('no-face') when nothing
-    gives a face."""
+                detect: bool = True, detector: str = "haar") -> tuple[np.ndarray, str, np.ndarray | None]:
+    """(source -> crop matrix, how it was found, the 68 points it used or None). How: landmarks (given), bbox (a
+    sidecar's box; with ``detector="dlib"`` its landmarks are predicted inside it: detector-landmarks), detector
+    (Haar box) or detector-landmarks (dlib's face and 68 points, ``ssau.faces.detect``). SkipImage('no-face') when
+    nothing gives a face."""
     h, w = rgb.shape[:2]
     if points is not None and plausible(points, w, h):
-        return landmark_matrix(points, size, margin, use), "landmarks"
-    if bbox is not None and len(bbox) == 4 and all(np.isfinite(bbox)) and bbox[2] > 4 and bbox[3] > 4:
-        return box_matrix(bbox, size, margin), "bbox"
+        return landmark_matrix(points, size, margin, use), "landmarks", points
+    box_ok = bbox is not None and len(bbox) == 4 and all(np.isfinite(bbox)) and bbox[2] > 4 and bbox[3] > 4
+    if detector == "dlib" and (box_ok or detect):
+        found = landmarks_in_box(rgb, bbox) if box_ok else getattr(largest_face(rgb), "points", None)
+        if found is not None and plausible(found, w, h):
+            return landmark_matrix(found, size, margin, use), "detector-landmarks", found
+        if not box_ok:
+            raise SkipImage("no-face")
+    if box_ok:
+        return box_matrix(bbox, size, margin), "bbox", None
     box = detect_face(rgb) if detect else None
     if box is None:
         raise SkipImage("no-face")
+    return haar_matrix(box, size, margin), "detector", None
+
+
+def haar_matrix(box: tuple[float, float, float, float], size: int, margin: float) -> np.ndarray:
+    """Source -> crop matrix for a Haar box, corrected to the landmarks' extent (``DETECTOR_BOX_SCALE``, ``_DROP``)."""
     x, y, bw, bh = box
     side = bw / DETECTOR_BOX_SCALE  # the landmarks' extent the box stands for
     cx, cy = x + bw / 2, y + bh / 2 + DETECTOR_BOX_DROP * bh
-    return box_matrix((cx - side / 2, cy - side / 2, side, side), size, margin), "detector"
+    return box_matrix((cx - side / 2, cy - side / 2, side, side), size, margin)

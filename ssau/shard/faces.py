@@ -35,7 +35,9 @@ class FaceOptions:
     align: int | None = None  # crop side, or None: store the frame
     margin: float = 0.15
     points: str = "five"  # five | all: which landmarks the similarity fits
-    detect: bool = True  # frames without landmarks or box: Haar detector (else skipped as no-face)
+    detect: bool = True  # frames without landmarks or box: a face detector (else skipped as no-face)
+    detector: str = "haar"  # haar (a box) | dlib (face and 68 landmarks: the [faces] extra)
+    landmarks_from: str = "file"  # file (CSV or sidecar, else the detector) | detector (always the detector)
     flow_size: int = 64  # shorter side of the stored flow grid
     flow_clip: float = 20.0  # |u|, |v| clipped to this many stored-image pixels
     want_gray: bool = False  # keep the stored image's grayscale for the flow
@@ -79,12 +81,12 @@ def place(data: bytes, points, bbox, o: FaceOptions) -> Placed:
         return Placed(prep, m, _stored_points(points, m) if usable else None, "none", gray,
                       dropped=points is not None and not usable)
     rgb = decode_rgb(data)
-    pts = np.asarray(points, dtype=np.float64) if points is not None else None
-    m, how = face_matrix(rgb, pts, bbox, o.align, o.margin, o.points, o.detect)
+    pts = np.asarray(points, dtype=np.float64) if points is not None and o.landmarks_from == "file" else None
+    m, how, used = face_matrix(rgb, pts, bbox, o.align, o.margin, o.points, o.detect, o.detector)
     crop = warp(rgb, m, o.align)
     prep = Prepared(encode_jpeg(Image.fromarray(crop), o.quality), o.align, o.align, "align")
-    return Placed(prep, m, _stored_points(points, m) if how == "landmarks" else None, how,
-                  _gray(crop) if o.want_gray else None, dropped=pts is not None and how != "landmarks")
+    return Placed(prep, m, _stored_points(used, m), how, _gray(crop) if o.want_gray else None,
+                  dropped=pts is not None and how != "landmarks")
 
 
 def partner_gray(data: bytes, placed: Placed, o: FaceOptions) -> np.ndarray:

@@ -102,6 +102,13 @@ def read_landmark_csv(path: Path, frame_column: str = "frame", min_confidence: f
     return {k: v[1] for k, v in table.items()}, problems
 
 
+def landmark_rows(path: Path, frame_column: str = "frame", min_confidence: float = 0.8
+                  ) -> dict[int, tuple[float, list | None]]:
+    """{frame: (confidence, 68 [x, y] or None)} of an OpenFace or plain landmark CSV (rows numbered 1, 2, ... in a
+    file without a frame column); LabelError for a file that is not one."""
+    return _read(path, frame_column, min_confidence)[0]
+
+
 def still_landmarks(table: dict[int, tuple[float, list | None]]) -> list | None:
     """The most confident face of a still image's file."""
     found = [(conf, pts) for conf, pts in table.values() if pts is not None]

@@ -30,6 +30,8 @@ from tqdm import tqdm
 from ssau.aus import EXPRESSIONS, STANDARD_FOLDS, au_name
 from ssau.errors import ShardError, WorkerDied
 from ssau.faces.align import DETECTOR
+from ssau.faces.detect import DLIB_DETECTOR, LICENCE
+from ssau.faces.detect import available as detector_available
 from ssau.faces.flow import require_optflow
 from ssau.faces.template import MEAN_68
 from ssau.io import atomic_path, atomic_write
@@ -219,6 +221,14 @@ def _check_faces(s: ShardSettings) -> None:
         raise ShardError(f"--min-landmark-confidence {s.min_landmark_confidence}: a value in [0, 1]")
     if s.require_landmarks and not s.landmarks and s.format != "folder":
         raise ShardError("--require-landmarks needs --landmarks DIR (only folder sidecars come without it)")
+    if s.detector not in ("haar", "dlib") or s.landmarks_from not in ("file", "detector"):
+        raise ShardError(f"--detector {s.detector!r} / --landmarks-from {s.landmarks_from!r}: auto, dlib or haar / "
+                         f"file or detector")
+    if s.detector == "dlib" and not detector_available():
+        raise ShardError("--detector dlib needs the [faces] extra: pip install -e '.[faces]' (dlib-bin, "
+                         "face_recognition_models)")
+    if s.landmarks_from == "detector" and (s.align is None or s.detector != "dlib"):
+        raise ShardError("--landmarks-from detector needs --align SIZE and dlib's landmarks (the [faces] extra)")
     if s.flow:
         require_optflow()
 
@@ -371,8 +381,11 @@ def _faces_doc(scan: Scan, s: ShardSettings, shards: list[dict]) -> dict:
            "aligned_by": {k.removeprefix("aligned-"): v for k, v in sorted(got.items()) if k.startswith("aligned-")}}
     if s.align is not None:
         doc["align"] = {"size": s.align, "margin": s.align_margin, "points": s.align_points,
-                        "detector": DETECTOR if s.detect else None, "warp": "cv2.warpAffine bilinear, border replicate",
+                        "detector": (DLIB_DETECTOR if s.detector == "dlib" else DETECTOR) if s.detect else None,
+                        "landmarks_from": s.landmarks_from, "warp": "cv2.warpAffine bilinear, border replicate",
                         "template": [[round(float(x), 6), round(float(y), 6)] for x, y in MEAN_68]}
+        if s.detector == "dlib":
+            doc["align"]["landmarks_licence"] = LICENCE
     if s.flow:
         doc["flow"] = {"k": s.flow, "size": s.flow_size, "clip": s.flow_clip, "units": "stored-image pixels",
                        "method": "TV-L1 (cv2.optflow), frame t+K warped by frame t's alignment, grayscale",

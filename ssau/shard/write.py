@@ -57,6 +57,8 @@ class ShardSettings:
     align_margin: float = 0.15
     align_points: str = "five"
     detect: bool = True
+    detector: str = "haar"  # haar | dlib (the [faces] extra); the CLI's auto is resolved before a run
+    landmarks_from: str = "file"  # file | detector (--landmarks-from)
     flow: int = 0
     flow_size: int = 64
     flow_clip: float = 20.0
@@ -73,13 +75,14 @@ class ShardSettings:
 
     def faces(self, want_gray: bool = False) -> FaceOptions:
         return FaceOptions(resize=self.resize, quality=self.quality, align=self.align, margin=self.align_margin,
-                           points=self.align_points, detect=self.detect, flow_size=self.flow_size,
+                           points=self.align_points, detect=self.detect, detector=self.detector,
+                           landmarks_from=self.landmarks_from, flow_size=self.flow_size,
                            flow_clip=self.flow_clip, want_gray=want_gray)
 
 
 _FACE_FIELDS = ("landmarks", "landmark_pattern", "landmark_frames", "landmark_frame_column", "min_landmark_confidence",
-                "require_landmarks", "align", "align_margin", "align_points", "detect", "flow", "flow_size",
-                "flow_clip")
+                "require_landmarks", "align", "align_margin", "align_points", "detect", "detector", "landmarks_from",
+                "flow", "flow_size", "flow_clip")
 
 
 def json_bytes(obj) -> bytes:

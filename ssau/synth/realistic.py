@@ -362,14 +362,20 @@ def render_sequence(job: tuple) -> list[str]:
     return lines
 
 
-def render_unlabelled(job: tuple) -> None:
-    out, i, s = job
+def render_still(s: SynthSettings, i: int) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """Unlabelled face ``i``: (frame, its exact [68, 2] landmarks, the face box); ten images per identity."""
     rng = random.Random(f"{s.seed}:unl:{i}:realistic")
     ident_id = i // 10  # ten images per identity, like a face-recognition corpus
     ident, look = make_identity(random.Random(f"{s.seed}:unl-id:{ident_id}")), _look(s, f"unl-{ident_id}")
     au = sequence_intensities(rng, 8, subtle=SUBTLE)[rng.randrange(8)]
     scene = make_scene(rng, ident, look, s.size)
-    img, lm, box = render_frame(scene, ident, look, au, pose_track(rng, 1)[0], rng)
+    return render_frame(scene, ident, look, au, pose_track(rng, 1)[0], rng)
+
+
+def render_unlabelled(job: tuple) -> None:
+    out, i, s = job
+    img, lm, box = render_still(s, i)
+    ident_id = i // 10
     folder = out / "unlabelled" / f"id{ident_id:05d}"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{i:06d}.jpg"

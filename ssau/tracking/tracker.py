@@ -41,6 +41,7 @@ import numpy as np
 
 from ssau.config import TrackingConfig
 from ssau.errors import ConfigError, JournalError
+from ssau.predict.mlflow_log import log_model as log_pyfunc
 from ssau.tracking.journal import Journal, Sender, Steps, groups, pending, read_delivered, reason
 from ssau.tracking.journal import verdict as verdict_of
 from ssau.tracking.store import artifact_root, relocate
@@ -193,6 +194,23 @@ class Tracker:
             else:
                 self._say(f"ssau: tracking: {undelivered} records not delivered to {self.uri}{why} (no journal)")
         return undelivered
+
+    def log_model(self, model_pt: Path, card: dict, aus: tuple[int, ...]) -> str:
+        """``model_pt`` as the artifact ``model/model.pt`` (through the journal) and, with ``tracking.log_model``,
+        as the run's MLflow pyfunc model ``model`` (``ssau.predict.mlflow_log``; registered as
+        ``tracking.register_as`` if set), logged now, not through the journal (``ssau upload`` does not carry it).
+        A failure of the latter is one warning line, never the run's end: model.pt stays in the run directory and
+        its plain artifact. Returns the model URI or ''."""
+        self.log_artifact(model_pt, "model")
+        if not self.cfg.log_model:
+            return ""
+        try:
+            check_uri(self.uri)  # one quick question first: MLflow's own client retries for minutes
+            return log_pyfunc(model_pt, card, aus, self.run_id, self.uri, self.cfg.register_as)
+        except Exception as e:  # noqa: BLE001 - MLflow's own errors (store, registry, environment) end nothing here
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            self._say(f"ssau: warning: the MLflow model was not logged ({why}); {model_pt} is the model")
+            return ""
 
     # ------------------------------------------------------------------------------------------------ logging
     def log_params(self, params: dict) -> None:

@@ -8,19 +8,19 @@ import statistics
 import time
 from pathlib import Path
 
-from ssau.checkpoints import check_training_state, load_into, safe_load
-from ssau.config import Config, TrainConfig, build, validate
+from ssau.config import TrainConfig
 from ssau.dist.ranks import init_runtime
-from ssau.errors import CheckpointError, ConfigError
-from ssau.methods.registry import build_method, resolve_params, scores_au
+from ssau.errors import ConfigError
+from ssau.methods.registry import scores_au
 from ssau.metrics import format_expression_table, format_table, sample_std
+from ssau.predict.model import read_model
 from ssau.tracking.artifacts import cv_artifacts
 from ssau.tracking.journal import JOURNAL
 from ssau.tracking.naming import git_commit
 from ssau.tracking.store import relocate
 from ssau.tracking.tracker import Tracker, check_uri
 from ssau.train.evaluate import evaluate_method
-from ssau.train.setup import check_method, load_run_config
+from ssau.train.setup import load_run_config
 from ssau.train.trainer import Trainer
 
 
@@ -74,23 +74,8 @@ def evaluate(checkpoint: str, shards: list[str], folds: list[int] | None, batch:
         raise ConfigError(f"--checkpoint {path} does not exist")
     if batch < 1 or workers < 0:
         raise ConfigError(f"--batch {batch} / --workers {workers}: need a batch of at least 1 and 0 or more workers")
-    state = check_training_state(safe_load(path), path, model_only=True)  # weights only: a crafted file runs nothing
-    try:
-        tree = dict(state["config"])
-        tree["method"] = resolve_params(tree.get("method") if isinstance(tree.get("method"), dict) else {})
-        cfg: Config = build(Config, tree)
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_batch=batch, workers=workers,
-                                                                eval_incomplete=incomplete))
-        check_method(validate(cfg))  # a damaged config (image_size=100000) fails here, not in the allocator
-    except ConfigError as e:
-        raise CheckpointError(f"{path}: its config is not valid ({e})") from None
-    aus = tuple(state["aus"])
+    method, cfg, aus, _ = read_model(path, {"eval_batch": batch, "workers": workers, "eval_incomplete": incomplete})
     rt = init_runtime(TrainConfig(device="auto", precision="fp32"))
-    method = build_method(cfg.method, aus, cfg.model).for_inference()  # model.pt holds the inference path only
-    if "au" not in method.tasks():
-        raise ConfigError(f"{path}: a {cfg.method_name} model of the {'/'.join(method.tasks())} task has no AU "
-                          f"output to score (its training run logged val/expr_acc)")
-    load_into(method, method.inference_state(state["method"]), "model", path)  # a step checkpoint holds more
     method.to(rt.device)
     metrics = evaluate_method(method, cfg.data, aus, rt, dirs=tuple(shards), folds=tuple(folds) if folds else None)
     if rt.main:

@@ -74,6 +74,8 @@ def demo(out: str, steps: int, backbone: str, size: int, subjects: int, frames: 
         print(format_table(metrics))
         print(f"\nMLflow run {trainer.run_id} in experiment 'ssau-demo'. Open it with:\n"
               f"  {ssau_command()} ui --uri {uri}\n"
-              f"then http://127.0.0.1:5000/#/experiments?workflowType=machine_learning in a browser")
+              f"then http://127.0.0.1:5000/#/experiments?workflowType=machine_learning in a browser\n"
+              f"Use the model on your own images or videos:\n"
+              f"  {ssau_command()} predict {trainer.run_dir} PHOTOS_OR_VIDEOS --out au.csv")
     return metrics
 

@@ -41,6 +41,7 @@ from ssau.tracking.journal import JOURNAL, journal_run_id
 from ssau.tracking.naming import eval_metric_dict, experiment_params, run_name, run_tags
 from ssau.tracking.tracker import Tracker
 from ssau.train.evaluate import evaluate_tasks
+from ssau.train.model_card import card_of_config, model_state
 from ssau.train.monitor import CollapseMonitor
 from ssau.train.optim import build_optimizer, check_group_names, group_config, lr_factor
 from ssau.train.setup import resolve_method
@@ -386,15 +387,14 @@ class Trainer:
             self.tracker.log_artifact(cfg_path)
 
     def _finish(self, metrics: dict) -> None:
-        model = self.run_dir / "model.pt"
-        atomic_save({"method": self.method.inference_state(), "config": to_dict(self.cfg), "aus": list(self.aus)}, model)
+        model, card = self.run_dir / "model.pt", card_of_config(self.cfg, metrics)
+        atomic_save(model_state(self.method.inference_state(), self.cfg, self.aus, card), model)
         if not self.tracker:
             return
-        # at the artifact root, where MLflow's compare view lists them side by side
-        for p in result_artifacts(metrics, [au_name(a) for a in self.aus], self.run_dir / "eval"):
+        for p in result_artifacts(metrics, [au_name(a) for a in self.aus], self.run_dir / "eval"):  # root: compare view
             self.tracker.log_artifact(p)
         if "per_au" in metrics:
             self.tracker.log_tags({"mlflow.loggedArtifacts": json.dumps([{"path": "per_au.json", "type": "table"}])})
-        self.tracker.log_artifact(model, "model")
+        self.tracker.log_model(model, card, self.aus)  # model/model.pt, and the MLflow model `model`
         self.tracker.log_metrics({"train/refused_updates": self.skipped_updates}, self.step)
         self.tracker.end()
