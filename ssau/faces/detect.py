@@ -53,11 +53,11 @@ def _predictor_path() -> Path | None:
 @lru_cache(maxsize=1)
 def available() -> bool:
     """dlib imports and the 68-point model file is installed."""
-    if importlib.util.find_spec("dlib") is None or _predictor_path() is None:
-        return False
     try:
+        if importlib.util.find_spec("dlib") is None or _predictor_path() is None:
+            return False
         import dlib  # noqa: F401  (optional: the [faces] extra)
-    except ImportError:
+    except (ImportError, ValueError):  # ValueError: a module without a spec (a stub, a blocked import)
         return False
     return True
 
