@@ -4,6 +4,7 @@ error line of a failed command, a tiny training command line, OpenFace CSVs and 
 from __future__ import annotations
 
 import json
+import os
 import random
 import tarfile
 from contextlib import contextmanager
@@ -159,12 +160,14 @@ def global_tracking_uri(uri: str):
     import mlflow
     from mlflow.tracking._tracking_service import utils
 
-    previous = utils._tracking_uri  # None when unset: MLFLOW_TRACKING_URI applies again afterwards
+    previous, env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")  # None: unset (restored as unset)
     mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
         mlflow.set_tracking_uri(previous)
+        if env is not None:  # setting None deletes MLFLOW_TRACKING_URI too
+            os.environ["MLFLOW_TRACKING_URI"] = env
 
 
 def model_artifacts(client, run_id: str) -> set[str]:

@@ -28,6 +28,7 @@ from mlflow.tracking import MlflowClient
 from ssau.cli import main
 from ssau.data.eval_stream import eval_loader
 from ssau.predict.faces import find_faces
+from ssau.predict.inputs import video_rgb
 from ssau.predict.model import load_recogniser, read_model
 from ssau.shard.landmarks import landmark_rows
 
@@ -128,7 +129,7 @@ def test_video_every_n_frames_with_a_landmark_csv_beside_it(trained, tmp_path):
     rec = load_recogniser(str(trained["run"]), "cpu")
     table = landmark_rows(tmp_path / "clip.csv")
     with av.open(str(tmp_path / "clip.avi")) as c:
-        rgb = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+        rgb = [video_rgb(f) for f in c.decode(video=0)]  # as ssau shard stores a video frame: through JPEG
     faces = [find_faces(rgb[i], rec.card["preprocess"], "haar", table[i + 1])[0] for i in (0, 2, 4)]
     want = rec.probabilities(torch.stack([f.image for f in faces])).numpy()
     assert np.abs(df[au_names(df)].to_numpy(float) - want).max() < 1e-6
@@ -153,15 +154,61 @@ def test_flagged_rows_no_face_not_media_fifo_and_bad_image(trained, tmp_path):
     assert flagged[au_names(df)].isna().all().all() and (df["success"] == 1).sum() == 6
 
 
-def test_predict_refuses_a_bad_out_and_a_damaged_model_card(trained, tmp_path, capsys):
+@pytest.mark.parametrize("damage", [("thresholds", [2.0] * 12), ("image_size", "32"), ("image_size", 64),
+                                    ("align_size", 48.7), ("quality", 0)])
+def test_predict_refuses_a_bad_out_and_a_damaged_model_card(trained, tmp_path, capsys, damage):
     assert main(["predict", str(trained["run"]), str(trained["photos"]), "--out", str(tmp_path / "x.txt")]) == 2
     assert "a .csv or .parquet file" in error_line(capsys)
     state = torch.load(trained["run"] / "model.pt", weights_only=True)
-    state["card"]["thresholds"] = [2.0] * 12
+    key, value = damage
+    if key == "thresholds":
+        state["card"]["thresholds"] = value
+    elif key == "align_size":
+        state["card"]["preprocess"]["align"]["size"] = value
+    else:
+        state["card"]["preprocess"][key] = value  # a string, a side other than the config's, a JPEG quality of 0
     torch.save(state, tmp_path / "model.pt")
     assert main(["predict", str(tmp_path / "model.pt"), str(trained["photos"]), "--out", str(tmp_path / "y.csv")]) == 2
-    assert "model card holds values out of range" in error_line(capsys)
+    assert "model card holds values out of range or of the wrong type" in error_line(capsys)
     assert not (tmp_path / "y.csv").exists()
+
+
+def test_shard_inputs_with_legacy_or_malformed_landmarks_and_a_fifo_shard(trained, tmp_path):
+    from corpora import jpeg_bytes, write_tar
+
+    from ssau.predict.inputs import FaceRows, Job
+
+    tar = tmp_path / "crafted.tar"
+    meta = {"aus": [1, 2], "occurrence": [1, 0], "mask": [1, 1]}
+    write_tar(tar, [("legacy", jpeg_bytes(1, 48), {**meta, "landmarks": [[10, 10]] * 5}),  # pre-issue-11
+                    ("bad", jpeg_bytes(2, 48), {**meta, "aligned": "landmarks", "landmarks": "x"})])
+    pre = load_recogniser(str(trained["run"]), "cpu").card["preprocess"]
+    rows = [r for chunk in FaceRows([Job("shard", str(tar))], pre, "haar") for r in chunk["rows"]]
+    assert [(r["input"].split("#")[1], r["success"]) for r in rows] == [("legacy", 1), ("bad", 0)]
+    assert rows[0]["points"] is None and rows[1]["problem"].startswith("unreadable sample")
+    shards = tmp_path / "shards"
+    shutil.copytree(trained["shards"], shards)
+    first = sorted(shards.glob("*.tar"))[0]
+    first.unlink()
+    os.mkfifo(first)  # listed in dataset.json; opening it would block forever
+    df = predicted(trained["run"], [shards], tmp_path / "f.csv")
+    flagged = df[df["success"] == 0]
+    assert flagged["problem"].tolist() == ["shard is not a regular file"] and flagged["input"].tolist() == [str(first)]
+    listed = json.loads((shards / "dataset.json").read_text())["shards"]
+    assert (df["success"] == 1).sum() == 36 - next(sh["samples"] for sh in listed if sh["name"] == first.name)
+
+
+def test_logging_the_mlflow_model_keeps_the_process_tracking_uri(trained, tmp_path, monkeypatch):
+    from ssau.predict.mlflow_log import log_model
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("e", artifact_location=str(tmp_path / "a")))
+    state = torch.load(trained["run"] / "model.pt", weights_only=True)
+    assert log_model(trained["run"] / "model.pt", state["card"], tuple(state["aus"]), run.info.run_id, uri)
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:///elsewhere.db"
+    assert mlflow.get_tracking_uri() == "sqlite:///elsewhere.db"  # the variable applies again, nothing pinned
 
 
 def logged_model(trained) -> str:
@@ -274,8 +321,39 @@ def test_validation_thresholds_travel_with_the_model(trained, tmp_path):
     card = torch.load(tmp / "runs" / "v" / "model.pt", weights_only=True)["card"]
     assert card["thresholds_from"].startswith("validation split") and len(card["thresholds"]) == 12
     assert card["preprocess"] == {"align": {"size": 48, "margin": 0.15, "points": "five"}, "quality": 95,
-                                  "image_size": 32, "resize_ratio": 1.143}
+                                  "faces_from": "landmarks", "image_size": 32, "resize_ratio": 1.143}
     df = predicted(tmp / "runs" / "v", [trained["photos"]], tmp_path / "t.csv", "--detector", "haar")
     for n, t in zip(au_names(df), card["thresholds"]):
         assert (df[f"{n}_c"] == (df[n] >= t).astype(int)).all()
     assert any(t != 0.5 for t in card["thresholds"])
+
+
+def test_a_damaged_dataset_json_costs_the_card_its_alignment_not_the_run(tmp_path):
+    from ssau.config import Config
+    from ssau.train.model_card import card_of_config
+
+    (tmp_path / "dataset.json").write_text(json.dumps({"faces": {"align": {"size": 64}}, "settings": "x"}))
+    cfg = Config()
+    cfg.data.labelled = [str(tmp_path)]
+    card = card_of_config(cfg)
+    assert card["preprocess"]["align"] is None and card["preprocess"]["faces_from"] == "frames"
+    (tmp_path / "dataset.json").write_text(json.dumps({"faces": {"align": {"size": 64, "margin": 0.1, "points": "all"},
+                                                                 "aligned_by": {"detector": 9, "landmarks": 3}}}))
+    assert card_of_config(cfg)["preprocess"]["align"] == {"size": 64, "margin": 0.1, "points": "all"}
+    assert card_of_config(cfg)["preprocess"]["faces_from"] == "box"  # mostly Haar boxes: predict's auto takes Haar
+
+
+def test_auto_detector_follows_how_the_training_faces_were_aligned(monkeypatch):
+    from ssau.errors import UserError
+    from ssau.predict.faces import choose_detector
+
+    pre = {"align": {"size": 48, "margin": 0.15, "points": "five"}, "faces_from": "landmarks"}
+    monkeypatch.setattr("ssau.faces.detect.available", lambda: True)
+    assert choose_detector("auto", pre) == ("dlib", "")
+    assert choose_detector("auto", pre | {"faces_from": "box"}) == ("haar", "")  # trained on Haar boxes
+    assert choose_detector("haar", pre) == ("haar", "")
+    monkeypatch.setattr("ssau.faces.detect.available", lambda: False)
+    detector, note = choose_detector("auto", pre)
+    assert detector == "haar" and "[faces] extra" in note
+    with pytest.raises(UserError, match=r"\[faces\] extra"):
+        choose_detector("dlib", pre)

@@ -3,10 +3,10 @@
 MODEL is a run directory or a model.pt (`ssau demo`'s run, say). Every figure comes from one run, rounds
 interleaved, medians reported, and is also given as a ratio:
   predict   `ssau predict`'s pipeline (PyAV decoding and face alignment in a DataLoader worker, batches of 64; also
-            with --workers 0, everything in one process) on a video of realistic synthetic frames with an OpenFace CSV beside it, against a bare
-            loop over the same video in one process (decode, align by the same CSV rows, the model at the same
-            batch): frames/s of each and the pipeline's ratio to the loop; also `ssau predict` with dlib's detector
-            instead of the CSV (the [faces] extra)
+            with --workers 0, everything in one process) on a video of realistic synthetic frames with an OpenFace
+            CSV beside it, against a bare loop over the same video in one process (decode, JPEG round trip as the
+            sharder does, align by the same CSV rows, the model at the same batch): frames/s of each and the
+            pipeline's ratio to the loop; also `ssau predict` with dlib's detector instead of the CSV ([faces])
   serve     `mlflow models serve --env-manager local` on 127.0.0.1 answering requests of 32 aligned faces:
             requests/s and faces/s, against the same pyfunc model's predict called in-process
   onnx      onnxruntime's CPU provider against PyTorch on the same batches of 32 faces: ms per batch, the ratio
@@ -33,6 +33,7 @@ from ssau.faces import detect
 from ssau.predict.command import predict
 from ssau.predict.export import Recognition, export_onnx
 from ssau.predict.faces import find_faces
+from ssau.predict.inputs import video_rgb
 from ssau.predict.mlflow_log import log_model
 from ssau.predict.model import load_recogniser, model_file, read_model
 from ssau.shard.landmarks import landmark_rows
@@ -72,7 +73,7 @@ def _bare_loop(rec, video: Path, csv: Path, batch: int) -> float:
     table, pre, pending, n = landmark_rows(csv), rec.card["preprocess"], [], 0
     with av.open(str(video)) as c:
         for i, frame in enumerate(c.decode(video=0)):
-            pending += [f.image for f in find_faces(frame.to_ndarray(format="rgb24"), pre, "haar", table.get(i + 1))]
+            pending += [f.image for f in find_faces(video_rgb(frame), pre, "haar", table.get(i + 1))]
             n += 1
             if len(pending) >= batch:
                 rec.probabilities(torch.stack(pending))

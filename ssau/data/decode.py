@@ -249,6 +249,14 @@ def decode_eval(sample: dict, size: int) -> tuple[torch.Tensor, dict]:
     return _centre(img, size), meta
 
 
+def decode_eval_points(sample: dict, size: int) -> tuple[torch.Tensor, dict, np.ndarray | None]:
+    """``decode_eval`` and the sample's stored landmarks as training reads them (None where it has none, or only
+    the 5 raw points of a shard written before issue 11); DecodeError for malformed ones."""
+    img, meta, stored, _ = _load(sample, size)
+    lm, valid = _landmarks(meta, stored, sample.get("__key__"))
+    return _centre(img, size), meta, (lm.astype(np.float64) if valid else None)
+
+
 def eval_image(data: bytes, size: int, key: object = "image") -> torch.Tensor:
     """A stored face's bytes -> the network's uint8 [3, size, size] input, exactly as evaluation makes it (resize,
     centre crop): what ``ssau predict`` feeds a face it aligned itself. DecodeError when the bytes are no image."""

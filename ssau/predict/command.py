@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ssau.errors import UserError
-from ssau.faces.detect import EXTRA_MISSING, available, resolve
+from ssau.predict.faces import choose_detector
 from ssau.predict.inputs import FaceRows, plan_inputs
 from ssau.predict.model import Recogniser, load_recogniser
 from ssau.predict.table import table_row, write_table
@@ -45,12 +45,10 @@ def predict(model: str, inputs: list[str], out: str, every: int = 1, batch: int 
     jobs = plan_inputs(inputs)
     if not jobs:
         raise UserError("no input file found under " + ", ".join(inputs))
-    if detector == "dlib" and not available():
-        raise UserError("--detector dlib needs the [faces] extra: pip install -e '.[faces]'")
-    det = resolve(detector)
     pre = rec.card["preprocess"]
-    if pre["align"] is not None and det == "haar" and detector == "auto":
-        print(f"ssau predict: note: {EXTRA_MISSING}", file=sys.stderr)
+    det, note = choose_detector(detector, pre)
+    if note:
+        print(f"ssau predict: note: {note}", file=sys.stderr)
     loader = DataLoader(FaceRows(jobs, pre, det, every), batch_size=None, num_workers=min(workers, len(jobs)))
     rows, pending, images, frames, problems = [], [], [], 0, Counter()
     t0 = time.perf_counter()

@@ -63,8 +63,10 @@ def export_onnx(model: str, out: Path, opset: int = 18, check: bool = True) -> s
     if out.suffix.lower() != ".onnx":
         raise UserError(f"--onnx {out}: a .onnx file")
     try:
-        import onnx  # noqa: F401  (the exporter needs onnx and onnxscript: the [export] extra)
+        import onnx  # noqa: F401  (the exporter needs onnx and onnxscript, the check onnxruntime: the [export] extra)
         import onnxscript  # noqa: F401
+        if check:
+            import onnxruntime  # noqa: F401
     except ImportError:
         raise UserError("ssau export needs onnx and onnxscript (and onnxruntime for the check): "
                         "pip install -e '.[export]'") from None
@@ -77,13 +79,18 @@ def export_onnx(model: str, out: Path, opset: int = 18, check: bool = True) -> s
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        program = torch.onnx.export(module, (example,), dynamo=True, opset_version=opset, input_names=["images"],
-                                    output_names=["probabilities"],
-                                    dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, verbose=False)
-        program.model.metadata_props.update({"ssau.card": json.dumps(rec.card), "ssau.aus": json.dumps(
-            [au_name(a) for a in rec.aus]), "ssau.input": f"uint8 [batch, 3, {size}, {size}] RGB, aligned face"})
-        program.save(str(tmp), external_data=False)
-        worst = _check(tmp, module, size) if check else None
+        try:
+            program = torch.onnx.export(module, (example,), dynamo=True, opset_version=opset, input_names=["images"],
+                                        output_names=["probabilities"], verbose=False,
+                                        dynamic_shapes={"images": {0: torch.export.Dim("batch")}})
+            program.model.metadata_props.update({"ssau.card": json.dumps(rec.card), "ssau.aus": json.dumps(
+                [au_name(a) for a in rec.aus]), "ssau.input": f"uint8 [batch, 3, {size}, {size}] RGB, aligned face"})
+            program.save(str(tmp), external_data=False)
+            worst = _check(tmp, module, size) if check else None
+        except Exception as e:  # noqa: BLE001 - the exporter's and onnxruntime's errors are many; one line each
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise UserError(f"--onnx {out}: the {rec.cfg.method_name} model could not be exported at opset {opset} "
+                            f"({type(e).__name__}: {first})") from None
         if worst is not None and not worst <= TOLERANCE:
             raise UserError(f"--onnx {out}: onnxruntime differs from PyTorch by {worst:.2e} (> {TOLERANCE}); "
                             f"not written")

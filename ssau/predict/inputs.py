@@ -27,16 +27,25 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ssau.data.decode import decode_eval
+from ssau.data.decode import decode_eval_points
 from ssau.data.sources import read_dataset
 from ssau.data.tario import SkipCounter, tar_samples
 from ssau.errors import DecodeError, LabelError, SkipImage, UserError
 from ssau.predict.faces import FoundFace, extent, find_faces
-from ssau.shard.images import decode_rgb
+from ssau.shard.images import decode_rgb, encode_jpeg
 from ssau.shard.landmarks import landmark_rows
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv"}
+
+
+MAX_IMAGE_BYTES = 256 << 20  # a photo larger than this is flagged unread (the decoder caps pixels, not bytes)
+
+
+def video_rgb(frame) -> np.ndarray:
+    """A decoded video frame as the sharder stores it before aligning it (``ssau.shard.video``: JPEG at its
+    default quality), so a video's faces reach the network as a sharded video's did."""
+    return decode_rgb(encode_jpeg(frame.to_image()))
 
 
 @dataclass(frozen=True)
@@ -72,7 +81,15 @@ def _shard_jobs(root: Path) -> list[Job]:
         doc = read_dataset(root)
     except Exception as e:  # noqa: BLE001 - a damaged dataset.json is this input's problem, not the run's
         return [Job("other", str(root), problem=f"shard directory unreadable ({str(e)[:120]})")]
-    return [Job("shard", str(root / sh["name"])) for sh in doc["shards"]]
+    return [Job("shard", str(root / sh["name"])) if _regular(root / sh["name"]) else
+            Job("other", str(root / sh["name"]), problem="shard is not a regular file") for sh in doc["shards"]]
+
+
+def _regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return False
 
 
 def plan_inputs(inputs: list[str]) -> list[Job]:
@@ -161,6 +178,8 @@ class FaceRows(IterableDataset):
 
     def _image(self, job: Job, table: dict) -> Iterator[dict]:
         try:
+            if Path(job.path).stat().st_size > MAX_IMAGE_BYTES:
+                raise SkipImage("file-too-large", f"over {MAX_IMAGE_BYTES >> 20} MB")
             rgb = decode_rgb(Path(job.path).read_bytes())
         except (SkipImage, OSError) as e:
             detail = getattr(e, "detail", None)
@@ -176,15 +195,17 @@ class FaceRows(IterableDataset):
         except (av.error.FFmpegError, OSError, ValueError) as e:
             yield _row(job, 0, math.nan, f"unreadable video ({type(e).__name__})")
             return
-        index = -1
+        index, done = -1, True  # done: frame `index` was scored (a failure is then in frame index + 1)
         try:
             for index, frame in enumerate(container.decode(video=0)):
                 if index % self.every:
                     continue
+                done = False
                 stamp = float(frame.time) if frame.time is not None else math.nan
-                yield from self._frame_rows(job, frame.to_ndarray(format="rgb24"), index, stamp, table.get(index))
+                yield from self._frame_rows(job, video_rgb(frame), index, stamp, table.get(index))
+                done = True
         except Exception as e:  # noqa: BLE001 - a broken stream ends this video with a flagged row, not the run
-            yield _row(job, index + 1, math.nan, f"video decoding stopped ({type(e).__name__}: {str(e)[:80]})")
+            yield _row(job, index + done, math.nan, f"video decoding stopped ({type(e).__name__}: {str(e)[:80]})")
         finally:
             container.close()
 
@@ -195,11 +216,10 @@ class FaceRows(IterableDataset):
         for pos, s in enumerate(tar_samples(job.path, bad)):
             key = f"{root}#{s.get('__key__')}"
             try:
-                image, meta = decode_eval(s, size)
+                image, _, pts = decode_eval_points(s, size)
             except DecodeError as e:
                 yield _row(Job("shard", key), pos, math.nan, f"unreadable sample ({str(e)[:120]})")
                 continue
-            pts = np.asarray(meta["landmarks"], dtype=np.float64) if meta.get("landmarks") else None
             box = extent(pts) if pts is not None else (math.nan,) * 4
             yield _row(Job("shard", key), pos, math.nan, face=FoundFace(0, box, math.nan, pts, image))
         if bad.n:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import warnings
 from pathlib import Path
 
@@ -62,14 +63,17 @@ def log_model(model_pt: Path, card: dict, aus: tuple[int, ...], run_id: str, uri
 
     from mlflow.tracking._tracking_service import utils as tracking_utils  # lazy, as mlflow above
 
-    # The fluent API needs the global URI; the process gets its own back afterwards, unset if it was unset (so that
-    # MLFLOW_TRACKING_URI keeps applying), which is what MLflow's own _use_tracking_uri does.
-    previous = getattr(tracking_utils, "_tracking_uri", None)
+    # The fluent API needs the global URI; the process gets its own back afterwards: unset if it was unset (as
+    # MLflow's own _use_tracking_uri does), and MLFLOW_TRACKING_URI as it was (setting None also deletes that
+    # variable from the environment).
+    previous, env = getattr(tracking_utils, "_tracking_uri", None), os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     try:
         return _log(mlflow, model_pt, card, aus, run_id, register_as, example)
     finally:
         mlflow.set_tracking_uri(previous)
+        if env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = env
 
 
 def _log(mlflow, model_pt: Path, card: dict, aus: tuple[int, ...], run_id: str, register_as: str, example) -> str:

@@ -4,11 +4,12 @@
   optional boolean column ``aligned``: True for a face already aligned the way the model's training shards were
   (a shard's stored face; it is then only resized and centre-cropped), False or missing for a photo or frame, where
   the face is found and aligned as ``ssau predict`` does (``ssau.predict.faces``).
-- Output: one row per input row, its first face (dlib's surest, or the Haar box, or the landmark file's): ``success``,
-  the face box, ``AU01``.. probabilities and ``AU01_c``.. presence at the model's thresholds, and ``problem``.
-- Code: logged as "models from code" (``mlflow_entry.py``; ``mlflow_log.log_model`` logs it, which calls ``mlflow.models.set_model``): no pickled
-  Python object goes into the model, and loading it imports ssau from the environment (so serve it with
-  ``--env-manager local`` from ssau's venv). The weights are read with ``weights_only=True`` like every ssau file.
+- Output: one row per input row, its first face (dlib's largest, or the Haar box): ``success``, the face box,
+  ``AU01``.. probabilities and ``AU01_c``.. presence at the model's thresholds, and ``problem``.
+- Code: logged as "models from code" by ``mlflow_log.log_model`` (``mlflow_entry.py``, which calls
+  ``mlflow.models.set_model``): no pickled Python object goes into the model, and loading it imports ssau from the
+  environment (so serve it with ``--env-manager local`` from ssau's venv). The weights are read with
+  ``weights_only=True`` like every ssau file.
 - Signature and input example: the example is a mid-grey face-sized JPEG marked ``aligned``, so a model trained on
   licensed faces (BP4D, DISFA) carries none of them.
 """
@@ -20,13 +21,13 @@ import binascii
 import math
 
 import mlflow
+import numpy as np
 import pandas as pd
 import torch
 
 from ssau.data.decode import eval_image
 from ssau.errors import DecodeError, SkipImage
-from ssau.faces.detect import resolve
-from ssau.predict.faces import find_faces
+from ssau.predict.faces import choose_detector, find_faces
 from ssau.predict.model import load_recogniser
 from ssau.predict.table import au_columns
 from ssau.shard.images import decode_rgb
@@ -35,7 +36,7 @@ from ssau.shard.images import decode_rgb
 class AUModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         self.rec = load_recogniser(context.artifacts["model"])
-        self.detector = resolve("auto")
+        self.detector = choose_detector("auto", self.rec.card["preprocess"])[0]
 
     def _face(self, data: bytes, aligned: bool):
         """(network input or None, box, problem)."""
@@ -53,12 +54,13 @@ class AUModel(mlflow.pyfunc.PythonModel):
         rows, images = [], []
         aligned = model_input["aligned"] if "aligned" in model_input else [False] * len(model_input)
         for text, flag in zip(model_input["image"], aligned):
+            flag = isinstance(flag, (bool, np.bool_)) and bool(flag)  # a missing value (NaN) is not True
             try:
                 data = base64.b64decode(str(text), validate=True)
             except (binascii.Error, ValueError):
                 rows.append((None, (math.nan,) * 4, "image is not base64"))
                 continue
-            rows.append(self._face(data, bool(flag)))
+            rows.append(self._face(data, flag))
         images = [r[0] for r in rows if r[0] is not None]
         probs = iter(self.rec.probabilities(torch.stack(images)).tolist() if images else [])
         out = []

@@ -108,7 +108,7 @@ def load_recogniser(spec: str, device: str = "auto") -> Recogniser:
     with tempfile.TemporaryDirectory(prefix="ssau-model-") as scratch:  # a downloaded model is read, then removed
         path = model_file(spec, Path(scratch))
         method, cfg, aus, state = read_model(path)
-    card = check_card(state["card"], aus, path) if "card" in state else card_of_config(cfg)
+    card = check_card(state["card"], aus, cfg.data.image_size, path) if "card" in state else card_of_config(cfg)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        "cpu" if device == "auto" else device)
     if dev.type == "cuda" and not torch.cuda.is_available():
