@@ -81,12 +81,18 @@ def load_into(target: Any, state: Any, what: str, path: Path) -> None:
 
 def warm_start(module: torch.nn.Module, path: Path) -> tuple[int, int]:
     """``train.init_from``: ``module``'s tensors of matching name and shape from a model.pt or step checkpoint (the
-    backbone and AU head of a supervised run, for any method) -> (tensors taken, tensors of the module)."""
+    backbone and AU head of a supervised run, for any method; ``warm_aliases`` name further places for a tensor)
+    -> (tensors taken, tensors of the module)."""
     if not path.is_file():
         raise ConfigError(f"train.init_from: {path} does not exist")
     state = check_training_state(safe_load(path), path, model_only=True)  # weights only: runs nothing
     own = module.state_dict()
-    take = {k: v for k, v in state["method"].items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
+    aliases = getattr(module, "warm_aliases", ())
+    take = {}
+    for k, v in state["method"].items():
+        for name in [k] + [mine + k[len(theirs):] for theirs, mine in aliases if k.startswith(theirs)]:
+            if name in own and tuple(own[name].shape) == tuple(v.shape):
+                take[name] = v
     if not any(k in take for k, _ in module.named_parameters()):
         raise ConfigError(f"train.init_from: {path} holds no parameter of this model (names and shapes differ)")
     module.load_state_dict(take, strict=False)

@@ -296,3 +296,22 @@ def test_selective_learning_counts_the_global_batch_on_two_ranks():
     kept = run_ranks(_two_rank_selective, 2)
     assert [k[0] for k in kept] == [3, 3]  # 6 negatives of AU1 in all, shared in proportion to 9 : 9
     assert [k[1] for k in kept] == [3, 2]  # 5 of AU2's, in proportion to 10 : 6 (largest remainder)
+
+
+def test_a_supervised_warm_start_starts_both_twins_from_its_backbone_and_head(shards, tmp_path):
+    """`ssau compare --warm-start` gives every method a supervised run's model.pt; MLCR's twins take its backbone and
+    head (their names differ: twins.0.backbone.* against backbone.*), where the start used to be refused."""
+    from ssau.train.setup import load_run_config
+    from ssau.train.trainer import Trainer
+
+    off = ("tracking.enabled=false", "data.fold=0")
+    sup = [a for a in _args(shards, tmp_path, "sup", "train.steps=1", *off) if not a.startswith("method.")]
+    assert main([*sup, "method.name=supervised"]) == 0
+    given = torch.load(tmp_path / "sup" / "model.pt", weights_only=True)["method"]
+    t = Trainer(load_run_config(None, _args(shards, tmp_path, "m", f"train.init_from={tmp_path / 'sup' / 'model.pt'}",
+                                            *off)[1:]))
+    mine = t.method.state_dict()
+    for i in (0, 1):
+        for k in [k for k in given if k.startswith(("backbone.", "head."))]:
+            assert torch.equal(mine[f"twins.{i}.{k}"], given[k]), (i, k)  # one start for both views
+    assert len([k for k in given if k.startswith(("backbone.", "head."))]) > 10

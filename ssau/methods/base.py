@@ -148,6 +148,8 @@ class Method(nn.Module, abc.ABC):
     uses: ClassVar[tuple[str, ...]] = ()  # data it reads when given: "unlabelled", "expression", "validation"
     identical_buffers: ClassVar[tuple[str, ...]] = ()  # name prefixes of buffers every rank computes alike from the
     # averaged parameters (Mean Teacher's EMA): the trainer does not average them across ranks
+    warm_aliases: ClassVar[tuple[tuple[str, str], ...]] = ()  # (prefix in a warm-start file, prefix here): a
+    # file's tensor also starts the submodules named so (MLCR's two twins from a supervised run's backbone and head)
     inference_drops: ClassVar[tuple[str, ...]] = ()  # submodules only training uses (RTATL's auxiliary heads): left
     # out of model.pt (``inference_state``) and of a model built to load it (``for_inference``)
 

@@ -57,6 +57,9 @@ gives them. The stage-1 classifiers get no gradient in stage 2.
   A LeakyReLU(A W^0 H0) are independent, i.e. 2J <= D+1). ``random``: the code's uniform +-1/sqrt(D+1) draw in
   Eq. 6 as written, so stage 2 starts from a new classifier (cosine ~0 with W^0, a fraction of its norm: with
   lambda_cr = 100 pushing both views towards all-negative, a short stage 2 collapses; issue 22).
+- Warm start from a supervised run (``train.init_from``, ``ssau compare --warm-start``): both twins start from its
+  backbone and head (``warm_aliases``), as the paper starts both views from one pre-trained network; they part
+  through L_mv, their own dropout draws and their own pseudo-labels. The twins' own inits differ only without one.
 - Continuing from a stage-1 checkpoint: ``method.stage1_steps=0 method.stage2_steps=N
   train.init_from=<stage-1 run>/model.pt``. The warm start loads the twins before ``setup``, which then takes W^0
   from the loaded classifiers (and starts the GCN from them). Its control arm is the same N steps without the GCN,
@@ -208,6 +211,7 @@ class MLCR(Method):
     name = "mlcr"
     Params = MLCRParams
     uses = ("unlabelled",)
+    warm_aliases = tuple((f"{part}.", f"twins.{i}.{part}.") for i in (0, 1) for part in ("backbone", "head"))
 
     def __init__(self, params: MLCRParams, aus: tuple[int, ...], model: ModelConfig):
         super().__init__(params, aus)
