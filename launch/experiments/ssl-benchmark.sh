@@ -29,7 +29,8 @@ K=${K:-4}
 ARMS=${ARMS:-supervised,supervised-sel,pseudo_label,mean_teacher,fixmatch,adversarial,mlcr,large_margin,rtatl}
 SEARCH=${SEARCH:-pseudo_label,pseudo_label-t80,pseudo_label-cap,fixmatch,fixmatch-t80,fixmatch-cap,mean_teacher,mean_teacher-w10,mean_teacher-e99,large_margin,large_margin-l01,large_margin-l20}
 WARM=${WARM:---warm-start --warm-steps $WARM_STEPS}  # every arm continues from one supervised run per seed (WARM= :
-# from scratch; MLCR's twins and large margin's embedding have no supervised counterpart and start fresh)
+# from scratch; MLCR's two twins both start from the supervised backbone and head, large margin's embedding and
+# centroids, adversarial's discriminator and RTATL's regional path have no supervised counterpart and start fresh)
 STEPS_ONLY=${STEPS_ONLY:-pool,plateau,search,final}
 OUT=${OUT:-runs/ssl-benchmark}
 DATA=("data.labelled=[$DEMO/shards/bp4d]" "data.unlabelled=[$DEMO/shards/pool,$DEMO/shards/folder]"
