@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers import global_tracking_uri
 
 from ssau.cli import main
 
@@ -48,14 +49,8 @@ def test_per_au_results_of_two_runs_side_by_side(store, tmp_path):
         root = {a.path for a in client.list_artifacts(r.info.run_id)}
         assert {"per_au.csv", "per_au.json", "f1_bar.png", "marginal.png", "conditional.png"} <= root
         assert '"per_au.json"' in r.data.tags["mlflow.loggedArtifacts"]
-    import mlflow
-
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(client.tracking_uri)  # load_table searches runs through the global tracking URI
-    try:
+    with global_tracking_uri(client.tracking_uri):  # load_table searches runs through the global tracking URI
         table = client.load_table(exp.experiment_id, "per_au.json", extra_columns=["run_id"])
-    finally:
-        mlflow.set_tracking_uri(previous)
     assert len(table) == 2 * 12 and set(table["run_id"]) == {r.info.run_id for r in runs.values()}
     for r in runs.values():  # the table holds what the run logged as metrics
         rows = table[table["run_id"] == r.info.run_id].set_index("au")

@@ -201,6 +201,9 @@ def test_shard_inputs_with_legacy_or_malformed_landmarks_and_a_fifo_shard(traine
 def test_logging_the_mlflow_model_keeps_the_process_tracking_uri(trained, tmp_path, monkeypatch):
     from ssau.predict.mlflow_log import log_model
 
+    from mlflow.tracking._tracking_service import utils
+
+    monkeypatch.setattr(utils, "_tracking_uri", None)  # unset, whatever another test of this process left pinned
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     client = MlflowClient(uri)
@@ -246,6 +249,9 @@ def test_mlflow_model_loads_and_predicts_like_eval(trained, tmp_path, monkeypatc
         assert np.abs(got.loc[i, names].to_numpy(float) - want[key]).max() < 1e-5
     assert got["success"].tolist() == [1] * len(faces) + [1, 0] and got.loc[len(faces) + 1, "problem"] != ""
     # ssau predict reads the same model from its URI (model.pt with weights_only, not the pyfunc's code)
+    from mlflow.tracking._tracking_service import utils
+
+    monkeypatch.setattr(utils, "_tracking_uri", None)  # as in a fresh process: MLFLOW_TRACKING_URI names the store
     monkeypatch.setenv("MLFLOW_TRACKING_URI", trained["uri"])
     a = predicted(f"runs:/{run_id}/model", [trained["photos"]], tmp_path / "a.csv", "--detector", "haar")
     b = predicted(trained["run"], [trained["photos"]], tmp_path / "b.csv", "--detector", "haar")

@@ -57,9 +57,12 @@ gives them. The stage-1 classifiers get no gradient in stage 2.
   A LeakyReLU(A W^0 H0) are independent, i.e. 2J <= D+1). ``random``: the code's uniform +-1/sqrt(D+1) draw in
   Eq. 6 as written, so stage 2 starts from a new classifier (cosine ~0 with W^0, a fraction of its norm: with
   lambda_cr = 100 pushing both views towards all-negative, a short stage 2 collapses; issue 22).
-- Warm start from a supervised run (``train.init_from``, ``ssau compare --warm-start``): both twins start from its
-  backbone and head (``warm_aliases``), as the paper starts both views from one pre-trained network; they part
-  through L_mv, their own dropout draws and their own pseudo-labels. The twins' own inits differ only without one.
+- Warm start from a supervised run (``train.init_from``, ``ssau compare --warm-start``; ``warm_aliases`` map its
+  ``backbone.*`` and ``head.*`` onto the twins): ``warm_twins: first`` (default) starts view 1 from it and leaves
+  view 2 at its own draw, because the paper's views must start apart ("two networks may generate different features
+  if they are initialized differently", Sec. 4.4; co-training needs conditionally independent views); ``both``
+  starts both views from it, and then they stay one network: in the semi-supervised benchmark's attempt 4 the
+  views never disagreed (inconsistency 0.0 on both seeds).
 - Continuing from a stage-1 checkpoint: ``method.stage1_steps=0 method.stage2_steps=N
   train.init_from=<stage-1 run>/model.pt``. The warm start loads the twins before ``setup``, which then takes W^0
   from the loaded classifiers (and starts the GCN from them). Its control arm is the same N steps without the GCN,
@@ -106,8 +109,11 @@ class MLCRParams:
     gcn_lr_scale: float = 1.0
     gcn_init: Literal["identity", "fit", "random"] = "identity"  # the GCN at the switch (module docstring)
     labelled_pass: bool = False
+    warm_twins: Literal["first", "both"] = "first"  # what a supervised warm start starts (module docstring)
 
     def __post_init__(self) -> None:
+        if self.warm_twins not in ("first", "both"):
+            raise ConfigError(f"method.warm_twins: {self.warm_twins!r}; choose first or both")
         if self.a_c_table not in ("auto", "bp4d", "emotionet", "default"):
             raise ConfigError(f"method.a_c_table: {self.a_c_table!r}; choose auto, bp4d, emotionet or default")
         if self.gcn_init not in ("identity", "fit", "random"):
@@ -211,7 +217,11 @@ class MLCR(Method):
     name = "mlcr"
     Params = MLCRParams
     uses = ("unlabelled",)
-    warm_aliases = tuple((f"{part}.", f"twins.{i}.{part}.") for i in (0, 1) for part in ("backbone", "head"))
+
+    @property
+    def warm_aliases(self) -> tuple[tuple[str, str], ...]:
+        twins = (0, 1) if self.params.warm_twins == "both" else (0,)
+        return tuple((f"{part}.", f"twins.{i}.{part}.") for i in twins for part in ("backbone", "head"))
 
     def __init__(self, params: MLCRParams, aus: tuple[int, ...], model: ModelConfig):
         super().__init__(params, aus)
