@@ -35,7 +35,6 @@ class Recogniser:
     cfg: Config
     aus: tuple[int, ...]
     card: dict  # preprocess, thresholds, ... (ssau.train.model_card)
-    path: Path  # the model.pt read
 
     @property
     def thresholds(self) -> list[float]:
@@ -113,4 +112,4 @@ def load_recogniser(spec: str, device: str = "auto") -> Recogniser:
                        "cpu" if device == "auto" else device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is visible")
-    return Recogniser(method.to(dev), cfg, aus, card, path)
+    return Recogniser(method.to(dev), cfg, aus, card)
