@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ssau.aus import parse_au_list
-from ssau.errors import STOPS, ConfigError, JournalError, LabelError, ShardError, UserError
+from ssau.errors import STOPS, ConfigError, InputError, JournalError, LabelError, ShardError, UserError
 
 # The marker of an uncoded AU where the user names none: EmotioNet's challenge files use 999.
 DEFAULT_UNKNOWN = {"emotionet": "999", "csv": ""}
@@ -252,9 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     co.set_defaults(run=_compare)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint; prints a per-AU table")
-    ev.add_argument("--checkpoint", required=True, help="model.pt or checkpoints/step-N.pt of a run")
+    ev.add_argument("--checkpoint", required=True, help="a run directory (its model.pt), a model.pt, a run's "
+                    "checkpoints/step-N.pt, or an MLflow model URI (runs:/<id>/model; MLFLOW_TRACKING_URI names "
+                    "the store)")
     ev.add_argument("--shards", nargs="+", required=True, help="shard directories")
-    ev.add_argument("--folds", type=int, nargs="*", help="folds to evaluate (default: all)")
+    ev.add_argument("--folds", type=int, nargs="*", help="folds to evaluate (default: every fold of the shards, not "
+                                                         "only the held-out fold of the model's training run)")
     ev.add_argument("--batch", type=int, default=64)
     ev.add_argument("--workers", type=int, default=2)
     ev.add_argument("--incomplete", choices=("fail", "warn"), default="fail",
@@ -320,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.run(args)
-    except (UserError, LabelError, ShardError, ConfigError, *STOPS) as e:
+    except (UserError, LabelError, ShardError, ConfigError, InputError, *STOPS) as e:
         print(f"ssau: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a path the system refuses (missing, read-only, disk full): the path and why, one line

@@ -9,17 +9,17 @@ method's ``Params`` where a run is built (``ssau.train.setup``), so loading a co
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Callable, Literal
 
 import yaml
 
-from ssau.errors import ConfigError
+from ssau.errors import ConfigError, InputError
+from ssau.readfile import read_json
 
 
 @dataclass
@@ -258,11 +258,23 @@ def _looks_float(raw: str) -> bool:
         return False
 
 
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a directory inside its root (absolute, '..', NUL, a part over 255 bytes), or None."""
+    p = PurePath(name)
+    bad = ("is empty or holds a NUL byte" if "\0" in name or not name.strip() else "is an absolute path"
+           if p.is_absolute() or name.startswith("~") or p.drive else "holds '..'" if ".." in p.parts else
+           "has a part over 255 bytes" if any(len(x.encode()) > 255 for x in p.parts) else None)
+    return bad and f"{bad}; give a name inside the output directory"
+
+
 def validate(cfg: Config) -> Config:
     """Cross-field checks that a type alone cannot express; returns ``cfg``."""
     d, t, o = cfg.data, cfg.train, cfg.optim
     if not d.labelled:
         raise ConfigError("data.labelled: name at least one shard directory (ssau shard --out)")
+    for key, name in (("train.name", t.name), ("tracking.run_name", cfg.tracking.run_name)):  # run directories
+        if name and (problem := name_problem(name)):
+            raise ConfigError(f"{key}: {name!r} {problem}")
     if not 0 <= d.fold <= d.folds:
         raise ConfigError(f"data.fold: {d.fold} is not in 0..{d.folds}")
     if not 0.0 <= d.label_drop < 1.0:
@@ -343,11 +355,11 @@ def _shard_folds(key: str, directory: str) -> set[int]:
     if not Path(directory).is_dir():
         raise ConfigError(f"{key}: {directory} is not a directory (shard a corpus there with `ssau shard`)")
     try:
-        doc = json.loads(path.read_text())
+        doc = read_json(path, "dataset.json")  # a FIFO never blocks, nesting is bounded
         return {int(s["fold"]) for s in doc["shards"] if int(s["samples"]) > 0}
     except FileNotFoundError:
         raise ConfigError(f"{key}: {directory} has no dataset.json; it is not a shard directory") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, InputError) as e:
         raise ConfigError(f"{key}: {path} is unreadable or damaged ({type(e).__name__}: {e})") from None
 
 

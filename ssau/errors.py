@@ -24,6 +24,11 @@ class ShardError(Exception):
     """A problem with `ssau shard`'s input or output directory; one line for the user."""
 
 
+class InputError(Exception):
+    """A file ssau reads that is not what it must be: a FIFO, socket or device, text that is not UTF-8, JSON nested
+    without bound, a number out of range, a count its files contradict (one line naming the file)."""
+
+
 class JournalError(Exception):
     """A run directory whose journal cannot be read or replayed (one line)."""
 

@@ -4,9 +4,10 @@ failure, a full disk or an exception in the writer, the temporary file is remove
 Every file ssau writes for others to read (shards, indexes, checkpoints, run artifacts, journals' sidecars) goes
 through here.
 
-A SIGTERM that arrives while the main thread writes such a file (``ssau.dist.ranks.sigterm_as_exit``) waits for the
-write to end: raised inside torch.save's C++ writer, its SystemExit came out as a RuntimeError ("unexpected pos"),
-a failed checkpoint and exit 2 instead of the KILLED run and exit 143 that SLURM and Kubernetes expect.
+A second stop signal (its exit is immediate, ``ssau.dist.stop``) that arrives while the main thread writes such a
+file waits for the write to end: raised inside torch.save's C++ writer, its SystemExit came out as a RuntimeError
+("unexpected pos"), a failed checkpoint and exit 2 instead of the KILLED run and exit 143 that SLURM and Kubernetes
+expect.
 """
 
 from __future__ import annotations

@@ -233,11 +233,10 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_stops_with_o
     def then_fill(self):
         path = real(self)
         if self.step == 1:  # the disk fills up after the first checkpoint
-            with open(small_disk / "filler", "wb") as f:
+            with open(small_disk / "filler", "wb", buffering=0) as f:  # unbuffered: close has nothing to flush
                 try:
                     while True:
-                        f.write(b"\0" * (1 << 16))
-                        f.flush()
+                        f.write(b"\0" * (1 << 12))
                 except OSError:
                     pass
         return path
@@ -331,15 +330,20 @@ def test_a_damaged_evaluation_shard_stops_train_with_one_line_or_warns_and_logs_
                  "--incomplete", "warn"]) == 0
 
 
-def test_sigterm_during_a_checkpoint_write_exits_once_the_file_is_whole(tmp_path, monkeypatch):
-    """SIGTERM landing inside torch.save (under load it did, in the SIGTERM test) used to tear the write: a
-    CheckpointError and exit 2. Now the exit waits for the file, which is complete and loads."""
+def test_a_second_sigterm_during_a_checkpoint_write_exits_once_the_file_is_whole(tmp_path, monkeypatch, capfd):
+    """A SIGTERM landing inside torch.save (under load it did, in the SIGTERM test) used to tear the write: a
+    CheckpointError and exit 2. The first signal only asks the run to stop after its step; a repeat within
+    ``REPEAT_S`` (a launcher passing the signal on) changes nothing; a later one exits, and waits for the file, which
+    is complete and loads."""
     import os
     import signal
+    import time
 
+    import ssau.dist.stop
     from ssau.checkpoints import atomic_save
-    from ssau.dist.ranks import sigterm_as_exit
+    from ssau.dist.stop import StopSignals
 
+    monkeypatch.setattr(ssau.dist.stop, "REPEAT_S", 0.3)
     real = torch.save
 
     def save(obj, f):
@@ -348,11 +352,18 @@ def test_sigterm_during_a_checkpoint_write_exits_once_the_file_is_whole(tmp_path
 
     monkeypatch.setattr(torch, "save", save)
     state = {"w": torch.arange(6.0)}
-    with sigterm_as_exit(), pytest.raises(SystemExit) as stop:
+    with StopSignals().installed() as stop, pytest.raises(SystemExit) as exit_:
+        os.kill(os.getpid(), signal.SIGTERM)  # the first: recorded, nothing raised
+        os.kill(os.getpid(), signal.SIGTERM)  # at once again: the same stop, passed on
+        assert stop.signum == signal.SIGTERM and stop.requested(1, torch.device("cpu")) == signal.SIGTERM
+        time.sleep(0.4)
         atomic_save(state, tmp_path / "step.pt")
-    assert stop.value.code == 128 + signal.SIGTERM
+    assert exit_.value.code == 128 + signal.SIGTERM
+    assert capfd.readouterr().err.count("ssau: SIGTERM: finishing this step") == 1  # once: the repeat is silent
     assert torch.equal(torch.load(tmp_path / "step.pt", weights_only=True)["w"], state["w"])
     assert [p.name for p in tmp_path.iterdir()] == ["step.pt"]  # no temporary file left
-    with sigterm_as_exit(), pytest.raises(SystemExit):  # outside a write the exit is immediate, as before
-        os.kill(os.getpid(), signal.SIGTERM)
+    with StopSignals().installed(), pytest.raises(SystemExit):  # outside a write the second exits at once
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.4)
+        os.kill(os.getpid(), signal.SIGINT)
         raise AssertionError("not reached")

@@ -41,6 +41,7 @@ from ssau.errors import ConfigError, UserError
 from ssau.methods.registry import scores_au
 from ssau.tracking.journal import JOURNAL
 from ssau.tracking.naming import eval_metric_dict, git_commit
+from ssau.tracking.store import opening
 from ssau.tracking.tracker import Tracker, check_uri
 from ssau.train.setup import load_run_config
 from ssau.train.trainer import Trainer
@@ -58,7 +59,8 @@ def lookup(cfg: Config, name: str, fixed: str) -> dict:
     from mlflow.tracking import MlflowClient
 
     check_uri(t.uri)
-    client = MlflowClient(tracking_uri=t.uri)
+    with opening(t.uri):  # a store another process is creating right now is read once its tables exist
+        client = MlflowClient(tracking_uri=t.uri)
     exp = client.get_experiment_by_name(t.experiment)
 
     def search(filter_string: str) -> list:
@@ -148,8 +150,9 @@ def compare(config: str | None, methods: str, seeds: str, drops: str, folds: str
     fixed = digest(settings(cfg, grid))
     name = name or (f"compare-{Path(config).stem if config else 'cli'}-"
                     f"{digest([fixed, sections, grid.methods, grid.seeds, grid.drops, grid.folds])}")
-    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", name):
-        raise UserError(f"--name {name!r}: letters, digits, '_', '.' and '-' only (it names run directories)")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", name) or not name.strip("."):
+        raise UserError(f"--name {name!r}: letters, digits, '_', '.' and '-' only, not only dots (it names run "
+                        f"directories)")
     rt = init_runtime(cfg.train)
     plan, error = None, None
     if rt.main:

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from ssau.compare.grid import method_of
 from ssau.compare.report import Report
-from ssau.errors import UserError
+from ssau.errors import InputError, UserError
 from ssau.io import atomic_write
+from ssau.readfile import read_json
 
 FORMAT = "ssau-selection/1"
 NAMES = {"f1": "F1", "auc": "AUC"}
@@ -80,8 +81,8 @@ def settings_overrides(path: str, labels: tuple[str, ...]) -> tuple[list[str], l
     """(``<label>.<key>=value`` for every label of --methods whose method the selection file chose settings for,
     a line per such label). They come before the command line's own, which win."""
     try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
+        doc = read_json(path, "selection file")
+    except (OSError, ValueError, InputError) as e:
         raise UserError(f"--settings-from: {path}: unreadable ({type(e).__name__}: {str(e)[:100]})") from None
     methods = doc.get("methods") if isinstance(doc, dict) and doc.get("format") == FORMAT else None
     if not isinstance(methods, dict) or not all(isinstance(c, dict) and isinstance(c.get("settings"), dict)

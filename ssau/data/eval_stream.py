@@ -20,8 +20,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ssau.data.decode import au_targets, decode_eval
-from ssau.data.sources import index_batches, index_names, read_dataset
+from ssau.data.sources import index_batches, index_names, read_dataset, shard_capacity
 from ssau.data.tario import SkipCounter, tar_samples
+from ssau.dist.stop import ignore_stop_signals
 from ssau.errors import ConfigError, DecodeError, SourceError
 
 
@@ -64,6 +65,10 @@ def _eval_segments(dirs: tuple[str, ...], folds: tuple[int, ...] | None, world: 
         for s in read_dataset(d)["shards"]:
             if (folds is None or s["fold"] in folds) and s["samples"] and (split is None or s.get("split") == split):
                 order.append((str(Path(d) / s["name"]), s["samples"], None))
+    expected = sum(n for _, n, _ in order)
+    # A shard plans no more samples than its file can hold (a missing file: one, whose read fails and says why): a
+    # count that a truncated file cannot hold is a shortfall to report, never batches to pad for ever.
+    order = [(url, min(n, 1 if (cap := shard_capacity(Path(url)))[0] is None else cap[1]), ks) for url, n, ks in order]
     total = sum(n for _, n, _ in order)
     plans = []
     for r in range(world):
@@ -75,7 +80,7 @@ def _eval_segments(dirs: tuple[str, ...], folds: tuple[int, ...] | None, world: 
                 segs.append((url, a - base, b - base, ks))
             base += n
         plans.append(segs)
-    return plans, total
+    return plans, expected
 
 
 def _split(segs: list[tuple], parts: int) -> list[list[tuple]]:
@@ -175,7 +180,9 @@ class EvalLoader:
         self.problems = []
         ds = _EvalDataset(self.pieces, batch_size, image_size, aus)
         loader = DataLoader(ds, batch_size=None, num_workers=self.workers,
-                            prefetch_factor=2 if self.workers else None)
+                            prefetch_factor=2 if self.workers else None,
+                            worker_init_fn=ignore_stop_signals if self.workers else None,
+                            generator=torch.Generator())  # the global CPU generator is the training's
         n = 0
         for b in loader:  # partial batches are padded to full size: ranks can all_gather them
             self.problems += b["problems"]

@@ -18,7 +18,8 @@ from typing import Iterator
 import pyarrow.parquet as pq
 
 from ssau.config import Config
-from ssau.errors import ConfigError
+from ssau.errors import ConfigError, InputError
+from ssau.readfile import is_regular, read_json
 
 
 @dataclass(frozen=True)
@@ -58,24 +59,56 @@ class StreamConfig:
 # ---------------------------------------------------------------------------------------------------- shard lists
 def read_dataset(d: str | Path) -> dict:
     """dataset.json, checked for what the streams rely on (ConfigError, one line, otherwise): shard names that
-    stay inside the directory, integer folds and sample counts, an AU list."""
+    stay inside the directory, integer folds and sample counts, an AU list, and counts its tar files can hold
+    (``shard_capacity``: an inflated count would have evaluation pad batches for ever)."""
     path = Path(d) / "dataset.json"
     if not path.is_file():
         raise ConfigError(f"{d} is not a shard directory (no dataset.json); run `ssau shard` first")
     try:
-        doc = json.loads(path.read_text())
+        doc = read_json(path, "dataset.json")
         ok = (isinstance(doc, dict) and isinstance(doc.get("aus"), list) and isinstance(doc.get("shards"), list)
               and isinstance(doc.setdefault("corpus", ""), str) and all(isinstance(a, str) for a in doc["aus"]))
         for sh in doc["shards"] if ok else ():
             name = sh.get("name") if isinstance(sh, dict) else None
             ok = ok and (isinstance(name, str) and Path(name).name == name and name not in ("", ".", "..")
                          and type(sh.get("fold")) is int and type(sh.get("samples")) is int and sh["samples"] >= 0)
-    except (OSError, ValueError, AttributeError) as e:
-        raise ConfigError(f"{path}: unreadable ({type(e).__name__}: {str(e)[:100]})") from None
+    except (OSError, ValueError, AttributeError, InputError) as e:
+        raise ConfigError(f"{path}: unreadable ({type(e).__name__}: {str(e)[:160]})") from None
     if not ok:
         raise ConfigError(f"{path}: damaged (needs aus and shards of name, fold and samples; shard names "
                           f"without folders)")
+    for sh in doc["shards"]:
+        size, cap = shard_capacity(Path(d) / sh["name"])
+        if size is not None and sh["samples"] > cap and sh.get("bytes", size) == size:  # an intact file: the count lies
+            raise ConfigError(f"{path}: shard {sh['name']} is said to hold {sh['samples']} samples, but its "
+                              f"{size} bytes hold at most {cap}; the dataset.json is damaged")
     return doc
+
+
+def shard_capacity(tar: Path) -> tuple[int | None, int]:
+    """(the file's size, the most samples it can hold) of a shard; (None, 0) when it is missing or not a file. A
+    sample takes at least one 512-byte header and one data block. A count above this is a lie when the file is whole
+    (``read_dataset`` refuses it); a truncated file (its size differs from dataset.json's ``bytes``) is read, and
+    its shortfall skipped and counted, with its plan bounded by this (``ssau.data.eval_stream``)."""
+    if not is_regular(tar):
+        return None, 0
+    size = tar.stat().st_size
+    return size, size // 1024
+
+
+def check_offsets(d: str | Path, shards: list, offsets: list, sizes: list, cache: dict[str, int | None]) -> None:
+    """Index rows whose sample (``tar_offset``, ``tar_size``) does not lie inside its shard file: one ConfigError
+    line. Checked against whole files only (size as dataset.json's ``bytes``): a truncated shard is read, and what it
+    lost skipped and counted. ``cache`` keeps each shard's size across batches."""
+    if not cache:
+        recorded = {sh["name"]: sh.get("bytes") for sh in read_dataset(d)["shards"]}
+        for name, size in recorded.items():
+            cache[name] = size if shard_capacity(Path(d) / name)[0] == size else None
+    for name, offset, span in zip(shards, offsets, sizes):
+        size = cache.get(name)
+        if size is not None and not (0 <= offset and 0 < span and offset + span <= size):
+            raise ConfigError(f"{Path(d) / 'index.parquet'}: a sample of {name} at bytes {offset}..{offset + span} "
+                              f"lies outside the shard's {size} bytes; the index is damaged")
 
 
 def index_names(d: str | Path) -> list[str]:

@@ -4,7 +4,12 @@ Training (``TrainStream``): per rank, every batch has a fixed composition - ``m1
 unlabelled ones and, when configured, ``m_expr`` expression samples - each source read by its own DataLoader.
 A source is one or more shard directories mixed by weight. Shards are split across (rank, worker) slots so ranks
 read disjoint shards, then resampled with replacement inside each slot, seeded by (seed, epoch, rank, worker):
-training is counted in steps, never in epochs (webdataset has no checkpointable position).
+training is counted in steps, never in epochs. The slots live in ``ssau.data.train_source``.
+
+Position: ``state()`` is where the stream stands after the batches handed out so far (per source: the epoch, how
+many batches, and how many samples each worker role pulled); ``restore`` makes a new stream continue from there,
+batch for batch, as long as the world size and the worker count are those of the run that saved it. The trainer
+keeps it in every checkpoint, so a resumed run draws what the interrupted one would have drawn next.
 
 Damaged data: a sample that cannot be read (tar damage, undecodable image, malformed json or ``landmarks``, a
 damaged ``flow.npy`` when flow is read) is skipped and counted (``Batch.skipped``). A training source that cannot
@@ -24,214 +29,52 @@ evaluation reads through ``ssau.data.eval_stream``.
 from __future__ import annotations
 
 import random
-import time
-import warnings
-from typing import Callable, Iterator
+from typing import Iterator
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset
 
 from ssau.data.batch import Batch
-from ssau.data.decode import TrainSample, au_intensity, au_targets, decode_eval, decode_sample
+from ssau.data.decode import au_targets, decode_eval
 from ssau.data.sources import SourceConfig, StreamConfig, hidden_aus, is_hidden, resolve_aus, shard_urls
 from ssau.data.tario import SkipCounter, tar_samples
+from ssau.data.train_source import SlotPosition, SlotShards, SourceDataset, worker_role
 from ssau.data.trainset import TrainingSet
+from ssau.dist.stop import ignore_stop_signals
 from ssau.errors import DecodeError, SourceError
 
 
-# ---------------------------------------------------------------------------------------------------- training
-class _SlotShards(IterableDataset):
-    """Resampled shard URLs for one (rank, worker) slot: this slot's part of each directory, mixed by weight."""
-
-    def __init__(self, lists: list[list[str]], weights: list[float], seed: int, rank: int, world: int, salt: str):
-        self.lists, self.weights, self.seed, self.rank, self.world, self.salt = lists, weights, seed, rank, world, salt
-        self.epoch = 0
-        self.shared = False  # set in a worker whose own shards hold nothing usable: it reads every shard instead
-
-
-    def parts(self, warn: bool = False) -> list[list[str]]:
-        """This slot's shards of each directory (in the calling DataLoader worker)."""
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        slots, slot = self.world * nw, self.rank * nw + wid
-        parts = []
-        for urls in self.lists:
-            if self.shared:
-                parts.append(urls)
-            elif len(urls) >= slots:
-                parts.append(urls[slot::slots])  # disjoint across ranks and workers
-            else:
-                if warn:
-                    warnings.warn(f"{len(urls)} shards for {slots} rank x worker slots: slots share shards "
-                                  f"(re-shard with a smaller --shard-size to read disjoint shards)", stacklevel=1)
-                parts.append(urls)
-        return parts
-
-    def where(self) -> str:
-        info = get_worker_info()
-        return f"rank {self.rank} of {self.world}, worker {info.id if info else 0} of {info.num_workers if info else 1}"
-
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        parts = self.parts(warn=True)
-        rng = random.Random(f"{self.salt}:{self.seed}:{self.epoch}:{self.rank}:{info.id if info else 0}")
-        while True:
-            urls = rng.choices(parts, weights=self.weights)[0]
-            yield {"url": urls[rng.randrange(len(urls))]}
-
-
-class _Clock:
-    """Time since a reader last produced a usable sample; the time spent waiting for the consumer (between
-    batches) does not count."""
-
-    def __init__(self, timeout: float, what: str, bad: SkipCounter):
-        self.timeout, self.what, self.bad = timeout, what, bad
-        self.ok()
-
-    def ok(self) -> None:
-        self.since, self.bad_since = time.monotonic(), self.bad.n
-
-    def check(self) -> None:
-        if time.monotonic() - self.since > self.timeout:
-            raise SourceError(f"{self.what}: no usable sample for {self.timeout:g} s (data.source_timeout); "
-                              f"{self.bad.n - self.bad_since} unreadable meanwhile, the last: {self.bad.last}")
-
-
-def _shuffle(buffer: int, rng: random.Random) -> Callable:
-    def stage(src: Iterator) -> Iterator:
-        buf = []
-        for sample in src:
-            buf.append(sample)
-            if len(buf) >= buffer:
-                yield buf.pop(rng.randrange(len(buf)))
-        while buf:
-            yield buf.pop(rng.randrange(len(buf)))
-    return stage
-
-
-class _SourceDataset(IterableDataset):
-    """Batches of one training source, built inside each DataLoader worker."""
-
-    def __init__(self, shards: _SlotShards, batch: int, cfg: StreamConfig, aus: tuple[int, ...], kind: str,
-                 keep: Callable[[dict], bool] | None, dirs: list[str], unlabelled_keys: frozenset[str] = frozenset()):
-        self.shards, self.batch, self.cfg, self.aus, self.kind, self.keep = shards, batch, cfg, aus, kind, keep
-        self.what = f"{kind} source ({', '.join(dirs)})"
-        self.unlabelled_keys = unlabelled_keys  # images of subjects without labels (data.labelled_subjects)
-
-    def _example(self, s: dict, rng: random.Random) -> tuple[TrainSample, tuple | None, int | None]:
-        """(decoded sample, AU labels (targets, mask, intensity, intensity mask), expression) of one sample;
-        DecodeError when it cannot be used."""
-        if self.kind == "labelled" and s["__key__"] in self.unlabelled_keys:  # the guard behind the filter, before
-            raise SourceError(f"{self.what}: {s['__key__']} belongs to a subject without labels "  # any decoding
-                              f"(data.labelled_subjects) yet reached the labelled stream")
-        ex = decode_sample(s, self.cfg.image_size, rng, flow=self.cfg.flow and self.kind != "expression",
-                           labels=self.kind != "unlabelled")
-        if self.kind == "labelled":
-            hidden = (hidden_aus(s["__key__"], self.aus, self.cfg.label_drop, self.cfg.split_seed)
-                      if self.cfg.label_drop_mode == "au" else None)
-            return ex, (*au_targets(ex.meta, self.aus, hidden), *au_intensity(ex.meta, self.aus, hidden)), None
-        if self.kind == "expression":
-            if ex.meta.get("expression", -1) < 0:
-                raise DecodeError(f"{s['__key__']}: no expression label")
-            return ex, None, ex.meta["expression"]
-        return ex, None, None
-
-    def _probe(self) -> None:
-        """Raise SourceError unless one of this slot's shards holds a usable sample. Reads until the first one
-        (usually the first sample); a separate generator leaves the stream's batches as they would be without."""
-        own = list(dict.fromkeys(u for part in self.shards.parts() for u in part))
-        every = list(dict.fromkeys(u for part in self.shards.lists for u in part))
-        urls = own + [u for u in every if u not in set(own)]  # this slot's shards first, then everyone else's
-        bad, read, kept, rng = SkipCounter(), 0, 0, random.Random(0)
-        for i, url in enumerate(urls):
-            for s in tar_samples(url, bad):
-                read += 1
-                if self.keep is not None and not self.keep(s):
-                    continue
-                kept += 1
-                try:
-                    self._example(s, rng)
-                except DecodeError as e:
-                    bad(e)
-                    continue
-                if i >= len(own):  # one damaged shard must not end a run: this slot reads all shards instead
-                    self.shards.shared = True
-                    warnings.warn(f"{self.what}: none of the {len(own)} shards of {self.shards.where()} holds a "
-                                  f"usable sample; it reads every shard of the source instead", stacklevel=1)
-                return
-        raise SourceError(f"{self.what}: none of the {len(urls)} shards read by {self.shards.where()} holds a "
-                          f"usable sample ({read} samples read, {read - kept} of them set aside by label drop or "
-                          f"the validation split, {bad.n} errors" + (f"; the first: {bad.first})" if bad.n else ")"))
-
-    def _samples(self, bad: SkipCounter, clock: _Clock) -> Iterator[dict]:
-        for u in self.shards:
-            clock.check()  # a source whose shards all fail reads them fast: check once per shard, not per sample
-            for s in tar_samples(u["url"], bad):
-                if self.keep is None or self.keep(s):
-                    yield s
-
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        wid = info.id if info else 0
-        rng = random.Random(f"aug:{self.shards.salt}:{self.cfg.seed}:{self.shards.epoch}:{self.shards.rank}:{wid}")
-        self._probe()
-        bad = SkipCounter()
-        clock = _Clock(self.cfg.source_timeout, self.what, bad)
-        samples = _shuffle(self.cfg.shuffle_buffer, rng)(self._samples(bad, clock))  # buffers hold bytes
-        examples, labels, keys, exprs = [], [], [], []
-        reported = 0
-        for s in samples:
-            try:
-                ex, lab, e = self._example(s, rng)
-            except DecodeError as exn:
-                bad(exn)
-                clock.check()
-                continue
-            clock.ok()
-            examples.append(ex)
-            keys.append(s["__key__"])
-            if lab is not None:
-                labels.append(lab)
-            if e is not None:
-                exprs.append(e)
-            if len(examples) == self.batch:
-                out = {"images": torch.stack([x.image for x in examples]), "keys": keys, "skipped": bad.n - reported}
-                if labels:
-                    out["targets"], out["mask"], out["intensity"], out["intensity_mask"] = (
-                        torch.tensor(list(col)) for col in zip(*labels))
-                if exprs:
-                    out["labels"] = torch.tensor(exprs, dtype=torch.int64)
-                if self.kind != "expression":
-                    out.update(_geometry(examples))
-                reported = bad.n
-                yield out
-                clock.ok()  # the consumer's pace is not the source's fault
-                examples, labels, keys, exprs = [], [], [], []
-
-
-def _geometry(examples: list[TrainSample]) -> dict[str, torch.Tensor]:
-    out = {"landmarks": torch.from_numpy(np.stack([x.landmarks for x in examples])),
-           "landmarks_valid": torch.tensor([x.landmarks_valid for x in examples])}
-    if examples[0].flow is not None:
-        out["flow"] = torch.from_numpy(np.stack([x.flow for x in examples]))
-        out["flow_valid"] = torch.tensor([x.flow_valid for x in examples])
-    return out
+VAL_SEGMENT = 32  # validation batches per segment: what a resume regenerates at most, per worker
 
 
 class _ValidationDataset(IterableDataset):
-    """Batches of the AU validation set, from samples held in memory; shuffled passes seeded per rank/worker."""
+    """Batches of the AU validation set, from samples held in memory; shuffled passes seeded per rank/worker. The
+    stream runs in segments of ``VAL_SEGMENT`` batches, each shuffled by a generator of its own and finding
+    unreadable images anew, so a resumed worker regenerates (decodes) at most one segment's batches."""
 
     def __init__(self, samples: list[dict], cfg: StreamConfig, aus: tuple[int, ...], rank: int):
         self.samples, self.cfg, self.aus, self.rank = samples, cfg, aus, rank
         self.epoch = 0
+        self.position = SlotPosition()
 
     def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        rng = random.Random(f"validation:{self.cfg.seed}:{self.epoch}:{self.rank}:{info.id if info else 0}")
+        role, _ = worker_role(self.position.rotate)
+        done = self.position.consumed.get(role, 0)
+        k, skip = divmod(done, VAL_SEGMENT)
+        counted: set[int] = set()  # unreadable images already counted (each segment finds them again)
+        while True:
+            for j, batch in zip(range(VAL_SEGMENT), self._batches(role, k)):
+                new = batch.pop("bad") - counted
+                counted |= new
+                if j >= skip:
+                    done += 1
+                    yield batch | {"skipped": len(new), "role": role, "consumed": done}
+            k, skip = k + 1, 0
+
+    def _batches(self, role: int, segment: int) -> Iterator[dict]:
+        rng = random.Random(f"validation:{self.cfg.seed}:{self.epoch}:{self.rank}:{role}:{segment}")
         order: list[int] = []
-        bad: set[int] = set()  # unreadable samples, skipped (and counted) once
-        reported = 0
+        bad: set[int] = set()  # unreadable samples of this segment, skipped
         while True:
             images, targets, masks, keys = [], [], [], []
             while len(images) < self.cfg.val_batch:
@@ -256,8 +99,7 @@ class _ValidationDataset(IterableDataset):
                 masks.append(m)
                 keys.append(s["__key__"])
             yield {"images": torch.stack(images), "targets": torch.tensor(targets), "mask": torch.tensor(masks),
-                   "keys": keys, "skipped": len(bad) - reported}
-            reported = len(bad)
+                   "keys": keys, "bad": set(bad)}
 
 
 class TrainStream:
@@ -299,13 +141,14 @@ class TrainStream:
                 keep = lambda s: s["__url__"] not in labelled_urls or dropped(s["__key__"])  # noqa: E731
             unl_dirs = list(cfg.unlabelled.dirs if cfg.unlabelled else ()) + (
                 [f"label-dropped images of {d}" for d in cfg.labelled.dirs] if image_drop else [])
-            self.sources["unlabelled"] = _SourceDataset(
-                _SlotShards(unl_lists, unl_weights, cfg.seed, rank, world, "unlabelled"),
+            self.sources["unlabelled"] = SourceDataset(
+                SlotShards(unl_lists, unl_weights, cfg.seed, rank, world, "unlabelled"),
                 cfg.m2, cfg, self.aus, "unlabelled", keep, unl_dirs)
         if cfg.expression is not None:
             self.sources["expression"] = self._source("expression", cfg.expression, cfg.m_expr, None)
         if val_keys:
             self.sources["validation"] = _ValidationDataset(self._read_validation(val_keys), cfg, self.aus, rank)
+        self.set_epoch(0)
 
     def _read_validation(self, keys: frozenset[str]) -> list[dict]:
         """This rank's validation samples' bytes, read from the labelled training shards once. Ranks draw from
@@ -335,9 +178,9 @@ class TrainStream:
                                  f"training so that its images never leak into it)")
         return lists, weights
 
-    def _source(self, kind: str, src: SourceConfig, batch: int, keep, unlabelled_keys=frozenset()) -> _SourceDataset:
+    def _source(self, kind: str, src: SourceConfig, batch: int, keep, unlabelled_keys=frozenset()) -> SourceDataset:
         lists, weights = self._lists(src)
-        return _SourceDataset(_SlotShards(lists, weights, self.cfg.seed, self.rank, self.world, kind),
+        return SourceDataset(SlotShards(lists, weights, self.cfg.seed, self.rank, self.world, kind),
                               batch, self.cfg, self.aus, kind, keep, list(src.dirs), unlabelled_keys)
 
     def _next(self, kind: str, it: Iterator[dict]) -> dict:
@@ -351,12 +194,39 @@ class TrainStream:
                               f"{2 * self.cfg.source_timeout:g} s (2 x data.source_timeout): a worker is stuck, e.g. "
                               f"reading from a file system that does not answer") from None
 
+    def _slot(self, kind: str):
+        s = self.sources[kind]
+        return s if isinstance(s, _ValidationDataset) else s.shards
+
     def set_epoch(self, epoch: int) -> None:
-        for s in self.sources.values():
-            if isinstance(s, _ValidationDataset):
-                s.epoch = epoch
-            else:
-                s.shards.epoch = epoch
+        for kind in self.sources:
+            self._slot(kind).epoch = epoch
+            self._slot(kind).position = SlotPosition()
+        self._position = {k: {"epoch": epoch, "batches": 0, "consumed": {}} for k in self.sources}
+
+    def state(self) -> dict:
+        """Where the stream stands after the batches handed out so far (plain containers, for a checkpoint)."""
+        return {"world": self.world, "workers": self.cfg.workers,
+                "sources": {k: {"epoch": p["epoch"], "batches": p["batches"],
+                                "consumed": [[r, c] for r, c in sorted(p["consumed"].items())]}
+                            for k, p in self._position.items()}}
+
+    def restore(self, state: dict) -> str | None:
+        """Continue from ``state()`` of an earlier stream; None, or why it cannot (then the stream is unchanged)."""
+        if state.get("world") != self.world or state.get("workers") != self.cfg.workers:
+            return (f"the checkpoint's stream ran on {state.get('world')} ranks x {state.get('workers')} workers, "
+                    f"this run on {self.world} x {self.cfg.workers}")
+        if set(state.get("sources", {})) != set(self.sources):
+            return f"the checkpoint's stream read {sorted(state.get('sources', {}))}, this one {sorted(self.sources)}"
+        workers = max(self.cfg.workers, 1)
+        for kind, p in state["sources"].items():
+            consumed = {int(r): int(c) for r, c in p["consumed"]}
+            if int(p["batches"]) < 0 or any(r < 0 or c < 0 for r, c in consumed.items()):
+                raise ValueError(f"a negative position in the stream state of {kind}")
+            self._slot(kind).epoch = int(p["epoch"])
+            self._slot(kind).position = SlotPosition(int(p["batches"]) % workers, consumed)
+            self._position[kind] = {"epoch": int(p["epoch"]), "batches": int(p["batches"]), "consumed": consumed}
+        return None
 
     def __iter__(self) -> Iterator[Batch]:
         # Workers check the timeout themselves; the loader's own timeout catches a worker stuck in a system call.
@@ -367,11 +237,19 @@ class TrainStream:
             # The flow warp runs in every worker: one OpenCV thread each, not one per core each. Set here, before
             # the workers fork: setNumThreads in a forked child can hang on a lock of the parent's thread pool.
             cv2.setNumThreads(1)
+        # Each loader seeds its workers from a generator of its own: starting one draws from the global CPU generator
+        # otherwise, at the first step of a fresh run but mid-run after a resume (dropout, noise, bank draws differ).
         loaders = {k: iter(DataLoader(s, batch_size=None, num_workers=self.cfg.workers, timeout=stuck,
-                                      persistent_workers=False, prefetch_factor=4 if self.cfg.workers else None))
+                                      persistent_workers=False, prefetch_factor=4 if self.cfg.workers else None,
+                                      worker_init_fn=ignore_stop_signals if self.cfg.workers else None,
+                                      generator=torch.Generator()))
                    for k, s in self.sources.items()}
         while True:
             parts = {k: self._next(k, it) for k, it in loaders.items()}
+            for k, part in parts.items():
+                p = self._position[k]
+                p["batches"] += 1
+                p["consumed"][part["role"]] = part["consumed"]
             lab, unl, ex, val = (parts.get(k) for k in ("labelled", "unlabelled", "expression", "validation"))
             unl = unl or {}
             yield Batch(images=lab["images"], targets=lab["targets"], mask=lab["mask"], keys=lab["keys"],

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from ssau.aus import au_name
-from ssau.data.sources import StreamConfig, hidden_aus, index_batches, index_names, is_hidden, resolve_aus, unit_hash
+from ssau.data.sources import (StreamConfig, check_offsets, hidden_aus, index_batches, index_names, is_hidden,
+                               resolve_aus, unit_hash)
 from ssau.errors import ConfigError
 
 
@@ -67,9 +68,14 @@ class TrainingSet:
         keep = _labelled_subjects(cfg)  # None: every subject keeps its labels
         dirs, keys, subjects, folds, values, scarce = [], [], [], [], [], set()
         for d in cfg.labelled.dirs:
-            present = [c for c in cols if c in index_names(d)]
-            for b in index_batches(d, ["key", "fold", "subject"] + present):
+            names = index_names(d)
+            present = [c for c in cols if c in names]
+            spans = [c for c in ("shard", "tar_offset", "tar_size") if c in names]
+            sizes: dict[str, int | None] = {}
+            for b in index_batches(d, ["key", "fold", "subject"] + present + spans):
                 t = b.to_pydict()
+                if len(spans) == 3:  # offsets that leave their shard: one line now, not a bad read later
+                    check_offsets(d, t["shard"], t["tar_offset"], t["tar_size"], sizes)
                 for i, key in enumerate(t["key"]):
                     if cfg.labelled.folds is not None and t["fold"][i] not in cfg.labelled.folds:
                         continue

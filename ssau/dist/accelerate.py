@@ -17,8 +17,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from ssau.config import TrainConfig
-from ssau.errors import ConfigError
+from ssau.errors import ConfigError, InputError
 from ssau.io import atomic_write
+from ssau.readfile import read_json
 
 _PRECISIONS = {"no": None, "bf16": "bf16"}  # "no" is also accelerate's default: it leaves train.precision alone
 _REFUSED = {  # variable -> what it asked for; each stops the run with one line naming what ssau supports
@@ -119,9 +120,8 @@ def _deepspeed_from_accelerate(current: str, env: Mapping[str, str]) -> str:
 
 def _file_stage(path: str) -> object:
     try:
-        with open(path) as f:
-            return json.load(f).get("zero_optimization", {}).get("stage", 0)
-    except (OSError, ValueError, AttributeError) as e:
+        return read_json(path, "DeepSpeed config").get("zero_optimization", {}).get("stage", 0)
+    except (OSError, ValueError, AttributeError, InputError) as e:
         raise ConfigError(f"train.deepspeed: {path} is not a DeepSpeed JSON config ({e})") from None
 
 

@@ -4,13 +4,13 @@ only when an engine is built (an optional heavy dependency on the CPU path)."""
 
 from __future__ import annotations
 
-import json
 import os
 
 from torch import nn
 
 from ssau.checkpoints import safe_load
 from ssau.errors import ConfigError
+from ssau.readfile import read_json
 
 
 class _Params(nn.Module):
@@ -26,8 +26,7 @@ def deepspeed_engine(params: list[nn.Parameter], optimizer, scheduler, path: str
                      accumulate: int, clip: float):
     import deepspeed
 
-    with open(path) as f:
-        ds = json.load(f)
+    ds = read_json(path, "DeepSpeed config")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage > 2:
         raise ConfigError(f"train.deepspeed: ZeRO stage {stage} partitions parameters; ssau supports stages 0-2")

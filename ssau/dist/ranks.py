@@ -1,5 +1,5 @@
-"""Ranks, devices and precision: the process group a run joins (``init_runtime``), what one rank saw (its report),
-and SIGTERM as an exit. Collectives, RNG and DeepSpeed engines are the other modules of ``ssau.dist``.
+"""Ranks, devices and precision: the process group a run joins (``init_runtime``) and what one rank saw (its
+report). Stop signals, collectives, RNG and DeepSpeed engines are the other modules of ``ssau.dist``.
 
 Process groups come from accelerate's ``PartialState``, so ``accelerate launch`` (and torchrun) environments work as
 they are: NCCL on GPUs; on a CPU-only machine, real ranks on gloo (``cpu=True`` is passed when there is no GPU, or
@@ -22,9 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
-import threading
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +33,7 @@ from torch import nn
 from ssau.config import TrainConfig
 from ssau.dist.accelerate import accelerate_settings
 from ssau.errors import ConfigError
-from ssau.io import atomic_write, defer_exit
+from ssau.io import atomic_write
 
 
 @dataclass
@@ -126,25 +124,6 @@ def _init_elastic_group(cuda: bool) -> None:
     store, rank, world = next(dist.rendezvous("env://", timeout=timedelta(minutes=10)))
     dist.init_process_group("nccl" if cuda else "gloo", store=dist.PrefixStore(f"ssau/attempt-{attempt}", store),
                             rank=rank, world_size=world)
-
-
-@contextmanager
-def sigterm_as_exit():
-    """SIGTERM (scancel, an elastic agent stopping its group) raises SystemExit in the main thread, so the code
-    that ends an MLflow run as KILLED gets to run; elsewhere, and afterwards, the previous handler stands."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def terminated(signum, frame):
-        if not defer_exit(signum):  # inside a checkpoint write: exit when the file is whole
-            raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def write_rank_report(path: Path, module: nn.Module, first_keys: list[str] | None, step: int, deepspeed: bool) -> None:

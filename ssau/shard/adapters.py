@@ -2,24 +2,26 @@
 
 An adapter only reads labels and lists images; it never decodes pixels (the shard workers do, in parallel).
 Layouts and unknown markers are those of ../shared/AU-DATA.md. A malformed label file raises LabelError naming
-the file and line; mismatches between labels and images are reported as skips, never fatal.
+the file and line; mismatches between labels and images are reported as skips, never fatal. Label files are
+read as UTF-8 text, streamed row by row (``ssau.readfile.csv_rows`` / ``text_lines``: a FIFO, another encoding or
+a line of megabytes is one line of error, and memory follows one row, not the file).
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
+import os
 import re
 import urllib.parse
 from pathlib import Path
 from typing import Callable
 
 from ssau.aus import EXPRESSIONS, STANDARD_AUS, parse_au
-from ssau.errors import LabelError
+from ssau.errors import InputError, LabelError
+from ssau.readfile import csv_rows, load_json, read_text, text_lines
 from ssau.shard.images import exception_detail
-from ssau.shard.records import (IMAGE_EXTS, AdapterArgs, Record, Scan, list_images, parse_int, require_dir, safe_key,
-                                screen)
+from ssau.shard.records import (IMAGE_EXTS, AdapterArgs, Record, Scan, list_images, parse_int, present, require_dir,
+                                safe_key, screen)
 
 __all__ = ["ADAPTERS", "AdapterArgs", "IMAGE_EXTS", "LabelError", "Record", "Scan", "screen"]
 
@@ -36,7 +38,7 @@ def scan_bp4d(a: AdapterArgs) -> Scan:
         for task in sorted(p for p in sub.iterdir() if p.is_dir()):
             seq = frames.setdefault((sub.name, task.name), {})
             for img in sorted(task.iterdir()):
-                if img.suffix.lower() in IMAGE_EXTS and img.stem.isdigit():
+                if img.suffix.lower() in IMAGE_EXTS and re.fullmatch(r"[0-9]{1,18}", img.stem):  # an int64 frame
                     seq[int(img.stem)] = img
     records, skipped, seen, listed = [], [], set(), set()
     for csv_path in sorted(labels.glob("*.csv")):
@@ -46,39 +48,38 @@ def scan_bp4d(a: AdapterArgs) -> Scan:
         subject, task = m.groups()
         seen.add((subject, task))
         seq = frames.get((subject, task), {})
-        with open(csv_path, newline="") as f:
-            rows = csv.reader(f)
-            header = next(rows, None)
-            if not header or header[0].strip() != "0":
-                raise LabelError(f"{csv_path}:1: header must start with column '0' (the frame number)")
-            cols = {}
-            for j, name in enumerate(header[1:], 1):
-                au = parse_au(name)
-                if au is None:
-                    raise LabelError(f"{csv_path}:1: column {name!r} is not an AU number")
-                cols[au] = j
-            for lineno, row in enumerate(rows, 2):
-                if not row:
-                    continue
-                where = f"{csv_path}:{lineno}"
-                if len(row) != len(header):
-                    raise LabelError(f"{where}: {len(row)} fields, header has {len(header)}")
-                frame = parse_int(row[0], where)
-                occ, mask = [], []
-                for au in aus:
-                    v = parse_int(row[cols[au]], where) if au in cols else 9
-                    if v not in (0, 1, 9):
-                        raise LabelError(f"{where}: AU{au:02d} value {v} is not 0, 1 or 9")
-                    occ.append(1 if v == 1 else 0)
-                    mask.append(0 if v == 9 else 1)  # 9 = not coded: masked, never positive
-                img = seq.get(frame)
-                if img is None:
-                    skipped.append({"input": f"{where}", "reason": "label-without-image"})
-                    continue
-                listed.add(img)
-                records.append(Record(key=f"{safe_key(subject)}_{safe_key(task)}_{frame:06d}", source=str(img),
-                                      subject=subject, sequence=task, frame=frame, occurrence=occ, mask=mask,
-                                      origin=where))
+        rows = csv_rows(csv_path, "label file")
+        header = next(rows, None)
+        if not header or header[0].strip() != "0":
+            raise LabelError(f"{csv_path}:1: header must start with column '0' (the frame number)")
+        cols = {}
+        for j, name in enumerate(header[1:], 1):
+            au = parse_au(name)
+            if au is None:
+                raise LabelError(f"{csv_path}:1: column {name[:40]!r} is not an AU number")
+            cols[au] = j
+        for lineno, row in enumerate(rows, 2):
+            if not row:
+                continue
+            where = f"{csv_path}:{lineno}"
+            if len(row) != len(header):
+                raise LabelError(f"{where}: {len(row)} fields, header has {len(header)}")
+            frame = parse_int(row[0], where)
+            occ, mask = [], []
+            for au in aus:
+                v = parse_int(row[cols[au]], where) if au in cols else 9
+                if v not in (0, 1, 9):
+                    raise LabelError(f"{where}: AU{au:02d} value {v} is not 0, 1 or 9")
+                occ.append(1 if v == 1 else 0)
+                mask.append(0 if v == 9 else 1)  # 9 = not coded: masked, never positive
+            img = seq.get(frame)
+            if img is None:
+                skipped.append({"input": f"{where}", "reason": "label-without-image"})
+                continue
+            listed.add(img)
+            records.append(Record(key=f"{safe_key(subject)}_{safe_key(task)}_{frame:06d}", source=str(img),
+                                  subject=subject, sequence=task, frame=frame, occurrence=occ, mask=mask,
+                                  origin=where))
     for (subject, task), seq in sorted(frames.items()):
         skipped.extend({"input": str(p), "reason": "image-without-label"} for p in seq.values() if p not in listed)
     return Scan("bp4d", aus, records, skipped, labelled=True)
@@ -121,24 +122,23 @@ def scan_disfa(a: AdapterArgs) -> Scan:
         for txt in sorted(sub.glob(f"{subject}_au*.txt")):
             au = parse_int(txt.stem.split("_au")[-1], f"{txt}:0")
             table = per_au[au] = {}
-            with open(txt) as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    parts = line.strip().split(",")
-                    where = f"{txt}:{lineno}"
-                    if len(parts) != 2:
-                        raise LabelError(f"{where}: expected 'frame,intensity', found {line.strip()!r}")
-                    frame, value = parse_int(parts[0], where), parse_int(parts[1], where)
-                    if not 0 <= value <= 5 or frame < 1:
-                        raise LabelError(f"{where}: frame {frame} intensity {value} (frames from 1, intensity 0-5)")
-                    if frame in table:
-                        if table[frame] != value:
-                            conflicts.setdefault(frame, where)
-                        else:
-                            skipped.append({"input": where, "reason": "duplicate-row"})
-                        continue
-                    table[frame] = float(value)
+            for lineno, line in enumerate(text_lines(txt, "label file"), 1):
+                if not line.strip():
+                    continue
+                parts = line.strip().split(",")
+                where = f"{txt}:{lineno}"
+                if len(parts) != 2:
+                    raise LabelError(f"{where}: expected 'frame,intensity', found {line.strip()[:80]!r}")
+                frame, value = parse_int(parts[0], where), parse_int(parts[1], where)
+                if not 0 <= value <= 5 or frame < 1:
+                    raise LabelError(f"{where}: frame {frame} intensity {value} (frames from 1, intensity 0-5)")
+                if frame in table:
+                    if table[frame] != value:
+                        conflicts.setdefault(frame, where)
+                    else:
+                        skipped.append({"input": where, "reason": "duplicate-row"})
+                    continue
+                table[frame] = float(value)
         if not per_au:
             continue
         video = None
@@ -151,7 +151,7 @@ def scan_disfa(a: AdapterArgs) -> Scan:
                 one_based.append(subject)  # {index} on 1-based files: every label one frame late
         if a.frame_template is None:
             video = images / f"LeftVideo{subject}_comp.avi"
-            if not video.is_file():
+            if not present(video):  # a FIFO by that name: its frames are skipped, counted, by the workers
                 n = len(set().union(*per_au.values()))
                 skipped.append({"input": str(video), "reason": "video-missing", "count": n})
                 continue
@@ -167,7 +167,7 @@ def scan_disfa(a: AdapterArgs) -> Scan:
                 source = f"{video}#{frame - 1}"  # label frames are 1-based, decoded frames 0-based
             else:
                 path = _frame_path(images, a.frame_template, subject, frame)
-                if not path.is_file():
+                if not present(path):
                     skipped.append({"input": f"{subject} frame {frame}: {path}", "reason": "label-without-image"})
                     continue
                 source = str(path)
@@ -196,7 +196,7 @@ def _binary(value: str, unknown: str, where: str, au: int) -> tuple[int, int]:
         return 0, 0
     if v in ("0", "1", "0.0", "1.0"):
         return int(float(v)), 1
-    raise LabelError(f"{where}: AU{au:02d} value {v!r} is not 0, 1 or the unknown marker {unknown!r}")
+    raise LabelError(f"{where}: AU{au:02d} value {v[:40]!r} is not 0, 1 or the unknown marker {unknown!r}")
 
 
 def scan_emotionet(a: AdapterArgs) -> Scan:
@@ -210,22 +210,21 @@ def scan_emotionet(a: AdapterArgs) -> Scan:
         local.setdefault(p.name, p)
     records, skipped = [], []
     for path in files:
-        with open(path) as f:
-            for lineno, line in enumerate(f, 1):
-                fields = line.split()
-                if not fields:
-                    continue
-                where = f"{path}:{lineno}"
-                if len(fields) < 2 + max(aus):
-                    raise LabelError(f"{where}: {len(fields)} fields; expected 2 URLs and AU values up to AU{max(aus)}")
-                name = urllib.parse.unquote(urllib.parse.urlparse(fields[0]).path.rsplit("/", 1)[-1])
-                occ, mask = zip(*(_binary(fields[1 + au], a.unknown, where, au) for au in aus))
-                img = local.get(name)
-                if img is None:
-                    skipped.append({"input": f"{where} {name}", "reason": "label-without-image"})
-                    continue
-                records.append(Record(key=safe_key(Path(name).stem), source=str(img), occurrence=list(occ),
-                                      mask=list(mask), origin=where))
+        for lineno, line in enumerate(text_lines(path, "label file"), 1):
+            fields = line.split()
+            if not fields:
+                continue
+            where = f"{path}:{lineno}"
+            if len(fields) < 2 + max(aus):
+                raise LabelError(f"{where}: {len(fields)} fields; expected 2 URLs and AU values up to AU{max(aus)}")
+            name = urllib.parse.unquote(urllib.parse.urlparse(fields[0]).path.rsplit("/", 1)[-1])
+            occ, mask = zip(*(_binary(fields[1 + au], a.unknown, where, au) for au in aus))
+            img = local.get(name)
+            if img is None:
+                skipped.append({"input": f"{where} {name}", "reason": "label-without-image"})
+                continue
+            records.append(Record(key=safe_key(Path(name).stem), source=str(img), occurrence=list(occ),
+                                  mask=list(mask), origin=where))
     return Scan("emotionet", aus, records, skipped, labelled=True)
 
 
@@ -235,39 +234,39 @@ def scan_csv(a: AdapterArgs) -> Scan:
         raise LabelError(f"--labels {a.labels} is not a file (the csv manifest)")
     images = require_dir(a.images if a.images is not None else a.labels.parent, "--images")
     records, skipped = [], []
-    with open(a.labels, newline="") as f:
-        rows = csv.reader(f)
-        header = [h.strip() for h in next(rows, [])]
-        lower = [h.lower() for h in header]
-        col = next((lower.index(c) for c in ("image", "path", "file") if c in lower), None)
-        if col is None:
-            raise LabelError(f"{a.labels}:1: no 'image' column in header {header}")
-        au_cols = {parse_au(h): j for j, h in enumerate(header) if j != col and parse_au(h) is not None}
-        aus = a.aus or tuple(sorted(au_cols))
-        missing = [au for au in aus if au not in au_cols]
-        if missing:
-            raise LabelError(f"{a.labels}:1: no column for AU{missing[0]:02d} in header {header}")
-        opt = {name: lower.index(name) if name in lower else None for name in ("subject", "sequence", "frame", "expression")}
-        for lineno, row in enumerate(rows, 2):
-            if not row:
-                continue
-            where = f"{a.labels}:{lineno}"
-            if len(row) != len(header):
-                raise LabelError(f"{where}: {len(row)} fields, header has {len(header)}")
-            occ, mask = zip(*(_binary(row[au_cols[au]], a.unknown, where, au) for au in aus)) if aus else ((), ())
-            expr = -1
-            if opt["expression"] is not None and row[opt["expression"]].strip():
-                expr = _expression(row[opt["expression"]], where)
-            path = images / row[col].strip()
-            if not path.is_file():
-                skipped.append({"input": f"{where} {path}", "reason": "label-without-image"})
-                continue
-            subject = row[opt["subject"]].strip() if opt["subject"] is not None else ""
-            sequence = row[opt["sequence"]].strip() if opt["sequence"] is not None else ""
-            frame = parse_int(row[opt["frame"]], where) if opt["frame"] is not None else -1
-            stem = Path(row[col].strip()).with_suffix("").as_posix()
-            records.append(Record(key=safe_key(stem), source=str(path), subject=subject, sequence=sequence, frame=frame,
-                                  occurrence=list(occ), mask=list(mask), expression=expr, origin=where))
+    rows = csv_rows(a.labels, "manifest")
+    header = [h.strip() for h in next(rows, [])]
+    lower = [h.lower() for h in header]
+    col = next((lower.index(c) for c in ("image", "path", "file") if c in lower), None)
+    if col is None:
+        raise LabelError(f"{a.labels}:1: no 'image' column in header {str(header)[:200]}")
+    au_cols = {parse_au(h): j for j, h in enumerate(header) if j != col and parse_au(h) is not None}
+    aus = a.aus or tuple(sorted(au_cols))
+    missing = [au for au in aus if au not in au_cols]
+    if missing:
+        raise LabelError(f"{a.labels}:1: no column for AU{missing[0]:02d} in header {str(header)[:200]}")
+    opt = {name: lower.index(name) if name in lower else None
+           for name in ("subject", "sequence", "frame", "expression")}
+    for lineno, row in enumerate(rows, 2):
+        if not row:
+            continue
+        where = f"{a.labels}:{lineno}"
+        if len(row) != len(header):
+            raise LabelError(f"{where}: {len(row)} fields, header has {len(header)}")
+        occ, mask = zip(*(_binary(row[au_cols[au]], a.unknown, where, au) for au in aus)) if aus else ((), ())
+        expr = -1
+        if opt["expression"] is not None and row[opt["expression"]].strip():
+            expr = _expression(row[opt["expression"]], where)
+        path = images / row[col].strip()
+        if not present(path):
+            skipped.append({"input": f"{where} {path}", "reason": "label-without-image"})
+            continue
+        subject = row[opt["subject"]].strip() if opt["subject"] is not None else ""
+        sequence = row[opt["sequence"]].strip() if opt["sequence"] is not None else ""
+        frame = parse_int(row[opt["frame"]], where) if opt["frame"] is not None else -1
+        stem = Path(row[col].strip()).with_suffix("").as_posix()
+        records.append(Record(key=safe_key(stem), source=str(path), subject=subject, sequence=sequence, frame=frame,
+                              occurrence=list(occ), mask=list(mask), expression=expr, origin=where))
     return Scan("csv", tuple(aus), records, skipped, labelled=True)
 
 
@@ -277,7 +276,7 @@ def _expression(text: str, where: str) -> int:
         return EXPRESSIONS.index(t)
     if t.isdigit() and int(t) < len(EXPRESSIONS):
         return int(t)
-    raise LabelError(f"{where}: expression {text.strip()!r} is not one of {', '.join(EXPRESSIONS)} or 0-6")
+    raise LabelError(f"{where}: expression {text.strip()[:40]!r} is not one of {', '.join(EXPRESSIONS)} or 0-6")
 
 
 # ---------------------------------------------------------------------------------------------------- RAF-DB
@@ -308,26 +307,25 @@ def scan_rafdb(a: AdapterArgs) -> Scan:
     images, labels = _rafdb_paths(require_dir(a.images, "--images"), a.labels)
     a = AdapterArgs(images, labels, a.aus, a.unknown, a.frame_template, a.active_threshold)
     records, skipped, named = [], [], set()
-    with open(a.labels) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{a.labels}:{lineno}"
-            parts = line.split()
-            if len(parts) != 2 or "_" not in parts[0]:
-                raise LabelError(f"{where}: expected '<split>_<n>.jpg <label>', found {line.strip()!r}")
-            label = parse_int(parts[1], where)
-            if not 1 <= label <= 7:
-                raise LabelError(f"{where}: label {label} is not 1-7")
-            stem = Path(parts[0]).stem
-            path = next((p for p in (images / f"{stem}_aligned.jpg", images / parts[0]) if p.is_file()), None)
-            named.add(f"{stem}_aligned.jpg")
-            named.add(parts[0])
-            if path is None:
-                skipped.append({"input": f"{where} {parts[0]}", "reason": "label-without-image"})
-                continue
-            records.append(Record(key=safe_key(stem), source=str(path), expression=label - 1,
-                                  split=stem.split("_", 1)[0], origin=where))
+    for lineno, line in enumerate(text_lines(a.labels, "label file"), 1):
+        if not line.strip():
+            continue
+        where = f"{a.labels}:{lineno}"
+        parts = line.split()
+        if len(parts) != 2 or "_" not in parts[0]:
+            raise LabelError(f"{where}: expected '<split>_<n>.jpg <label>', found {line.strip()[:80]!r}")
+        label = parse_int(parts[1], where)
+        if not 1 <= label <= 7:
+            raise LabelError(f"{where}: label {label} is not 1-7")
+        stem = Path(parts[0]).stem
+        path = next((p for p in (images / f"{stem}_aligned.jpg", images / parts[0]) if present(p)), None)
+        named.add(f"{stem}_aligned.jpg")
+        named.add(parts[0])
+        if path is None:
+            skipped.append({"input": f"{where} {parts[0]}", "reason": "label-without-image"})
+            continue
+        records.append(Record(key=safe_key(stem), source=str(path), expression=label - 1,
+                              split=stem.split("_", 1)[0], origin=where))
     skipped.extend({"input": str(p), "reason": "image-without-label"}
                    for p in list_images(images) if p.name not in named)
     return Scan("rafdb", (), records, skipped, labelled=False,
@@ -339,12 +337,10 @@ def _sidecar(img: Path) -> tuple[list | None, list | None, str | None]:
     """MegaFace-style ``<image>.json``: bounding_box {x,y,width,height}, landmarks {"0": {x,y}, ...} (68 iBUG
     points, or 5: eye centres, nose tip, mouth corners). -> (points, bbox, problem)."""
     side = img.with_name(img.name + ".json")
-    if not side.is_file():
+    if not os.path.lexists(side):
         return None, None, None
-    try:
-        if side.stat().st_size > 1 << 20:
-            raise ValueError(f"{side.stat().st_size} bytes, more than a sidecar holds")
-        doc = json.loads(side.read_text(encoding="utf-8"))
+    try:  # a FIFO, a broken link, over 1 MiB, not UTF-8, nested without bound: one counted note, never a hang
+        doc = load_json(read_text(side, "sidecar", limit=1 << 20), str(side))
         points = bbox = problem = None
         if "bounding_box" in doc:
             b = doc["bounding_box"]
@@ -359,8 +355,11 @@ def _sidecar(img: Path) -> tuple[list | None, list | None, str | None]:
                            f"all finite); the box is kept")
                 points = None
         return points, bbox, problem
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, UnicodeDecodeError,
-            OverflowError) as e:  # json ints have no bound: float(10**400) overflows
+    except InputError as e:
+        return None, None, str(e)
+    except OSError as e:
+        return None, None, f"{side}: {e.strerror or e}"
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:  # float(10**400) overflows
         return None, None, f"{side}: {type(e).__name__}: {exception_detail(e)}"
 
 

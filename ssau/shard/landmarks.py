@@ -19,25 +19,31 @@ Frame numbers: ``--landmark-frames number`` (default) matches the CSV's frame co
 image's 1-based position in its sorted folder, which is what OpenFace writes when run on a folder of frames (a BP4D
 sequence starting at frame 0183 is frames 1, 2, ... in its CSV).
 
-A missing or unusable file costs its frames their landmarks (counted), never the run; a file with no 68 x/y columns
-or that cannot be parsed as CSV at all is a LabelError naming it.
+A missing or unusable file costs its frames their landmarks (counted), never the run; a file with no 68 x/y columns,
+that is not UTF-8 CSV, or that is a FIFO, socket or device is a LabelError naming it.
+
+Memory: a file is streamed row by row (``ssau.readfile.csv_rows``) into a ``LandmarkTable`` of flat arrays, and
+``attach_landmarks`` keeps only the frames its records can match (their points are views of it). Per-frame Python
+lists of floats took 10-15 times the file (issue 25: 4.3 GB for a 417 MiB CSV of 400k frames, now 0.3 GB).
 """
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import re
+from array import array
 from collections import Counter
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ssau.errors import LabelError
+from ssau.errors import InputError, LabelError
 from ssau.faces.template import N_LANDMARKS
-from ssau.shard.records import IMAGE_EXTS, Record, Scan
+from ssau.readfile import csv_rows
+from ssau.shard.records import IMAGE_EXTS, Record, Scan, present
 from ssau.shard.video import split_source
 
 DEFAULT_PATTERNS: dict[str, tuple[str, ...]] = {
@@ -92,6 +98,47 @@ def _columns(header: list[str], path: Path, frame_column: str) -> tuple[int | No
     return frame, [xs[i] for i in need], [ys[i] for i in need], opt
 
 
+class LandmarkTable(Mapping):
+    """{frame: (confidence, 68 x 2 points or None where the row says the face was not found)} of one file, in the
+    file's order, held as flat arrays (``typecode`` "d": float64, "f": float32): a frame costs its 136 numbers and
+    an index entry, not 68 Python lists. The points handed out are views of one array."""
+
+    def __init__(self, typecode: str) -> None:
+        self._at: dict[int, int] = {}  # frame -> row
+        self._conf, self._found, self._flat = array("d"), bytearray(), array(typecode)
+        self._points: np.ndarray | None = None
+
+    def put(self, frame: int, conf: float, flat: list[float] | None) -> None:
+        """A row's face; where a frame has several (OpenFace's ``face_id``), the most confident that was found."""
+        i = self._at.get(frame)
+        if i is not None and self._found[i] and (flat is None or self._conf[i] >= conf):
+            return
+        values = array(self._flat.typecode, flat if flat is not None else [0.0] * (2 * N_LANDMARKS))
+        if i is None:
+            self._at[frame] = len(self._conf)
+            self._conf.append(conf)
+            self._found.append(flat is not None)
+            self._flat.extend(values)
+        else:
+            self._conf[i], self._found[i] = conf, flat is not None
+            self._flat[i * 2 * N_LANDMARKS:(i + 1) * 2 * N_LANDMARKS] = values
+
+    def _rows(self) -> np.ndarray:
+        if self._points is None:  # filled: from here on the buffer is shared, never grown
+            self._points = np.frombuffer(self._flat, self._flat.typecode).reshape(-1, N_LANDMARKS, 2)
+        return self._points
+
+    def __getitem__(self, frame: int) -> tuple[float, np.ndarray | None]:
+        i = self._at[frame]
+        return self._conf[i], (self._rows()[i] if self._found[i] else None)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._at)
+
+    def __len__(self) -> int:
+        return len(self._at)
+
+
 def read_landmark_csv(path: Path, frame_column: str = "frame", min_confidence: float = 0.8
                       ) -> tuple[dict[int, list[list[float]] | None], Counter]:
     """-> ({frame: 68 [x, y] or None where the row says the face was not found}, problems by kind).
@@ -99,17 +146,16 @@ def read_landmark_csv(path: Path, frame_column: str = "frame", min_confidence: f
     ``FaceLandmarkImg``'s per-image files have a ``face`` column and no frame column: their rows are numbered
     1, 2, ... and a still takes the most confident (``still_landmarks``)."""
     table, problems = _read(path, frame_column, min_confidence)
-    return {k: v[1] for k, v in table.items()}, problems
+    return {k: None if v is None else v.tolist() for k, (_, v) in table.items()}, problems
 
 
-def landmark_rows(path: Path, frame_column: str = "frame", min_confidence: float = 0.8
-                  ) -> dict[int, tuple[float, list | None]]:
-    """{frame: (confidence, 68 [x, y] or None)} of an OpenFace or plain landmark CSV (rows numbered 1, 2, ... in a
-    file without a frame column); LabelError for a file that is not one."""
+def landmark_rows(path: Path, frame_column: str = "frame", min_confidence: float = 0.8) -> LandmarkTable:
+    """{frame: (confidence, 68 x 2 float64 or None)} of an OpenFace or plain landmark CSV (rows numbered 1, 2, ...
+    in a file without a frame column); LabelError for a file that is not one."""
     return _read(path, frame_column, min_confidence)[0]
 
 
-def still_landmarks(table: dict[int, tuple[float, list | None]]) -> list | None:
+def still_landmarks(table: Mapping[int, tuple[float, np.ndarray | None]]) -> np.ndarray | None:
     """The most confident face of a still image's file."""
     found = [(conf, pts) for conf, pts in table.values() if pts is not None]
     return max(found, key=lambda cp: cp[0])[1] if found else None
@@ -122,46 +168,44 @@ def _frame_number(text: str) -> int:
     return int(v)
 
 
-def _read(path: Path, frame_column: str, min_confidence: float
-          ) -> tuple[dict[int, tuple[float, list | None]], Counter]:
+def _read(path: Path, frame_column: str, min_confidence: float, keep: set[int] | None = None, typecode: str = "d"
+          ) -> tuple[LandmarkTable, Counter]:
+    """Stream ``path`` into a table of the frames in ``keep`` (all when None); rows that cannot be read are
+    counted in the returned problems whatever their frame."""
     problems: Counter[str] = Counter()
     if path.stat().st_size > MAX_FILE_BYTES:
         raise LabelError(f"{path}: {path.stat().st_size} bytes, more than a landmark file holds")
-    out: dict[int, tuple[float, list | None]] = {}
+    table = LandmarkTable(typecode)
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of a name
-            rows = csv.reader(f)
-            header = next(rows, None)
-            if not header:
-                raise LabelError(f"{path}:1: empty file")
-            fcol, xcols, ycols, opt = _columns(header, path, frame_column)
-            for lineno, row in enumerate(rows, 2):
-                if not row or not any(c.strip() for c in row):
-                    continue
-                if len(row) != len(header):
-                    problems["bad-landmark-row"] += 1
-                    continue
-                try:
-                    frame = _frame_number(row[fcol]) if fcol is not None else lineno - 1
-                    pts = [[float(row[x]), float(row[y])] for x, y in zip(xcols, ycols)]
-                    conf = float(row[opt["confidence"]]) if opt["confidence"] is not None else 1.0
-                    ok = float(row[opt["success"]]) != 0 if opt["success"] is not None else True
-                except (ValueError, OverflowError):  # 1e400 parses, then overflows int()
-                    problems["bad-landmark-row"] += 1
-                    continue
-                if not all(math.isfinite(v) for p in pts for v in p) or not math.isfinite(conf):
-                    problems["bad-landmark-row"] += 1
-                    continue
-                if not ok or conf < min_confidence or not any(v for p in pts for v in p):
-                    pts = None  # tracking failed on this frame
-                if frame in out and out[frame][1] is not None and (pts is None or out[frame][0] >= conf):
-                    continue  # several faces in one frame: keep the most confident
-                out[frame] = (conf, pts)
-    except UnicodeDecodeError as e:
-        raise LabelError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except csv.Error as e:
-        raise LabelError(f"{path}: not a CSV file ({e})") from None
-    return out, problems
+        rows = csv_rows(path, "landmark file")  # UTF-8, a byte-order mark dropped: it is not part of a name
+        header = next(rows, None)
+        if not header:
+            raise LabelError(f"{path}:1: empty file")
+        fcol, xcols, ycols, opt = _columns(header, path, frame_column)
+        cols = [c for xy in zip(xcols, ycols) for c in xy]  # x_0, y_0, x_1, ...: the (68, 2) layout, flat
+        for lineno, row in enumerate(rows, 2):
+            if not row or not any(c.strip() for c in row):
+                continue
+            if len(row) != len(header):
+                problems["bad-landmark-row"] += 1
+                continue
+            try:
+                frame = _frame_number(row[fcol]) if fcol is not None else lineno - 1
+                flat = [float(row[j]) for j in cols]
+                conf = float(row[opt["confidence"]]) if opt["confidence"] is not None else 1.0
+                ok = float(row[opt["success"]]) != 0 if opt["success"] is not None else True
+            except (ValueError, OverflowError):  # 1e400 parses, then overflows int()
+                problems["bad-landmark-row"] += 1
+                continue
+            if not all(map(math.isfinite, flat)) or not math.isfinite(conf):
+                problems["bad-landmark-row"] += 1
+                continue
+            if keep is None or frame in keep:
+                # no landmarks where tracking failed: success 0, low confidence, or OpenFace's all-zero row
+                table.put(frame, conf, flat if ok and conf >= min_confidence and any(flat) else None)
+    except InputError as e:  # a FIFO, not UTF-8, not CSV: a LabelError, which `ssau predict` notes and goes on
+        raise LabelError(str(e)) from None
+    return table, problems
 
 
 class _Positions:
@@ -193,8 +237,8 @@ def _file_for(r: Record, src: LandmarkSource, patterns: tuple[str, ...], root: s
         except Exception:  # a field this record cannot fill ({subject[3]} of a short id): no file for it
             continue
         # A manifest's subject or sequence ("../x") must not make ssau read files outside --landmarks.
-        if os.path.commonpath((root, os.path.realpath(p))) == root and p.is_file():
-            return p
+        if os.path.commonpath((root, os.path.realpath(p))) == root and present(p):
+            return p  # a FIFO by that name too: _read refuses it with one line, never opening it blocking
     return None
 
 
@@ -209,38 +253,39 @@ def attach_landmarks(scan: Scan, src: LandmarkSource) -> dict:
     for p in patterns:
         check_pattern(p)
     root = os.path.realpath(src.root)
-    tables: dict[Path, dict] = {}
     problems: Counter[str] = Counter()
     position = _Positions()
     counts: Counter[str] = Counter()
     other_way: Counter[Path] = Counter()  # per file: frames the other numbering would match, minus this one's
+    by_file: dict[Path, list[Record]] = {}
     for r in scan.records:
         path = _file_for(r, src, patterns, root)
         if path is None:
             counts["no-landmark-file"] += 1
-            continue
-        if path not in tables:
-            table, found = _read(path, src.frame_column, src.min_confidence)
-            # float32 arrays: BP4D's 146k frames as Python lists would hold over a gigabyte
-            tables[path] = {k: (c, None if v is None else np.asarray(v, dtype=np.float32)) for k, (c, v) in table.items()}
-            problems.update(found)
-            counts["files"] += 1
-        table = tables[path]
-        if r.frame < 0:  # a still: its own file, its most confident face
-            pts, hit = still_landmarks(table), bool(table)
         else:
-            number, pos = r.frame, position(r.source)
-            frame, other = (number, pos) if src.frames == "number" else (pos, number)
-            hit = frame in table
-            pts = table[frame][1] if hit else None
-            other_way[path] += int(other in table) - int(hit)
-        if pts is not None:
-            r.points = pts
-            counts["matched"] += 1
-        elif hit:
-            counts["tracking-failed"] += 1
-        else:
-            counts["frame-not-in-file"] += 1
+            by_file.setdefault(path, []).append(r)
+    for path, records in by_file.items():  # one file at a time; what stays is what its records view
+        # (number, position) of each frame record; None for a still, which takes its file's most confident face
+        numbers = [(r.frame, position(r.source)) if r.frame >= 0 else None for r in records]
+        keep = None if None in numbers else {n for pair in numbers for n in pair}
+        table, found = _read(path, src.frame_column, src.min_confidence, keep, "f")  # float32: BP4D has 146k frames
+        problems.update(found)
+        counts["files"] += 1
+        for r, pair in zip(records, numbers):
+            if pair is None:
+                pts, hit = still_landmarks(table), bool(table)
+            else:
+                frame, other = pair if src.frames == "number" else pair[::-1]
+                hit = frame in table
+                pts = table[frame][1] if hit else None
+                other_way[path] += int(other in table) - int(hit)
+            if pts is not None:
+                r.points = pts
+                counts["matched"] += 1
+            elif hit:
+                counts["tracking-failed"] += 1
+            else:
+                counts["frame-not-in-file"] += 1
     suspect = sorted(str(p.name) for p, n in other_way.items() if n > 0)
     if suspect:
         other = "position" if src.frames == "number" else "number"

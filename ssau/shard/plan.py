@@ -28,13 +28,14 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from ssau.aus import EXPRESSIONS, STANDARD_FOLDS, au_name
-from ssau.errors import ShardError, WorkerDied
+from ssau.errors import InputError, ShardError, WorkerDied
 from ssau.faces.align import DETECTOR
 from ssau.faces.detect import DLIB_DETECTOR, LICENCE
 from ssau.faces.detect import available as detector_available
 from ssau.faces.flow import require_optflow
 from ssau.faces.template import MEAN_68
 from ssau.io import atomic_path, atomic_write
+from ssau.readfile import read_json
 from ssau.shard.adapters import ADAPTERS
 from ssau.shard.images import MIN_SIDE
 from ssau.shard.landmarks import LandmarkSource, attach_landmarks
@@ -118,15 +119,16 @@ def plan_shards(scan: Scan, s: ShardSettings) -> tuple[list[dict], list[dict]]:
 
 def _verified(out: Path, task: dict) -> dict | None:
     stats_path = out / STATE_DIR / f"{task['name']}.json"
-    try:
-        stats = json.loads(stats_path.read_text())
-    except (OSError, ValueError):
+    try:  # damaged, a FIFO, nested without bound: not a finished shard, so it is rewritten
+        stats = read_json(stats_path, "shard stats file")
+    except (OSError, InputError):
         return None
     tar = out / task["name"]
     parts = out / STATE_DIR / f"{task['name']}.parquet"
-    if stats.get("plan_sha") != task["plan_sha"] or not tar.is_file() or not parts.is_file():
+    if not isinstance(stats, dict) or stats.get("plan_sha") != task["plan_sha"] or not tar.is_file() \
+            or not parts.is_file():
         return None
-    return stats if tar.stat().st_size == stats["bytes"] and sha256(tar) == stats["sha256"] else None
+    return stats if tar.stat().st_size == stats.get("bytes") and sha256(tar) == stats.get("sha256") else None
 
 
 # ---------------------------------------------------------------------------------------------------- driver
@@ -157,9 +159,14 @@ def _remove_tmp(out: Path) -> None:
 def _prepare_out(out: Path, s: ShardSettings, overwrite: bool) -> None:
     state = out / STATE_DIR
     settings_path = state / "settings.json"
-    if settings_path.is_file():
-        old = json.loads(settings_path.read_text())
-        if old != s.fingerprint() and not overwrite:
+    if settings_path.is_file() and not overwrite:
+        try:  # damaged, or nested without bound: one line that says how to go on
+            old = read_json(settings_path, "settings file")
+            if not isinstance(old, dict):
+                raise InputError(f"{settings_path}: not a settings object")
+        except InputError as e:
+            raise ShardError(f"--out {out}: {e}; pass --overwrite to replace its shards") from None
+        if old != s.fingerprint():
             changed = sorted(k for k in set(old) | set(s.fingerprint()) if old.get(k) != s.fingerprint().get(k))
             raise ShardError(f"--out {out} holds shards made with other settings ({', '.join(changed)} differ); "
                              "pass --overwrite to replace them")

@@ -15,7 +15,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ssau.errors import LabelError
+from ssau.errors import InputError, LabelError
+from ssau.readfile import bounded_int
 from ssau.shard.video import split_source
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -80,6 +81,12 @@ def list_images(root: Path) -> list[Path]:
     return out
 
 
+def present(path: Path) -> bool:
+    """Whether an image a label names is there: a file, or a FIFO, socket or device by that name, which the shard
+    worker skips and counts as ``not-a-regular-file`` (a label naming it is not a label without an image)."""
+    return path.exists() and not path.is_dir()
+
+
 def require_dir(path: Path | None, what: str) -> Path:
     if path is None:
         raise LabelError(f"{what} is required for this format")
@@ -89,10 +96,12 @@ def require_dir(path: Path | None, what: str) -> Path:
 
 
 def parse_int(text: str, where: str) -> int:
+    """An integer label cell ("12", "12.0") of at most 18 digits, so that it fits the index's int64 columns; the
+    digits are counted before any conversion (a 400-digit frame number once reached float() and overflowed)."""
     try:
-        return int(float(text)) if re.fullmatch(r"-?\d+(\.0*)?", text.strip()) else int(text)
-    except ValueError:
-        raise LabelError(f"{where}: expected an integer, found {text.strip()!r}") from None
+        return bounded_int(text, where)
+    except InputError as e:
+        raise LabelError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------------- screen

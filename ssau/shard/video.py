@@ -3,14 +3,19 @@
 A video source is ``<path>#<0-based frame>``. Shards hold consecutive frames of one video, so each worker keeps
 one decoder open and decodes forward; asking for an earlier frame reopens the file, unless it is one of the last
 ``keep`` frames decoded (``--flow K`` reads frame t+K before frame t+1: K + 1 frames are kept).
+
+Only regular files are read: a FIFO, socket or device among the images (or as the video) would block the worker's
+read for good or never end, so it is skipped as ``not-a-regular-file``, before any blocking open.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from collections import OrderedDict
-from pathlib import Path
 
-from ssau.errors import SkipImage
+from ssau.errors import InputError, SkipImage
+from ssau.readfile import kind_of, open_regular
 from ssau.shard.images import encode_jpeg, exception_detail
 
 
@@ -28,6 +33,7 @@ class _ForwardDecoder:
         import av  # imported here: only video sources need it
 
         self.close()
+        _regular(path)  # av.open of a FIFO blocks until a writer comes
         try:
             self.container = av.open(path)
         except (av.error.FFmpegError, OSError) as e:
@@ -89,9 +95,23 @@ def split_source(source: str) -> tuple[str, str]:
     return source, ""
 
 
+def _regular(path: str) -> None:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # the open that follows says why
+    if not stat.S_ISREG(mode):
+        raise SkipImage("not-a-regular-file", kind_of(mode))
+
+
 def read_source(source: str) -> bytes:
     """The bytes of an image file, or a video frame encoded as JPEG."""
     path, frame = split_source(source)
     if frame:
         return _DECODER.frame(path, int(frame))
-    return Path(path).read_bytes()
+    try:
+        with open_regular(path, "image") as f:  # non-blocking open, checked before the first read
+            return f.read()
+    except InputError:
+        _regular(path)
+        raise SkipImage("not-a-regular-file") from None  # swapped back to a file between open and stat

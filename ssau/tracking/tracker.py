@@ -16,7 +16,9 @@ much and prints the ``ssau upload <run_dir>`` command that sends it, and the run
 
 A fresh run needs its run id from the server, so an unreachable server at the start of a fresh run fails at once
 with one line. A resumed run has its run id from the checkpoint: it trains on with the server down and delivers
-later.
+later. A local SQLite store that another process holds locked is waited for the same way, one line per wait (each try
+waits SQLite's 20 s busy timeout; MLflow's own traceback for it is dropped, ssau/tracking/store.py), and the first
+start on a new store creates it under a lock, so that runs starting together do not migrate it twice.
 
 One value per metric and step: a (metric key, step) already in the run's journal is never logged again, and the
 first value is kept. A run killed at step 58 and resumed from its step-50 checkpoint recomputes steps 51-58; MLflow
@@ -44,7 +46,7 @@ from ssau.errors import ConfigError, JournalError
 from ssau.predict.mlflow_log import log_model as log_pyfunc
 from ssau.tracking.journal import Journal, Sender, Steps, groups, pending, read_delivered, reason
 from ssau.tracking.journal import verdict as verdict_of
-from ssau.tracking.store import artifact_root, relocate
+from ssau.tracking.store import artifact_root, database, locked, opening, quiet_lock_waits, relocate
 
 MAX_WAIT = 15.0  # seconds between retries at most while the server is away
 REFUSALS = 8  # a record the server answers with an error this many times is dropped (it stays in the journal)
@@ -96,6 +98,8 @@ class Tracker:
         check_uri(cfg.uri, reach=False)
         if cfg.uri.startswith(("http://", "https://")):
             quiet_http()
+        if database(cfg.uri):
+            quiet_lock_waits()
         self.cfg, self.uri = cfg, cfg.uri
         self.journal = Journal(journal) if journal else None
         self.run_id: str | None = None
@@ -113,15 +117,17 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         check_uri(self.uri)
-        self._client = client = MlflowClient(tracking_uri=self.uri)
-        exp = client.get_experiment_by_name(self.cfg.experiment)  # creates/migrates the store
-        if line := relocate(self.uri):  # a copied store: its runs write beside the copy, not into the original
-            self._say(line)
+        with opening(self.uri):  # one process at a time creates a new store and its experiment (store.py)
+            self._client = client = MlflowClient(tracking_uri=self.uri)  # creates/migrates the store
             exp = client.get_experiment_by_name(self.cfg.experiment)
-        if exp is None:  # artifacts beside a local database (ssau/tracking/store.py); a server chooses its own location
-            experiment_id = client.create_experiment(self.cfg.experiment, artifact_location=artifact_root(self.uri))
-        else:
-            experiment_id = exp.experiment_id
+            if line := relocate(self.uri):  # a copied store: its runs write beside the copy, not into the original
+                self._say(line)
+                exp = client.get_experiment_by_name(self.cfg.experiment)
+            if exp is None:  # artifacts beside a local database (store.py); a server chooses its own location
+                experiment_id = client.create_experiment(self.cfg.experiment,
+                                                         artifact_location=artifact_root(self.uri))
+            else:
+                experiment_id = exp.experiment_id
         tags = {k: str(v) for k, v in tags.items()}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
@@ -285,6 +291,7 @@ class Tracker:
                 if self._stop:
                     return
                 group, uncertain = self._take()
+            began = time.monotonic()
             try:
                 if sender is None:
                     sender = Sender(self._client or MlflowClient(tracking_uri=self.uri), self.run_id,
@@ -297,7 +304,13 @@ class Tracker:
                 tries += 1
                 refusals += verdict == "refused"
                 if verdict == "wait" or (verdict == "refused" and refusals < REFUSALS):
-                    if verdict == "wait" and not self._away:
+                    if verdict == "wait" and locked(e):  # each try waited SQLite's busy timeout: one line each
+                        self._away = True
+                        kept = f"in {self.journal.path}" if self.journal else "in memory"
+                        self._say(f"ssau: tracking: {database(self.uri)} is locked by another process (waited "
+                                  f"{time.monotonic() - began:.0f} s); the records wait {kept} and are sent when it "
+                                  "is free")
+                    elif verdict == "wait" and not self._away:
                         self._away = True
                         self._say(f"ssau: warning: tracking server {self.uri} is not answering ({self._error}); "
                                   "training goes on, records are kept and sent when it answers")
@@ -310,7 +323,7 @@ class Tracker:
                               f"({self._error}); it stays in the journal for `ssau upload`")
             if self._away and not dropped:
                 self._away = False
-                self._say(f"ssau: tracking server {self.uri} answers again; delivering the queued records")
+                self._say(f"ssau: tracking: {self.uri} answers again; delivering the queued records")
             tries = refusals = 0
             with self._cv:
                 for r in group:

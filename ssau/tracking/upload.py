@@ -11,7 +11,7 @@ from pathlib import Path
 from ssau.errors import JournalError, Undeliverable
 from ssau.tracking.journal import (JOURNAL, Sender, groups, pending, read_delivered, read_journal, reason,
                                    write_delivered)
-from ssau.tracking.store import artifact_root, relocate
+from ssau.tracking.store import artifact_root, database, opening, quiet_lock_waits, relocate
 from ssau.tracking.tracker import check_uri, quiet_http
 
 
@@ -71,11 +71,14 @@ def upload(run_dir: Path, uri: str | None = None, experiment: str | None = None)
         check_uri(target_uri)
         quiet_http(retries=2)
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # our one line is the output
-        if line := relocate(target_uri):
-            print(line, file=sys.stderr)
-        client = MlflowClient(tracking_uri=target_uri)
+        if database(target_uri):
+            quiet_lock_waits()  # a locked store fails in one line below, not in MLflow's traceback
         try:
-            target, same = _target_run(client, target_uri, created[0], experiment)
+            with opening(target_uri):  # a new store is created by one process at a time (store.py)
+                client = MlflowClient(tracking_uri=target_uri)  # creates/migrates the store
+                if line := relocate(target_uri):
+                    print(line, file=sys.stderr)
+                target, same = _target_run(client, target_uri, created[0], experiment)
             todo = pending(recs, read_delivered(run_dir).get(run_id)) if same else recs
             final = [r for r in recs if r["kind"] == "status"][-1:]  # only the last status matters (compared first)
             todo = [r for r in todo if r["kind"] != "status"] + final

@@ -13,13 +13,15 @@ from ssau.dist.ranks import init_runtime
 from ssau.errors import ConfigError
 from ssau.methods.registry import scores_au
 from ssau.metrics import format_expression_table, format_table, sample_std
-from ssau.predict.model import read_model
+from ssau.predict.model import MODEL_FILE, is_uri, model_file, read_model
 from ssau.tracking.artifacts import cv_artifacts
 from ssau.tracking.journal import JOURNAL
 from ssau.tracking.naming import git_commit
 from ssau.tracking.store import relocate
 from ssau.tracking.tracker import Tracker, check_uri
+from ssau.tracking.ui import serve
 from ssau.train.evaluate import evaluate_method
+from ssau.train.rundir import claim
 from ssau.train.setup import load_run_config
 from ssau.train.trainer import Trainer
 
@@ -37,8 +39,8 @@ def ssau_command() -> str:
 
 
 def ui(uri: str, host: str, port: int) -> int:
-    """`ssau ui`: MLflow's UI on the store ssau writes, from this environment's mlflow (no activated venv needed)."""
-    import subprocess
+    """`ssau ui`: MLflow's UI on the store ssau writes, from this environment's mlflow (no activated venv needed); its
+    processes stop when `ssau ui` stops (ssau/tracking/ui.py)."""
     import sys
 
     check_uri(uri, reach=False)
@@ -51,7 +53,7 @@ def ui(uri: str, host: str, port: int) -> int:
     # workflowType: the UI's classic model-training view (its GenAI view hides runs' metrics and artifacts)
     print(f"MLflow UI on http://{host}:{port}/#/experiments?workflowType=machine_learning for {uri} "
           f"(Ctrl-C stops it)", flush=True)
-    return subprocess.call(cmd)
+    return serve(cmd)
 
 
 def train(config: str | None, overrides: list[str]) -> dict:
@@ -69,15 +71,31 @@ def train(config: str | None, overrides: list[str]) -> dict:
 
 def evaluate(checkpoint: str, shards: list[str], folds: list[int] | None, batch: int, workers: int,
              incomplete: str = "fail") -> dict:
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise ConfigError(f"--checkpoint {path} does not exist")
+    """`ssau eval`: the model ``checkpoint`` names (a run directory, its model.pt or a checkpoints/step-N.pt, an
+    MLflow model URI) on ``folds`` of ``shards``; no folds: every sample of them, not the run's held-out fold."""
+    import tempfile
+
     if batch < 1 or workers < 0:
         raise ConfigError(f"--batch {batch} / --workers {workers}: need a batch of at least 1 and 0 or more workers")
-    method, cfg, aus, _ = read_model(path, {"eval_batch": batch, "workers": workers, "eval_incomplete": incomplete})
+    path = Path(checkpoint)
+    if not is_uri(checkpoint) and path.is_dir() and not (path / MODEL_FILE).is_file():
+        steps = sorted((path / "checkpoints").glob("step-*.pt"))
+        hint = f"; its last checkpoint is {steps[-1]}" if steps else ""
+        raise ConfigError(f"--checkpoint {path}: a directory without {MODEL_FILE} (a run directory has one once it "
+                          f"finished{hint})")
+    if not is_uri(checkpoint) and not path.exists():
+        raise ConfigError(f"--checkpoint {path} does not exist (a run directory, its model.pt or "
+                          f"checkpoints/step-N.pt, or an MLflow model URI)")
+    with tempfile.TemporaryDirectory(prefix="ssau-model-") as scratch:  # a downloaded model is read, then removed
+        path = model_file(checkpoint, Path(scratch))  # a run directory's model.pt, a file, or a download
+        method, cfg, aus, _ = read_model(path, {"eval_batch": batch, "workers": workers,
+                                                "eval_incomplete": incomplete})
     rt = init_runtime(TrainConfig(device="auto", precision="fp32"))
     method.to(rt.device)
-    metrics = evaluate_method(method, cfg.data, aus, rt, dirs=tuple(shards), folds=tuple(folds) if folds else None)
+    # No --folds: every fold of the shards. The model's data.fold is its training run's held-out fold, which
+    # evaluate_method scores when given no folds; fold 0 (no held-out fold) makes it score every sample.
+    data = dataclasses.replace(cfg.data, fold=0)
+    metrics = evaluate_method(method, data, aus, rt, dirs=tuple(shards), folds=tuple(folds) if folds else None)
     if rt.main:
         print(format_table(metrics))
     return metrics
@@ -90,8 +108,15 @@ def cross_validate(config: str | None, overrides: list[str]) -> dict:
         raise ConfigError(f"method {cfg.method_name}: this setting is scored on expressions, not AU folds; "
                           f"`ssau cv` cross-validates AU recognisers (train it with `ssau train`)")
     rt = init_runtime(cfg.train)
-    base = cfg.train.name or f"{cfg.method_name}-cv-{time.strftime('%Y%m%d-%H%M%S')}"
-    base = rt.broadcast_object(base)
+    lock, claimed = None, None  # the lock lives as long as this call (RunLock drops it when collected)
+    if rt.main:  # the parent's directory is owned like a run's: a second `ssau cv` of this name touches nothing
+        out = Path(cfg.train.out)
+        run_dir, lock, error = claim(out, cfg.train.name or f"{cfg.method_name}-cv-{time.strftime('%Y%m%d-%H%M%S')}",
+                                     not cfg.train.name)
+        claimed = ("" if error else str(run_dir.relative_to(out)), error)
+    base, error = rt.broadcast_object(claimed)
+    if error:
+        raise ConfigError(error)
     parent = None
     if rt.main and cfg.tracking.enabled:
         parent = Tracker(cfg.tracking, Path(cfg.train.out) / base / JOURNAL)  # a local copy, for `ssau upload`

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from ssau.config import Config, to_dict
 from ssau.data.decode import RESIZE_RATIO
-from ssau.errors import CheckpointError
+from ssau.errors import CheckpointError, InputError
+from ssau.readfile import read_json
 
 DEFAULT_QUALITY = 95
 
@@ -31,12 +32,10 @@ def _shard_faces(labelled: list[str]) -> dict:
     """The first labelled directory's faces from its dataset.json: {align: {size, margin, points} or None, quality,
     faces_from, licence}; whole frames when it cannot be read (a damaged dataset.json costs the card, not the run:
     ``ssau predict`` then says the model carries no alignment)."""
-    import json
-
     whole = {"align": None, "quality": DEFAULT_QUALITY, "faces_from": "frames", "licence": None}
     for d in labelled:
         try:
-            doc = json.loads((Path(d) / "dataset.json").read_text())
+            doc = read_json(Path(d) / "dataset.json", "dataset.json")
             faces, quality = doc.get("faces") or {}, int((doc.get("settings") or {}).get("quality") or DEFAULT_QUALITY)
             align = faces.get("align")
             if not isinstance(align, dict):
@@ -48,7 +47,7 @@ def _shard_faces(labelled: list[str]) -> dict:
                               "points": str(align["points"])}, "quality": quality,
                     "faces_from": "landmarks" if landmarked >= boxed else "box",
                     "licence": align.get("landmarks_licence")}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, InputError):
             continue
     return whole
 

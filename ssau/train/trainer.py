@@ -20,18 +20,17 @@ import yaml
 from tqdm import tqdm
 
 from ssau.aus import au_name
-from ssau.checkpoints import (CheckpointError, atomic_save, check_training_state, clean_partial, last_checkpoint,
-                              load_into, newest_step_file, nonfinite_tensors, prune, safe_load, warm_start,
-                              writable_dir, write_pointer)
+from ssau.checkpoints import atomic_save, warm_start
 from ssau.config import Config, check_shards, flatten, to_dict
 from ssau.data.sources import SourceConfig, StreamConfig, dataset_inputs, held_out_notes, resolve_aus, stream_config
 from ssau.data.stream import TrainStream
 from ssau.data.trainset import TrainingSet
 from ssau.dist.collectives import average_buffers, broadcast_module
 from ssau.dist.deepspeed import deepspeed_engine
-from ssau.dist.ranks import Runtime, init_runtime, sigterm_as_exit, write_rank_report
-from ssau.dist.rng import rng_state, seed_all, seed_draws, set_rng_state
-from ssau.errors import ConfigError, RunStopped, SourceError
+from ssau.dist.ranks import Runtime, init_runtime, write_rank_report
+from ssau.dist.stop import StopSignals
+from ssau.dist.rng import seed_all, seed_draws
+from ssau.errors import ConfigError, SourceError
 from ssau.io import atomic_write
 from ssau.methods.base import Method, SetupInfo, Update
 from ssau.methods.registry import build_method, check_groups
@@ -40,15 +39,17 @@ from ssau.tracking.artifacts import log_report_tables, result_artifacts
 from ssau.tracking.journal import JOURNAL, journal_run_id
 from ssau.tracking.naming import eval_metric_dict, experiment_params, run_name, run_tags
 from ssau.tracking.tracker import Tracker
+from ssau.train.checkpointing import Checkpointing
 from ssau.train.evaluate import evaluate_tasks
 from ssau.train.model_card import card_of_config, model_state
 from ssau.train.monitor import CollapseMonitor
 from ssau.train.optim import build_optimizer, check_group_names, group_config, lr_factor
+from ssau.train.rundir import claim
 from ssau.train.setup import resolve_method
 from ssau.train.updates import Updates
 
 
-class Trainer:
+class Trainer(Checkpointing):
     def __init__(self, cfg: Config, rt: Runtime | None = None):
         self.cfg = resolve_method(cfg)  # the method section against its Params (a no-op when already resolved)
         check_shards(cfg.data)  # one line for a missing or mismatched shard directory, before any rank builds
@@ -98,6 +99,9 @@ class Trainer:
         self.step, self.starts, self.skipped_samples, self.run_id = 0, 0, 0, ""
         self.tracker = None
         self._last_good = ""  # the newest checkpoint known complete (named when a run has to stop)
+        self.stream: TrainStream | None = None
+        self.resumed_stream = None  # this rank's stream position in the checkpoint resumed from
+        self.stop = StopSignals()
         self.collapse = CollapseMonitor(t.collapse_share, t.collapse_window, cfg.method_name, rt.main)
 
     # ------------------------------------------------------------------------------------------------ building
@@ -111,16 +115,20 @@ class Trainer:
         return lr_factor(self.cfg.optim, end - starts[k], step - starts[k]) * self.method.lr_scale(group, step)
 
     def _run_dir(self) -> Path:
+        """Rank 0 claims the run directory (``ssau.train.rundir``: confined to train.out, locked for this run, a
+        generated name made unique); every rank gets its path, or every rank the same one-line error."""
         t = self.cfg.train
         if t.resume == "auto" and not t.name:
             raise ConfigError("train.resume=auto needs train.name (the run directory to continue)")
-        name = t.name or f"{self.cfg.method_name}-fold{self.cfg.data.fold}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_dir = Path(t.out) / self.rt.broadcast_object(name)
-        # A read-only or full train.out fails now, not at the first checkpoint hours later.
-        error = self.rt.broadcast_object(writable_dir(run_dir, "train.out") if self.rt.main else None)
+        self.lock, claimed = None, (None, None)
+        if self.rt.main:
+            name = t.name or f"{self.cfg.method_name}-fold{self.cfg.data.fold}-{time.strftime('%Y%m%d-%H%M%S')}"
+            run_dir, self.lock, error = claim(Path(t.out), name, generated=not t.name)
+            claimed = (str(run_dir), error)
+        run_dir, error = self.rt.broadcast_object(claimed)
         if error:
             raise ConfigError(error)
-        return run_dir
+        return Path(run_dir)
 
     # ------------------------------------------------------------------------------------------------ one update
     def _run_update(self, upd: Update, batches, previous):
@@ -163,25 +171,33 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ the loop
     def fit(self) -> dict:
         """Train to ``train.steps``. Whatever stops a run on rank 0 also ends its MLflow run (FAILED, or KILLED on
-        Ctrl-C or SIGTERM), so no run is left RUNNING by an error."""
+        a stop signal: ``ssau.dist.stop``), so no run is left RUNNING by an error."""
         try:
-            with sigterm_as_exit():
+            with self.stop.installed():
                 return self._fit()
         except BaseException as e:
-            if self.tracker:
-                self.tracker.end("KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
+            if self.tracker:  # a stop signal then a failure (a peer gone mid-stop) is still a kill
+                self.tracker.end("KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) or self.stop.signum
+                                 else "FAILED")
             raise
+        finally:
+            if self.lock:
+                self.lock.release()  # the run directory is free for the next run (a resume, the next fold)
 
     def _fit(self) -> dict:
         cfg, rt, t = self.cfg, self.rt, self.cfg.train
         self._resume()
+        if rt.broadcast_object(rt.main and self.step >= t.steps and (self.run_dir / "model.pt").is_file()):
+            if rt.main:  # a finished run started again (a requeue after its end): its model and run stay as they are
+                tqdm.write(f"{self.run_dir.name} finished at step {self.step} already; nothing to do", file=sys.stderr)
+            return {}
         self._start_tracking()
         try:
-            stream = TrainStream(self.stream_cfg, rt.rank, rt.world, self.trainset)
+            self.stream = TrainStream(self.stream_cfg, rt.rank, rt.world, self.trainset)
         except ValueError as e:  # a source with no shard to read (e.g. all of it in the held-out fold)
             raise ConfigError(str(e)) from None
-        stream.set_epoch(self.starts)  # a resumed run draws fresh shard orders (no loader position exists)
-        batches = iter(stream)
+        self.restore_stream()  # a resumed run continues the stream where its checkpoint left it
+        batches = iter(self.stream)
         bar = tqdm(total=t.steps, initial=self.step, desc=f"train {cfg.method_name}", unit="step",
                    disable=not (rt.main and t.progress), file=sys.stderr, dynamic_ncols=True)
         window, seen, t0, first_keys, metrics = defaultdict(float), 0, time.perf_counter(), None, {}
@@ -200,6 +216,8 @@ class Trainer:
                 self._log_window(window, window_steps, seen / (time.perf_counter() - t0), bar)
                 window, seen, t0, window_steps = defaultdict(float), 0, time.perf_counter(), 0
             last = self.step == t.steps
+            if not last and (signum := self.stop.requested(rt.world, rt.device)):
+                self.stop_on_signal(signum)  # a checkpoint at this step, before any evaluation: then exit
             if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or last:
                 self.save_checkpoint()  # before evaluating: a damaged eval shard must not cost the step's state
             if (cfg.data.fold or t.evaluate_on == "val") and ((t.eval_every and self.step % t.eval_every == 0) or last):
@@ -267,87 +285,6 @@ class Trainer:
         gathered = self.rt.gather_objects(self.method.report())
         if self.rt.main and gathered[0]:
             log_report_tables(gathered, self.run_dir, f"eval/step-{self.step:07d}", self.tracker)
-
-    # ------------------------------------------------------------------------------------------------ state
-    def save_checkpoint(self) -> Path:
-        """Every rank's part, then rank 0's step file, then the ``last`` pointer, then pruning. A failure on any
-        rank (a full disk, non-finite state) stops every rank with one line; the previous checkpoint stays."""
-        rt = self.rt
-        ckpt_dir = self.run_dir / "checkpoints"
-        rngs = rt.gather_objects(rng_state())
-        path = ckpt_dir / f"step-{self.step:07d}.pt"
-        error = None
-        bad = nonfinite_tensors(self.method.state_dict())
-        if rt.any_true(bool(bad)):  # every rank refuses together (states are equal, but never hang on a maybe)
-            error = f"step {self.step}: not saving a checkpoint with NaN or inf in {bad[0] if bad else 'the model'}"
-        try:
-            if error is None:
-                for name, e in self.engines.items():  # ZeRO partitions optimiser state: every rank saves its part
-                    e.save_checkpoint(str(ckpt_dir / "deepspeed" / name), tag=path.stem)
-        except (OSError, RuntimeError) as e:
-            error = f"cannot write the DeepSpeed checkpoint under {ckpt_dir} ({e})"
-        if rt.any_true(error is not None) and error is None:
-            error = "another rank could not write its part of the checkpoint"
-        if error is None and rt.main:
-            state = {"step": self.step, "starts": self.starts, "method": self.method.state_dict(),
-                     "optimizers": {k: o.state_dict() for k, o in self.optimizers.items() if k not in self.engines},
-                     "schedulers": {k: s.state_dict() for k, s in self.schedulers.items() if k not in self.engines},
-                     "rng": rngs, "config": to_dict(self.cfg), "aus": list(self.aus), "run_id": self.run_id,
-                     "skipped_updates": self.skipped_updates}
-            try:
-                atomic_save(state, path)
-                write_pointer(ckpt_dir, path.name)  # only now is step N the one a resume continues from
-                prune(ckpt_dir, self.cfg.train.keep_checkpoints)
-            except CheckpointError as e:
-                error = str(e)
-        if rt.any_true(error is not None):
-            previous = self._last_good or "none"
-            raise RunStopped(f"{error or 'rank 0 could not write the checkpoint'}; "
-                             f"the last good checkpoint is {previous}")
-        self._last_good = str(path)
-        return path
-
-    def _resume(self) -> None:
-        t = self.cfg.train
-        ckpt_dir = self.run_dir / "checkpoints"
-        error = None
-        if self.rt.main:  # what a killed save left behind, before anyone writes or reads here
-            try:
-                for name in clean_partial(ckpt_dir):
-                    tqdm.write(f"removed {name}, left by an interrupted checkpoint write", file=sys.stderr)
-            except (CheckpointError, OSError) as e:
-                error = str(e)
-        error = self.rt.broadcast_object(error)  # rank 0's verdict, on every rank (also the barrier)
-        if error:
-            raise CheckpointError(error)
-        if t.resume == "never":
-            return
-        path = (last_checkpoint(ckpt_dir) or newest_step_file(ckpt_dir)) if t.resume == "auto" else Path(t.resume)
-        if path is None:
-            return  # nothing to continue: a fresh run under this name
-        state = check_training_state(safe_load(path, map_location=self.rt.device), path)  # runs nothing
-        if set(state["optimizers"]) - set(self.optimizers) or set(state["schedulers"]) - set(self.schedulers):
-            raise CheckpointError(f"{path}: its optimiser groups {sorted(state['optimizers'])} are not this "
-                                  f"method's ({sorted(self.optimizers)})")
-        load_into(self.method, state["method"], "model", path)
-        for k, o in state["optimizers"].items():
-            load_into(self.optimizers[k], o, f"optimiser {k!r}", path)
-        for k, s in state["schedulers"].items():
-            load_into(self.schedulers[k], s, f"schedule {k!r}", path)
-        for name, e in self.engines.items():
-            loaded, _ = e.load_checkpoint(str(path.parent / "deepspeed" / name), tag=path.stem)
-            if loaded is None:
-                raise CheckpointError(f"{path.parent / 'deepspeed' / name / path.stem}: DeepSpeed state missing")
-        self.step, self.starts = state["step"], state["starts"] + 1
-        self.skipped_updates, self.run_id = state["skipped_updates"], state["run_id"]
-        self._last_good = str(path)
-        if len(state["rng"]) == self.rt.world:
-            try:
-                set_rng_state(state["rng"][self.rt.rank])
-            except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as e:
-                raise CheckpointError(f"{path}: its RNG state is damaged ({type(e).__name__})") from None
-        if self.rt.main:
-            tqdm.write(f"resumed {self.run_dir.name} at step {self.step} from {path}", file=sys.stderr)
 
     # ------------------------------------------------------------------------------------------------ tracking
     def _start_tracking(self) -> None:
