@@ -14,7 +14,7 @@ import os
 import re
 import urllib.parse
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from ssau.aus import EXPRESSIONS, STANDARD_AUS, parse_au
 from ssau.errors import InputError, LabelError
@@ -24,6 +24,17 @@ from ssau.shard.records import (IMAGE_EXTS, AdapterArgs, Record, Scan, list_imag
                                 safe_key, screen)
 
 __all__ = ["ADAPTERS", "AdapterArgs", "IMAGE_EXTS", "LabelError", "Record", "Scan", "screen"]
+
+
+def _rows(rows, header: list[str], path) -> Iterator[tuple[str, list[str]]]:
+    """(file:line, row) for each non-empty row after a CSV's header; a row of another width is one LabelError."""
+    for lineno, row in enumerate(rows, 2):
+        if not row:
+            continue
+        where = f"{path}:{lineno}"
+        if len(row) != len(header):
+            raise LabelError(f"{where}: {len(row)} fields, header has {len(header)}")
+        yield where, row
 
 
 # ---------------------------------------------------------------------------------------------------- BP4D
@@ -58,12 +69,7 @@ def scan_bp4d(a: AdapterArgs) -> Scan:
             if au is None:
                 raise LabelError(f"{csv_path}:1: column {name[:40]!r} is not an AU number")
             cols[au] = j
-        for lineno, row in enumerate(rows, 2):
-            if not row:
-                continue
-            where = f"{csv_path}:{lineno}"
-            if len(row) != len(header):
-                raise LabelError(f"{where}: {len(row)} fields, header has {len(header)}")
+        for where, row in _rows(rows, header, csv_path):
             frame = parse_int(row[0], where)
             occ, mask = [], []
             for au in aus:
@@ -247,12 +253,7 @@ def scan_csv(a: AdapterArgs) -> Scan:
         raise LabelError(f"{a.labels}:1: no column for AU{missing[0]:02d} in header {str(header)[:200]}")
     opt = {name: lower.index(name) if name in lower else None
            for name in ("subject", "sequence", "frame", "expression")}
-    for lineno, row in enumerate(rows, 2):
-        if not row:
-            continue
-        where = f"{a.labels}:{lineno}"
-        if len(row) != len(header):
-            raise LabelError(f"{where}: {len(row)} fields, header has {len(header)}")
+    for where, row in _rows(rows, header, a.labels):
         occ, mask = zip(*(_binary(row[au_cols[au]], a.unknown, where, au) for au in aus)) if aus else ((), ())
         expr = -1
         if opt["expression"] is not None and row[opt["expression"]].strip():
