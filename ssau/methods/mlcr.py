@@ -62,8 +62,8 @@ gives them. The stage-1 classifiers get no gradient in stage 2.
   view 2 at its own draw, because the paper's views must start apart ("two networks may generate different features
   if they are initialized differently", Sec. 4.4; co-training needs conditionally independent views); ``both``
   starts both views from it, and then they stay one network: in the semi-supervised benchmark's attempt 4 the
-  views never disagreed (inconsistency 0.0 on both seeds). ``first`` kept them apart (0.8 %) but lost more there
-  (-4.2 F1 against -2.6 at 400 steps): the ensemble averages in a view trained from random weights.
+  views never disagreed (inconsistency 0.0 on both seeds). ``first`` kept them apart (0.7 %, 3 seeds) but lost more
+  there (-4.0 F1 against -2.6 at 400 steps): the ensemble averages in a view trained from random weights.
 - Continuing from a stage-1 checkpoint: ``method.stage1_steps=0 method.stage2_steps=N
   train.init_from=<stage-1 run>/model.pt``. The warm start loads the twins before ``setup``, which then takes W^0
   from the loaded classifiers (and starts the GCN from them). Its control arm is the same N steps without the GCN,
