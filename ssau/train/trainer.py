@@ -28,8 +28,8 @@ from ssau.data.trainset import TrainingSet
 from ssau.dist.collectives import average_buffers, broadcast_module
 from ssau.dist.deepspeed import deepspeed_engine
 from ssau.dist.ranks import Runtime, init_runtime, write_rank_report
-from ssau.dist.stop import StopSignals
 from ssau.dist.rng import seed_all, seed_draws
+from ssau.dist.stop import StopSignals
 from ssau.errors import ConfigError, SourceError
 from ssau.io import atomic_write
 from ssau.methods.base import Method, SetupInfo, Update
