@@ -65,12 +65,13 @@ heads frozen) without the orthogonality term, with ``lr_scale`` giving the twins
 ``updates(step)`` returns one or the other.
 
 MAL (Li & Shan, Alg. 1): groups ``meta`` (psi) and ``base`` (theta). Update 1 ``meta``: inside its loss, the
-meta-train step theta -> theta*(psi) is taken functionally (``torch.func.functional_call`` on detached copies of
-theta, ``autograd.grad(create_graph=True)``, gradients summed across ranks with a differentiable all-reduce) and
-the meta-test loss on an AU validation batch at theta* is returned, so its backward reaches psi through the inner
-step (the trainer takes gradients for the update's group only, so the copies get none). Update 2 ``base`` with
-``new_batch=False``: the same training batch re-weighted by the updated meta net (Eq. 9-11), updating theta from
-its original value. MAL's losses are global sums (normalisers all-reduced), scaled by the world size so that the
+meta-train step theta -> theta*(psi) is taken functionally (``autograd.grad`` of the weighted loss, summed across
+ranks; theta* as new tensors for ``torch.func.functional_call``), and the meta-test loss at theta* is returned with
+a gradient in psi equal to the meta-gradient (its second-order part reduced to one Jacobian-vector product of the
+per-sample losses, ``ssau.methods.mal_meta``), so the backward of the update reaches psi alone. Update 2 ``base``
+with ``new_batch=False``: the same training batch re-weighted by the updated meta net (Eq. 9-11), updating theta
+from its original value, backpropagating through the meta-train forward that update 1 kept (the same batch at the
+same theta). MAL's losses are global sums (normalisers all-reduced), scaled by the world size so that the
 trainer's mean over ranks gives exactly what one process holding the global batch computes. ``mtl`` is the same
 base net with a fixed expression-loss weight (the paper's MTL ablation).
 

@@ -9,18 +9,34 @@ weights and bias initialised to zero so that every sample weight starts at 0.5.
 
 One training step, in Algorithm 1's order (two updates of the method contract):
 1. Meta-train + meta-test (update ``meta``, group psi). Weights w_i = g(f(x_i); psi) for the m1 AU and m_expr FE
-   samples (Eq. 4), normalised (Sec. 4.1.2, below), the weighted loss of Eq. 5, one differentiable SGD step
-   theta*(psi) = theta - alpha * grad_theta L_total (Eq. 6), then the AU validation loss at theta* (Eq. 7-8),
-   whose gradient reaches psi through the inner step. The optimiser of group ``meta`` takes the step psi -> psi-hat
+   samples (Eq. 4), normalised (Sec. 4.1.2, below), the weighted loss of Eq. 5, one SGD step
+   theta*(psi) = theta - alpha * grad_theta L_total (Eq. 6), then the AU validation loss at theta* (Eq. 7-8) and its
+   gradient in psi through the inner step. The optimiser of group ``meta`` takes the step psi -> psi-hat
    with beta = optim.lr * meta_lr_scale, as Eq. 7 writes it: plain gradient descent (SGD without momentum or weight
    decay) whatever optimiser the base net uses; ``optim.groups.meta.name=adam`` (or any other setting) overrides.
 2. Base-learning (update ``base``, group theta, the same batch): weights recomputed with psi-hat (Eq. 9) as
    constants, the loss of Eq. 10, and theta updated from its original value (Eq. 11) by the ``base`` optimiser.
 
+How the meta-gradient is computed (issue 26; ``ssau.methods.mal_meta``). theta* depends on psi only through the
+weights, so d L_val(theta*) / d psi = sum_i c_i d wn_i / d psi with c_i = -alpha <grad_theta l_i, V>, V the gradient
+of the validation loss at theta*. The update's loss is L_val(theta*) in value and sum_i c_i wn_i(psi) in gradient:
+one first-order backward for the inner gradient, one forward and backward of the validation batch at theta* for
+V, and one forward-mode pass of the training batch for all <grad l_i, V> at once (J V, with BatchNorm's coupling of
+the batch inside J and the meta-train forward's dropout masks drawn again); no graph through the inner step, no
+double backward through the base net (the old formulation, which did, is the reference in tests/test_mal_meta.py;
+it made a step 2.7-2.9x dearer, ResNet-18 at 64 px on CPU: ``ssau.bench.mal_steps``). With ``model.sync_bn`` on
+several ranks J V is two reverse passes instead (forward mode does not cross the all-reduce).
+Base-learning reuses the meta-train forward: at the same theta on the same batch, Eq. 10's per-sample losses are
+Eq. 5's, and f(x) for Eq. 9 is the same, so only the weights change and the update backpropagates through the kept
+graph; that forward ran on copies of the BatchNorm buffers, which base-learning then takes, so running statistics
+move once per step from the training batch at theta, as before. One difference: with ``model.dropout`` > 0 base-
+learning sees the meta-train forward's dropout masks (Eq. 5 and Eq. 10 name the same losses) rather than new ones.
+A different batch (a later micro-batch under ``optim.accumulate``) or a changed theta takes a new forward.
+
 Distributed: one step computes what one process holding the global batch (all ranks' samples) would. The weight
-normaliser is summed over ranks; each rank's inner gradient is summed over ranks with a differentiable all-reduce,
-so the meta-gradient on every rank flows through every rank's samples; losses are this rank's share of the global
-sum times the world size, so the trainer's gradient mean over ranks (or DeepSpeed's) is the global gradient.
+normaliser is summed over ranks with a differentiable all-reduce, the inner gradient and V are summed over ranks,
+so every rank's c_i are those of the global batch; losses are this rank's share of the global sum times the world
+size, so the trainer's gradient mean over ranks (or DeepSpeed's) is the global gradient.
 
 Choices where the paper is ambiguous (configurable where it matters):
 - Normalisation (Sec. 4.1.2). The formula divides each weight by w_ave^AU + w_ave^FE with w_ave = sum over the batch,
@@ -33,7 +49,8 @@ Choices where the paper is ambiguous (configurable where it matters):
   alpha = beta = 1e-3); base-learning (Eq. 11) uses the ``optim`` section's optimiser (Adam at optim.lr = 1e-3 by
   default), since the paper names none for it. Before issue 12, psi also stepped by Adam.
 - The meta-test batch (``data.val_batch`` per rank, 256 in the paper) passes the base net in training mode
-  (BatchNorm batch statistics), like the meta-train batch; running statistics are only updated by base-learning.
+  (BatchNorm batch statistics), like the meta-train batch; running statistics are only updated from the training
+  batch at theta (base-learning's forward, which is the meta-train forward).
 - Validation loss: Eq. 1 per sample (summed over known AUs), averaged over the validation batch, each term weighted
   against class imbalance (Sec. 4.1.4) by the "balanced" rule over the whole reserved set: an AU's positives by
   K_j / (2 P_j), its negatives by K_j / (2 (K_j - P_j)) (K_j known labels, P_j positives), capped at 50.
@@ -61,6 +78,8 @@ from ssau.data.batch import Batch
 from ssau.dist.collectives import sum_across_ranks, world_size
 from ssau.errors import ConfigError
 from ssau.methods.base import Group, SetupInfo, Update
+from ssau.methods.mal_meta import (ForwardSlot, RngState, TrainForward, buffer_copies, double_backward_losses,
+                                   flat_sum_across_ranks, jvp_losses, reduces_statistics)
 from ssau.methods.mtl import MultiTask
 from ssau.methods.parts import full_precision
 
@@ -91,6 +110,7 @@ class MAL(MultiTask):
         self.register_buffer("val_neg_w", torch.ones(J), persistent=False)
         self._fe_rows: deque = deque(maxlen=params.record)
         self._au_rows: deque = deque(maxlen=params.record)
+        self._train_forward = ForwardSlot()  # meta-train's forward, for base-learning of the same step
 
     def setup(self, info: SetupInfo) -> None:
         if info.validation_targets is None or not len(info.validation_targets):
@@ -122,34 +142,59 @@ class MAL(MultiTask):
         n = sum_across_ranks(torch.tensor(float(len(targets)), device=logits.device, dtype=ce.dtype))
         return world_size() * (c * ce * mask).sum() / n
 
+    def sample_loss_vector(self, out: tuple, batch: Batch) -> torch.Tensor:
+        """L^AU_i (Eq. 1) of the batch's m1 AU images, then L^FE_i (Eq. 2) of its expression images -> [m1 + m_expr]."""
+        _, au, fe = out
+        m = batch.images.shape[0]
+        return torch.cat([self.au_losses(au[:m], batch.targets, batch.mask), self.fe_losses(fe[m:], batch.expr_labels)])
+
     def meta_loss(self, batch: Batch, step: int) -> dict:
-        """Meta-train (Eq. 4-6) and meta-test (Eq. 7-8): the validation loss at theta*(psi)."""
+        """Meta-train (Eq. 4-6) and meta-test (Eq. 7-8): the validation loss at theta*(psi), its gradient in psi the
+        meta-gradient (computed as ``ssau.methods.mal_meta`` describes)."""
         if batch.val_images is None:
             raise ValueError("mal needs AU validation images in every batch (data.validation)")
-        m = batch.images.shape[0]
-        theta = {n: p.detach().requires_grad_() for n, p in self.named_parameters() if not n.startswith("meta.")}
-        buffers = {n: b.clone() for n, b in self.named_buffers()}  # BN statistics move only in base-learning
-        f, au, fe = functional_call(self, {**theta, **buffers}, (self.images(batch),))
-        w = self.weights(f)
+        m, alpha, world = batch.images.shape[0], self.params.alpha, world_size()
+        theta = {n: p for n, p in self.named_parameters() if not n.startswith("meta.")}
+        params = list(theta.values())
+        x = self.images(batch)
+        rng = RngState(x.device)  # the JVP's forward draws this forward's dropout masks again
+        buffers = buffer_copies(self)  # BN statistics move in base-learning, which takes this forward's (below)
+        out = functional_call(self, buffers, (x,))  # on theta itself: base-learning backpropagates through it
+        losses = self.sample_loss_vector(out, batch)
+        w = self.weights(out[0])
         wn = self.normalise_weights(w, m, differentiable=True)
-        losses = torch.cat([self.au_losses(au[:m], batch.targets, batch.mask), self.fe_losses(fe[m:], batch.expr_labels)])
-        inner = (wn * losses).sum()  # this rank's part of Eq. 5
-        grads = torch.autograd.grad(inner, list(theta.values()), create_graph=True, allow_unused=True)
-        flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, theta.values())])
-        flat = sum_across_ranks(flat, differentiable=True)  # the global batch's gradient, differentiable in psi
-        star, offset = {}, 0
-        for name, p in theta.items():
-            star[name] = p - self.params.alpha * flat[offset:offset + p.numel()].view_as(p)  # Eq. 6
-            offset += p.numel()
-        _, val_logits, _ = functional_call(self, {**star, **buffers}, (batch.val_images,))
+        inner = (wn.detach() * losses).sum()  # this rank's part of Eq. 5 (the weights are constants of theta)
+        grads = torch.autograd.grad(inner, params, retain_graph=True, allow_unused=True)
+        grads = flat_sum_across_ranks(grads, params)  # the global batch's gradient
+        star = {n: (p.detach() - alpha * g).requires_grad_() for (n, p), g in zip(theta.items(), grads)}  # Eq. 6
+        _, val_logits, _ = functional_call(self, {**star, **buffer_copies(self)}, (batch.val_images,))
         val = self.validation_loss(val_logits, batch.val_targets, batch.val_mask)  # Eq. 7's L_val(theta*)
-        return {"loss": val, "inner_loss": world_size() * inner.detach(), "w_au": w[:m].mean().detach(),
-                "w_fe": w[m:].mean().detach()}
+        v = torch.autograd.grad(val, list(star.values()), allow_unused=True)
+        v = [t / world for t in flat_sum_across_ranks(v, params)]  # V: the gradient of the global L_val at theta*
+        if reduces_statistics(self):
+            jv = double_backward_losses(losses, params, v)
+        else:
+            jv = jvp_losses(self, theta, v, x, lambda o: self.sample_loss_vector(o, batch), rng)
+        c = -alpha * jv.detach()  # d L_val / d wn_i (Eq. 8 through Eq. 6)
+        meta = world * (c * wn).sum()  # its gradient in psi is this rank's share of the meta-gradient
+        self._train_forward.value = TrainForward(batch, out[0].detach(), losses[:m], losses[m:], buffers,
+                                                 [p._version for p in params])
+        return {"loss": val.detach() + (meta - meta.detach()), "inner_loss": world * inner.detach(),
+                "w_au": w[:m].mean().detach(), "w_fe": w[m:].mean().detach()}
 
     def base_loss(self, batch: Batch, step: int) -> dict:
-        """Base-learning (Eq. 9-11): the batch's loss under the weights of the updated meta net."""
+        """Base-learning (Eq. 9-11): the batch's loss under the weights of the updated meta net, through the
+        meta-train forward when it is this batch's at this theta (else a new forward)."""
         m = batch.images.shape[0]
-        f, l_au, l_fe = self.sample_losses(batch)
+        base = [p for n, p in self.named_parameters() if not n.startswith("meta.")]
+        kept = self._train_forward.take()
+        if kept is not None and kept.fits(batch, base):
+            f, l_au, l_fe = kept.features, kept.au_losses, kept.fe_losses
+            with torch.no_grad():  # the running statistics that forward moved, as a base-learning forward would
+                for n, b in self.named_buffers():
+                    b.copy_(kept.buffers[n])
+        else:  # e.g. a later micro-batch under optim.accumulate
+            f, l_au, l_fe = self.sample_losses(batch)
         with torch.no_grad():
             w = self.weights(f)  # Eq. 9, psi-hat: constants here
             wn = self.normalise_weights(w, m, differentiable=False)
