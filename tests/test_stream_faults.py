@@ -216,6 +216,7 @@ def test_an_exception_inside_the_image_decoder_is_one_skipped_sample(monkeypatch
         raise MemoryError("cannot allocate")
     s = {"__key__": "m", "jpg": jpeg_bytes(1), "json": json.dumps(META).encode()}
     monkeypatch.setattr(Image.Image, "convert", fail)
+    monkeypatch.setattr("ssau.data.decode.simplejpeg.decode_jpeg", fail)  # the libjpeg-turbo path (issue 26)
     with pytest.raises(DecodeError, match="MemoryError"):
         decode_eval(s, 32)
 

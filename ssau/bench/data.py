@@ -1,10 +1,15 @@
-"""Data-layer benchmark: `python -m ssau.bench.data [--images N] [--size PX] [--out DIR]`.
+"""Data-layer benchmark: `python -m ssau.bench.data [--images N] [--size PX] [--rounds R] [--out DIR]`.
 
-Every figure is per worker (one process) and every comparison is a ratio taken in the same run:
-  shard   ssau shard (pass-through; --resize) vs `tar -cf` over the same files vs a bare PIL decode-resize-encode loop
+Every figure is per worker (one process) and every comparison is a ratio of medians over interleaved rounds taken
+in the same run (the machine is shared and noisy):
+  shard   ssau shard pass-through, --validate full and header (issue 26), and --resize, vs `tar -cf` over the same
+          files and vs a bare PIL decode-resize-encode loop; header and full must write the same bytes (checked)
   stream  TrainStream decode+augment vs the same decode+augment over the same bytes held in memory (goal >= 0.9x),
-          and vs torchvision ImageFolder + DataLoader over the same images as loose files (goal >= 1.5x)
+          vs torchvision ImageFolder + DataLoader over the same images as loose files (goal >= 1.5x), at 64 px and
+          at half the stored size; and that bare loop with the decoder of issue 26 (libjpeg-turbo) vs with the PIL
+          path it replaced
   memory  peak RSS (main process + DataLoader workers) streaming 10 vs 200 shards (goal: within 10 %)
+It ends with one table of the ratios; bench_data.json in the work directory holds every figure.
 """
 
 from __future__ import annotations
@@ -19,11 +24,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
+from unittest import mock
 
 import psutil
+import torch
 from PIL import Image
 
+from ssau.data import decode
 from ssau.data.decode import JITTER, RESIZE_RATIO, decode_train
 from ssau.data.sources import SourceConfig, StreamConfig
 from ssau.data.stream import TrainStream
@@ -45,14 +54,22 @@ def _corpus(root: Path, n: int, size: int) -> None:
                                       expression_images=0, unlabelled=0), workers=2, progress=False)
 
 
-def bench_shard(src: Path, work: Path, resize: int) -> dict:
+def _rounds(fns: dict, rounds: int) -> dict[str, float]:
+    """Median seconds of each function, the functions run in turn in every round."""
+    runs = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            runs[k].append(_timed(fn))
+    return {k: statistics.median(v) for k, v in runs.items()}
+
+
+def bench_shard(src: Path, work: Path, resize: int, rounds: int) -> dict:
     files = sorted(src.rglob("*.jpg"))
     n = len(files)
     s = ShardSettings(format="bp4d", images=str(src), labels=str(src), shard_size=100)
-    t_pass = _timed(lambda: run_shard(s, work / "pass", workers=1, progress=False))
-    t_resize = _timed(lambda: run_shard(s.__class__(**{**s.__dict__, "resize": resize}), work / "resize",
-                                        workers=1, progress=False))
-    t_tar = _timed(lambda: subprocess.run(["tar", "-cf", str(work / "plain.tar"), "-C", str(src), "."], check=True))
+
+    def shard(settings: ShardSettings, out: str):
+        return lambda: run_shard(settings, work / out, workers=1, overwrite=True, progress=False)
 
     def pil_loop():
         for f in files:
@@ -61,10 +78,21 @@ def bench_shard(src: Path, work: Path, resize: int) -> dict:
             img = img.resize((resize, resize), Image.Resampling.BICUBIC)
             img.save(io.BytesIO(), format="JPEG", quality=95)
 
-    t_pil = _timed(pil_loop)
-    r = {"images": n, "pass_through_img_s": n / t_pass, "resize_img_s": n / t_resize, "tar_cf_img_s": n / t_tar,
-         "bare_pil_decode_resize_encode_img_s": n / t_pil}
+    t = _rounds({"full": shard(s, "pass"), "header": shard(replace(s, validate="header"), "header"),
+                 "resize": shard(replace(s, resize=resize), "resize"),
+                 "tar": lambda: subprocess.run(["tar", "-cf", str(work / "plain.tar"), "-C", str(src), "."],
+                                               check=True),
+                 "pil": pil_loop}, rounds)
+    same = {p.name: p.read_bytes() for p in (work / "pass").glob("*.tar")} == \
+        {p.name: p.read_bytes() for p in (work / "header").glob("*.tar")}
+    if not same:
+        raise RuntimeError("--validate header wrote other shards than full on a sound corpus")
+    r = {"images": n, "rounds": rounds, "pass_through_img_s": n / t["full"], "header_img_s": n / t["header"],
+         "resize_img_s": n / t["resize"], "tar_cf_img_s": n / t["tar"],
+         "bare_pil_decode_resize_encode_img_s": n / t["pil"], "header_shards_same_bytes": same}
     r["pass_through_vs_tar"] = r["pass_through_img_s"] / r["tar_cf_img_s"]
+    r["header_vs_tar"] = r["header_img_s"] / r["tar_cf_img_s"]
+    r["header_vs_full"] = r["header_img_s"] / r["pass_through_img_s"]
     r["resize_vs_bare_pil"] = r["resize_img_s"] / r["bare_pil_decode_resize_encode_img_s"]
     return r
 
@@ -72,7 +100,6 @@ def bench_shard(src: Path, work: Path, resize: int) -> dict:
 def bench_stream(shards: Path, src: Path, image_size: int, n: int, rounds: int = 3) -> dict:
     import random
 
-    import torch
     import webdataset as wds
     from torchvision import datasets, transforms
 
@@ -104,18 +131,24 @@ def bench_stream(shards: Path, src: Path, image_size: int, n: int, rounds: int =
             yield from loader
 
     loop = epochs()
-    runs = {"stream": [], "bare": [], "imagefolder": []}
-    for _ in range(rounds):  # interleaved rounds, medians: the machine is shared and noisy
-        runs["stream"].append(_timed(lambda: list(itertools.islice(stream, batches))))
-        runs["bare"].append(_timed(lambda: [torch.stack([decode_train(s, image_size, rng)[0] for s in mem[i:i + 32]])
-                                            for i in range(0, len(mem), 32)]))
-        runs["imagefolder"].append(_timed(lambda: list(itertools.islice(loop, batches))))
-    t_stream, t_bare, t_if = (statistics.median(runs[k]) for k in ("stream", "bare", "imagefolder"))
+
+    def bare():
+        for i in range(0, len(mem), 32):
+            torch.stack([decode_train(s, image_size, rng)[0] for s in mem[i:i + 32]])
+
+    def bare_pil():  # the same loop with the decoder issue 26 replaced (PIL's draft mode, convert and resize)
+        with mock.patch.object(decode, "_image", decode._image_pil):
+            bare()
+
+    t = _rounds({"stream": lambda: list(itertools.islice(stream, batches)), "bare": bare, "bare_pil": bare_pil,
+                 "imagefolder": lambda: list(itertools.islice(loop, batches))}, rounds)
     k = batches * 32
-    r = {"image_size": image_size, "samples_per_round": k, "rounds": rounds, "stream_img_s": k / t_stream, "bare_in_memory_img_s": k / t_bare,
-         "imagefolder_img_s": k / t_if}
+    r = {"image_size": image_size, "samples_per_round": k, "rounds": rounds, "stream_img_s": k / t["stream"],
+         "bare_in_memory_img_s": k / t["bare"], "bare_pil_decoder_img_s": k / t["bare_pil"],
+         "imagefolder_img_s": k / t["imagefolder"]}
     r["stream_vs_bare"] = r["stream_img_s"] / r["bare_in_memory_img_s"]
     r["stream_vs_imagefolder"] = r["stream_img_s"] / r["imagefolder_img_s"]
+    r["decoder_vs_pil"] = r["bare_in_memory_img_s"] / r["bare_pil_decoder_img_s"]
     return r
 
 
@@ -162,24 +195,61 @@ def bench_memory(shards: Path, work: Path, batches: int) -> dict:
     return out
 
 
+def table(result: dict) -> str:
+    """The ratios, one row each, with the figures they divide and the goal where the issue sets one."""
+    sh = result["shard"]
+    rows = [("shard pass-through --validate full / tar -cf", sh["pass_through_vs_tar"],
+             f"{sh['pass_through_img_s']:,.0f} / {sh['tar_cf_img_s']:,.0f} img/s", ""),
+            ("shard pass-through --validate header / tar -cf", sh["header_vs_tar"],
+             f"{sh['header_img_s']:,.0f} / {sh['tar_cf_img_s']:,.0f} img/s", ""),
+            ("shard --validate header / full", sh["header_vs_full"], f"same bytes: {sh['header_shards_same_bytes']}",
+             ""),
+            ("shard --resize / bare PIL decode-resize-encode", sh["resize_vs_bare_pil"],
+             f"{sh['resize_img_s']:,.0f} / {sh['bare_pil_decode_resize_encode_img_s']:,.0f} img/s", "")]
+    for st in result.get("stream", []):
+        px = st["image_size"]
+        rows += [(f"stream / ImageFolder+DataLoader, {px} px", st["stream_vs_imagefolder"],
+                  f"{st['stream_img_s']:,.0f} / {st['imagefolder_img_s']:,.0f} img/s", ">= 1.5"),
+                 (f"stream / bare decode+augment in memory, {px} px", st["stream_vs_bare"],
+                  f"{st['stream_img_s']:,.0f} / {st['bare_in_memory_img_s']:,.0f} img/s", ">= 0.9"),
+                 (f"bare: libjpeg-turbo decoder / PIL path, {px} px", st["decoder_vs_pil"],
+                  f"{st['bare_in_memory_img_s']:,.0f} / {st['bare_pil_decoder_img_s']:,.0f} img/s", "")]
+    if "memory" in result:
+        m = result["memory"]
+        rows.append(("peak RSS, 200 / 10 shards", m["rss_200_vs_10"],
+                     f"{m['peak_rss_mb_200_shards']:,.0f} / {m['peak_rss_mb_10_shards']:,.0f} MB", "<= 1.1"))
+    lines = [f"{'ratio':<52} {'x':>7}  {'figures':<28} goal"]
+    lines += [f"{name:<52} {ratio:>7.2f}  {figs:<28} {goal}" for name, ratio, figs, goal in rows]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--size", type=int, default=224, help="stored image side (aligned faces: 224-256)")
+    ap.add_argument("--stream-images", type=int, default=2048, help="images per stream round and variant")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS probe (two subprocesses)")
     ap.add_argument("--out", help="keep the work directory here (default: a temporary one)")
     args = ap.parse_args(argv)
+    # One intra-op thread, as torch gives each DataLoader worker: the figures are per worker, and on a shared
+    # machine a 2-thread pool waiting on a descheduled thread made every 112 px pipeline here 5-7x slower.
+    torch.set_num_threads(1)
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="ssau-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     src = work / "corpus"
     if not (src / "bp4d").exists():
         _corpus(src, args.images, args.size)
-    result = {"cpu": psutil.cpu_count(), "shard": bench_shard(src / "bp4d", work, resize=args.size // 2)}
+    result = {"cpu": psutil.cpu_count(), "shard": bench_shard(src / "bp4d", work, args.size // 2, args.rounds)}
     print(json.dumps(result, indent=1), flush=True)
-    result["stream"] = [bench_stream(work / "pass", src / "bp4d", s, n=2048) for s in (64, args.size // 2)]
+    result["stream"] = [bench_stream(work / "pass", src / "bp4d", s, args.stream_images, args.rounds)
+                        for s in (64, args.size // 2)]
     print(json.dumps(result["stream"], indent=1), flush=True)
-    result["memory"] = bench_memory(work / "pass", work, batches=300)
-    print(json.dumps(result["memory"], indent=1), flush=True)
+    if not args.no_memory:
+        result["memory"] = bench_memory(work / "pass", work, batches=300)
+        print(json.dumps(result["memory"], indent=1), flush=True)
     (work / "bench_data.json").write_text(json.dumps(result, indent=1))
+    print(table(result))
     if not args.out:
         shutil.rmtree(work)
     return 0

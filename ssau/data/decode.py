@@ -1,26 +1,33 @@
 """Decode and augment one shard sample inside a DataLoader worker.
 
-JPEGs are decoded with PIL's draft mode, which lets libjpeg decode at 1/2, 1/4 or 1/8 scale when the target is
-that much smaller than the stored image (a large part of why streaming beats loose-file ImageFolder loading).
-Output is uint8 CHW: four times less to move from workers than float, normalised on the model side.
-Training: resize the shorter side to ``RESIZE_RATIO * size``, random crop, horizontal flip, colour jitter.
+What decodes what: a JPEG goes to libjpeg-turbo through ``simplejpeg``, straight into a numpy array, at 1/2, 1/4 or
+1/8 scale when the target is that much smaller than the stored image (DCT scaling: a large part of why streaming
+beats loose-file ImageFolder loading), then to the target size by torch's antialiased bilinear (PIL's filter, within
+1 grey level). The rest goes to PIL exactly as before (draft mode, ``convert``, bilinear): PNG and WebP, CMYK and
+YCCK JPEGs (libjpeg-turbo's CMYK -> RGB is not PIL's), and any JPEG whose header or data libjpeg-turbo refuses or
+warns about, so a file PIL accepted is still accepted and one it refused still refused. Both paths decode at the
+same scale and give the same pixels within 1 grey level (``tests/test_decode.py``). Output is uint8 CHW: four times
+less to move from workers than float, normalised on the model side.
+Training: resize the shorter side to ``RESIZE_RATIO * size``, random crop, horizontal flip, colour jitter; with
+``data.decode=device`` a JPEG is only checked here and drawn for, and made on the device (``device_decode``).
 Evaluation: the same resize, centre crop.
 
 Geometry (``decode_sample``): the sample's 68 landmarks (json ``landmarks``, pixels of the stored image) and, when
 asked, its optical flow (``flow.npy``, see ``ssau.faces.flow``) go through the same resize, crop and flip as the
 image. Pixel centres are at integers (``ssau.faces.template``): resizing by s maps a stored-image point x to
-``(x + 0.5) * s - 0.5`` (PIL's resize and libjpeg's scaled decoding both keep pixel areas, so a pixel centre maps to
-a pixel centre); the crop then subtracts its offset and the flip maps x to ``S - 1 - x`` with the 68-point mirror
-permutation (the flow: columns reversed and u negated). Displacements are scaled by s per axis. A sample without
-landmarks gets the template (``mean_landmarks`` of the stored image with the shard's ``align_margin``) pushed
-through the same augmentation and flagged invalid; one without ``flow.npy`` gets zeros, flagged invalid.
+``(x + 0.5) * s - 0.5`` (the resize, PIL's or torch's with half-pixel centres, and libjpeg's scaled decoding all
+keep pixel areas, so a pixel centre maps to a pixel centre); the crop then subtracts its offset and the flip maps x
+to ``S - 1 - x`` with the 68-point mirror permutation (the flow: columns reversed and u negated). Displacements
+are scaled by s per axis. A sample without landmarks gets the template (``mean_landmarks`` of the stored image with
+the shard's ``align_margin``) pushed through the same augmentation and flagged invalid; one without ``flow.npy``
+gets zeros, flagged invalid.
 
 One sample can never end a run: whatever its bytes are, the only exception that leaves ``decode_train`` /
 ``decode_eval`` is ``DecodeError``, which the stream skips and counts. Memory is bounded before any pixel is
-decoded: the size the image header declares (``Image.open`` reads only the header) is checked against
-``MAX_PIXELS``, the limit ``ssau shard`` applies, so nothing a shard may hold is refused here. Only JPEG, PNG and
-WebP are opened (a shard holds JPEG): PIL's other plugins include ones that hand the bytes to an external
-interpreter (EPS to Ghostscript). The json metadata is checked for the shape the trainer relies on.
+decoded: the size the image header declares (``simplejpeg.decode_jpeg_header`` or ``Image.open`` reads only the
+header) is checked against ``MAX_PIXELS``, the limit ``ssau shard`` applies, so nothing a shard may hold is refused
+here. Only JPEG, PNG and WebP are opened (a shard holds JPEG): PIL's other plugins include ones that hand the bytes
+to an external interpreter (EPS to Ghostscript). The json metadata is checked for the shape the trainer relies on.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image
 
@@ -45,6 +53,7 @@ from ssau.shard.schema import MAX_PIXELS, SCHEMA_VERSION
 RESIZE_RATIO = 1.143  # 224 of 256, the usual crop ratio
 JITTER = 0.2  # brightness, contrast and saturation factors drawn from [1 - JITTER, 1 + JITTER]
 FORMATS = ("JPEG", "PNG", "WEBP")
+SOI = b"\xff\xd8\xff"  # a JPEG's first bytes: start of image, then a marker
 _GRAY = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # PIL's own decompression-bomb guard at the format's limit, as the writer
@@ -86,9 +95,74 @@ def check_meta(meta: object, key: object = None) -> dict:
     return meta
 
 
-def _image(data: bytes, key: object, size: int) -> tuple[Image.Image, tuple[int, int], tuple[float, float]]:
-    """The image resized for a ``size`` crop, the stored image's (width, height) and the scale from stored-image
-    pixels to resized ones per axis."""
+def _check_size(w: int, h: int, key: object) -> None:
+    if w * h > MAX_PIXELS or w < 1 or h < 1:
+        raise DecodeError(f"{key}: image declares {w}x{h} pixels (limit {MAX_PIXELS} pixels)")
+
+
+def _resized(w: int, h: int, short: int) -> tuple[int, int]:
+    """(width, height) with the shorter side ``short``, the aspect kept."""
+    scale = short / min(w, h)
+    return max(short, round(w * scale)), max(short, round(h * scale))
+
+
+def _resize(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """HWC uint8 resized to ``size`` (w, h), bilinear with PIL's antialiasing (a wider triangle when shrinking):
+    torch's uint8 kernel matches PIL's BILINEAR within 1 grey level at a third of its cost, and needs no OpenCV."""
+    if (arr.shape[1], arr.shape[0]) == size:
+        return arr
+    x = torch.from_numpy(arr).permute(2, 0, 1)[None]  # a channels_last view: the kernel's vectorised layout
+    out = torch.nn.functional.interpolate(x, size=(size[1], size[0]), mode="bilinear", antialias=True,
+                                          align_corners=False)
+    return out[0].permute(1, 2, 0).numpy()
+
+
+def _dct_scale(w: int, h: int, short: int) -> int:
+    """PIL's draft rule, so both paths decode at one scale: the largest 1/k (k = 8, 4, 2) with both sides still
+    >= short. Not libjpeg-turbo's other scales (3/8, 5/8, 7/8...): they have no SIMD IDCT and cost more than a
+    full-size decode. (With short under 4 a side may be under 8 px, where two scales give one size: k unknown.)"""
+    return next((k for k in (8, 4, 2) if min(w, h) // short >= k and short >= 4), 1)
+
+
+def _header(data: bytes, key: object, size: int) -> tuple | None:
+    """``_image``'s answer but the pixels, from a JPEG header alone: ((resized w, h), k), stored (w, h), scale; None
+    for what ``_image`` leaves to PIL: not a JPEG (PNG, WebP), CMYK and YCCK (libjpeg-turbo's CMYK -> RGB is not
+    PIL's, 1-2 grey levels apart), a header libjpeg-turbo refuses or warns about (strict: PIL decides, as before)."""
+    if data[:3] != SOI:
+        return None
+    try:
+        h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    if colorspace in ("CMYK", "YCCK"):
+        return None
+    _check_size(w, h, key)
+    k = _dct_scale(w, h, round(size * RESIZE_RATIO))
+    dw, dh = -(-w // k), -(-h // k)  # libjpeg's 1/k output size
+    rw, rh = _resized(dw, dh, round(size * RESIZE_RATIO))
+    return ((rw, rh), k), (w, h), (rw / (k * dw), rh / (k * dh))
+
+
+def _image(data: bytes, key: object, size: int) -> tuple[np.ndarray, tuple[int, int], tuple[float, float]]:
+    """The image resized for a ``size`` crop (HWC uint8 RGB), the stored image's (width, height) and the scale from
+    stored-image pixels to resized ones per axis. libjpeg-turbo (simplejpeg) where it reads the bytes, else PIL."""
+    head = _header(data, key, size)
+    if head is None:
+        return _image_pil(data, key, size)
+    (_, k), (w, h), _ = head
+    try:
+        arr = simplejpeg.decode_jpeg(data, "rgb", min_height=-(-h // k), min_width=-(-w // k))
+    except ValueError:  # data libjpeg-turbo refuses or warns about (truncated, corrupt): PIL decides, as before
+        return _image_pil(data, key, size)
+    dh, dw = arr.shape[:2]
+    out = _resize(arr, _resized(dw, dh, round(size * RESIZE_RATIO)))
+    # libjpeg decodes at 1/k onto ceil(w / k) pixels, so a resized pixel spans k * dw / W stored pixels, not w / W:
+    # the two differ when k does not divide w, by up to a pixel at the far edge.
+    return out, (w, h), (out.shape[1] / (k * dw), out.shape[0] / (k * dh))
+
+
+def _image_pil(data: bytes, key: object, size: int) -> tuple[np.ndarray, tuple[int, int], tuple[float, float]]:
+    """``_image`` by PIL: its draft mode (libjpeg's 1/k scales) for JPEG, then ``convert`` and PIL's bilinear."""
     with warnings.catch_warnings():
         # PIL warns between its limit and twice it, then raises; the declared size is checked just below.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -99,27 +173,23 @@ def _image(data: bytes, key: object, size: int) -> tuple[Image.Image, tuple[int,
             raise DecodeError(f"{key}: image declares {declared[1] if declared else 'too many'} pixels "
                               f"(limit {MAX_PIXELS} pixels)") from e
     w, h = img.size
-    if w * h > MAX_PIXELS or w < 1 or h < 1:
-        raise DecodeError(f"{key}: image declares {w}x{h} pixels (limit {MAX_PIXELS} pixels)")
+    _check_size(w, h, key)
     short = round(size * RESIZE_RATIO)
     drafted = img.draft("RGB", (short, short))  # decode at reduced scale where libjpeg can
-    # libjpeg decodes at 1/k (k = 1, 2, 4, 8) onto ceil(w / k) pixels, so a resized pixel spans k * dw / W stored
-    # pixels, not w / W: the two differ when k does not divide w, by up to a pixel at the far edge.
-    k = w / drafted[1][2] if drafted else 1.0
+    k = w / drafted[1][2] if drafted else 1.0  # as in _image
     img = img.convert("RGB")
     dw, dh = img.size
-    scale = short / min(img.size)
-    img = img.resize((max(short, round(img.width * scale)), max(short, round(img.height * scale))),
-                     Image.Resampling.BILINEAR)
-    return img, (w, h), (img.width / (k * dw), img.height / (k * dh))
+    img = img.resize(_resized(dw, dh, short), Image.Resampling.BILINEAR)
+    return np.asarray(img), (w, h), (img.width / (k * dw), img.height / (k * dh))
 
 
 LABEL_FIELDS = ("aus", "occurrence", "mask", "intensity", "expression")
 
 
-def _load(sample: dict, size: int,
-          labels: bool = True) -> tuple[Image.Image, dict, tuple[int, int], tuple[float, float]]:
-    """``labels=False`` (an unlabelled source): the label fields are dropped unread, never checked."""
+def _load(sample: dict, size: int, labels: bool = True,
+          pixels: bool = True) -> tuple[np.ndarray | tuple, dict, tuple[int, int], tuple[float, float]]:
+    """``labels=False`` (an unlabelled source): the label fields are dropped unread, never checked. ``pixels=False``
+    (``data.decode=device``): a JPEG libjpeg-turbo reads is not decoded; ``_header``'s (resized, k) stands for it."""
     key = sample.get("__key__")
     if "json" not in sample or "jpg" not in sample:
         raise DecodeError(f"{key}: sample has no {'json' if 'json' not in sample else 'jpg'} member")
@@ -131,12 +201,15 @@ def _load(sample: dict, size: int,
         meta = {k: v for k, v in meta.items() if k not in LABEL_FIELDS}
     meta = check_meta(meta, key)
     try:
+        head = None if pixels else _header(sample["jpg"], key, size)
+        if head is not None:
+            return head[0], meta, head[1], head[2]
         img, stored, scale = _image(sample["jpg"], key, size)
     except DecodeError:
         raise
-    except Exception as e:  # noqa: BLE001 - PIL's decoders raise a zoo (OSError, SyntaxError, struct.error,
-        # EOFError, IndexError, ZeroDivisionError, DecompressionBombError, MemoryError...) on crafted bytes; all of
-        # them are confined to this one sample.
+    except Exception as e:  # noqa: BLE001 - the decoders (PIL's above all) raise a zoo (OSError, SyntaxError,
+        # struct.error, EOFError, IndexError, ZeroDivisionError, DecompressionBombError, MemoryError...) on crafted
+        # bytes; all of them are confined to this one sample.
         raise DecodeError(f"{key}: image: {type(e).__name__}: {str(e)[:100]}") from e
     return img, meta, stored, scale
 
@@ -193,35 +266,61 @@ def _to_tensor(arr: np.ndarray) -> torch.Tensor:
 class TrainSample:
     """One augmented training example: the image and, in its pixel coordinates, the face's geometry."""
 
-    image: torch.Tensor  # uint8 [3, S, S]
+    image: torch.Tensor | None  # uint8 [3, S, S]; None when ``pending``
     meta: dict  # checked by check_meta
     landmarks: np.ndarray  # float32 [68, 2] in the augmented image (the template where the sample has none)
     landmarks_valid: bool
     flow: np.ndarray | None  # float32 [2, S, S], pixels of the augmented image; None unless asked for
     flow_valid: bool  # False: the sample has no flow.npy (zeros), or flow was not asked for
     flipped: bool
+    pending: Pending | None = None  # data.decode=device: the image is made on the device (image None)
 
 
-def decode_sample(sample: dict, size: int, rng: random.Random, flow: bool = False, labels: bool = True) -> TrainSample:
+@dataclass
+class Pending:
+    """A training image as the device makes it (``ssau.data.device_decode``): the JPEG, sizes from its header, and
+    the augmentation drawn by ``decode_sample``."""
+
+    data: bytes
+    resized: tuple[int, int]  # (w, h) the image is resized to before the crop
+    dct: int  # k: the worker path decodes at 1/k (see _image)
+    crop: tuple[int, int]  # (x, y)
+    flipped: bool
+    jitter: tuple[float, float, float]  # brightness, contrast, saturation
+
+
+def _augment(img: np.ndarray, x: int, y: int, size: int, flipped: bool, b: float, c: float, s: float) -> torch.Tensor:
+    arr = img[y:y + size, x:x + size].astype(np.float32)
+    if flipped:
+        arr = arr[:, ::-1]
+    # brightness, contrast about the mean, saturation about the grey level, folded into two passes
+    mean = float(arr.mean()) * b
+    arr = arr * (b * c) + mean * (1 - c)
+    arr = arr * s + (arr @ _GRAY)[..., None] * (1 - s)
+    return _to_tensor(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def decode_sample(sample: dict, size: int, rng: random.Random, flow: bool = False, labels: bool = True,
+                  pixels: bool = True) -> TrainSample:
     """Decode and augment one training sample; ``flow``: also read and transform its ``flow.npy``; ``labels=False``:
-    its label fields are dropped unread (an unlabelled source). The random draws are the image's alone (crop, flip,
-    jitter): the geometry adds none."""
-    img, meta, stored, scale = _load(sample, size, labels)
+    its label fields are dropped unread (an unlabelled source); ``pixels=False`` (``data.decode=device``): a JPEG
+    libjpeg-turbo reads is left ``pending`` for the device, with the same draws. The random draws are the image's
+    alone (crop, flip, jitter, in that order whatever ``pixels`` says): the geometry adds none."""
+    img, meta, stored, scale = _load(sample, size, labels, pixels)
     key = sample.get("__key__")
     lm, lm_valid = _landmarks(meta, stored, key)
     grid = None
     if flow and "flow.npy" in sample:
         grid = decode_flow(sample["flow.npy"], *stored)
-    x, y = rng.randint(0, img.width - size), rng.randint(0, img.height - size)
-    arr = np.asarray(img.crop((x, y, x + size, y + size)), dtype=np.float32)
+    rw, rh = img[0] if isinstance(img, tuple) else (img.shape[1], img.shape[0])
+    x, y = rng.randint(0, rw - size), rng.randint(0, rh - size)
     flipped = rng.random() < 0.5
-    if flipped:
-        arr = arr[:, ::-1]
     b, c, s = (rng.uniform(1 - JITTER, 1 + JITTER) for _ in range(3))
-    # brightness, contrast about the mean, saturation about the grey level, folded into two passes
-    mean = float(arr.mean()) * b
-    arr = arr * (b * c) + mean * (1 - c)
-    arr = arr * s + (arr @ _GRAY)[..., None] * (1 - s)
+    image = pending = None
+    if isinstance(img, tuple):
+        pending = Pending(sample["jpg"], img[0], img[1], (x, y), flipped, (b, c, s))
+    else:
+        image = _augment(img, x, y, size, flipped, b, c, s)
     lm = (lm + 0.5) * np.array(scale, dtype=np.float32) - 0.5 - np.array([x, y], dtype=np.float32)
     if flipped:
         lm = flip_landmarks(lm, size)
@@ -229,8 +328,7 @@ def decode_sample(sample: dict, size: int, rng: random.Random, flow: bool = Fals
     if flow:
         out_flow = (np.zeros((2, size, size), np.float32) if grid is None
                     else _warp_flow(grid, stored, scale, x, y, size, flipped))
-    return TrainSample(_to_tensor(np.clip(arr, 0, 255).astype(np.uint8)), meta, lm.astype(np.float32), lm_valid,
-                       out_flow, grid is not None, flipped)
+    return TrainSample(image, meta, lm.astype(np.float32), lm_valid, out_flow, grid is not None, flipped, pending)
 
 
 def decode_train(sample: dict, size: int, rng: random.Random) -> tuple[torch.Tensor, dict]:
@@ -239,9 +337,9 @@ def decode_train(sample: dict, size: int, rng: random.Random) -> tuple[torch.Ten
     return ex.image, ex.meta
 
 
-def _centre(img: Image.Image, size: int) -> torch.Tensor:
-    x, y = (img.width - size) // 2, (img.height - size) // 2
-    return _to_tensor(np.asarray(img.crop((x, y, x + size, y + size))))
+def _centre(img: np.ndarray, size: int) -> torch.Tensor:
+    x, y = (img.shape[1] - size) // 2, (img.shape[0] - size) // 2
+    return _to_tensor(img[y:y + size, x:x + size])
 
 
 def decode_eval(sample: dict, size: int) -> tuple[torch.Tensor, dict]:
@@ -264,7 +362,7 @@ def eval_image(data: bytes, size: int, key: object = "image") -> torch.Tensor:
         img = _image(data, key, size)[0]
     except DecodeError:
         raise
-    except Exception as e:  # noqa: BLE001 - PIL's zoo of decoder errors, confined to this image (see _load)
+    except Exception as e:  # noqa: BLE001 - the decoders' zoo of errors, confined to this image (see _load)
         raise DecodeError(f"{key}: image: {type(e).__name__}: {str(e)[:100]}") from e
     return _centre(img, size)
 

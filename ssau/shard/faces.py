@@ -70,11 +70,12 @@ def _stored_points(points, m: np.ndarray) -> list[list[float]] | None:
     return [[round(float(x), 2), round(float(y), 2)] for x, y in transform(points, m)]
 
 
-def place(data: bytes, points, bbox, o: FaceOptions) -> Placed:
-    """Store one image (SkipImage with a reason when it cannot be)."""
+def place(data: bytes, points, bbox, o: FaceOptions, header_only: bool = False) -> Placed:
+    """Store one image (SkipImage with a reason when it cannot be); ``header_only``: see ``prepare_image``."""
     if o.align is None:
-        prep = prepare_image(data, o.resize, o.quality)
-        src = Image.open(io.BytesIO(data)).size  # validated by prepare_image: only the header is read
+        prep = prepare_image(data, o.resize, o.quality, header_only)
+        # passed through: the source's own size; else validated by prepare_image, so only the header is read
+        src = (prep.width, prep.height) if prep.converted is None else Image.open(io.BytesIO(data)).size
         m = _scale_matrix(src, prep)
         gray = _gray(decode_rgb(prep.jpeg)) if o.want_gray else None
         usable = points is not None and plausible(points, *src)

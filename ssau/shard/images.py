@@ -3,7 +3,16 @@
 A shard sample is always ``.jpg``. Valid RGB JPEGs are passed through byte for byte (no generation loss, and the
 fastest path); everything else that decodes (grayscale, CMYK, alpha, palette, PNG, 16-bit) is converted to RGB and
 encoded once at ``JPEG_QUALITY``. Every image is fully decoded first, because a truncated JPEG only shows itself
-when its last scan is read.
+when its last scan is read (an RGB JPEG that passes through at libjpeg's 1/8 scale: every scan is still read).
+
+``--validate header`` trades that check for speed on pass-through JPEGs: libjpeg-turbo reads the header (through
+``simplejpeg.decode_jpeg_header``: SOI, tables and the SOF marker, strict, so a warning counts) and the size it
+declares is checked as below, and the bytes pass through undecoded. One key in ``HEADER_SAMPLE`` (by a hash of the
+key: the same images on every run and for any ``--workers``) is still decoded in full, and so is every image the
+header check does not pass (not a JPEG, not 3-component, a header libjpeg-turbo refuses or warns about) or that is
+converted or resized anyway: header mode never skips an image full mode keeps, and on a corpus of sound images
+writes the same bytes. Its limit: damage after the header (a truncated or corrupt scan) passes unless sampled; the
+reader then refuses that sample (DecodeError), which the stream skips and counts.
 
 Memory stays bounded: ``check_header`` compares the size the header declares (``Image.open`` reads only the
 header) with ``MAX_PIXELS`` before a single pixel is decoded, so a crafted 30000x30000 JPEG or a 121-megapixel PNG
@@ -13,12 +22,14 @@ becomes a reason to skip it.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import simplejpeg
 from PIL import Image
 
 from ssau.errors import SkipImage
@@ -33,6 +44,8 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 # The formats a corpus ships (adapters.IMAGE_EXTS, plus GIF under a wrong name); the contents decide, not the name.
 # PIL's other plugins include EPS, whose load hands the bytes to Ghostscript: never run a program on a file read.
 FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF", "GIF")
+VALIDATE = ("full", "header")  # --validate: decode every image, or read pass-through JPEGs' headers (module doc)
+HEADER_SAMPLE = 64  # --validate header: 1 key in this many is still decoded in full
 
 
 def exception_detail(e: BaseException) -> str:
@@ -46,7 +59,11 @@ def check_header(img: Image.Image) -> None:
 
     Call it right after ``Image.open`` and before ``draft``/``load``/``convert``.
     """
-    w, h = img.size
+    check_size(*img.size)
+
+
+def check_size(w: int, h: int) -> None:
+    """``check_header`` for a declared width and height."""
     if w * h > MAX_PIXELS:
         raise SkipImage("too-large", f"{w}x{h} declared, limit {MAX_PIXELS} pixels")
     if w < MIN_SIDE or h < MIN_SIDE:
@@ -83,19 +100,44 @@ def encode_jpeg(img: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
     return buf.getvalue()
 
 
-def prepare_image(data: bytes, resize: int | None = None, quality: int = JPEG_QUALITY) -> Prepared:
+def decodes_in_full(key: str) -> bool:
+    """Whether ``--validate header`` still decodes ``key``'s image in full: 1 key in ``HEADER_SAMPLE``, by a hash
+    that does not change between runs (Python's ``hash`` does)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % HEADER_SAMPLE == 0
+
+
+def prepare_image(data: bytes, resize: int | None = None, quality: int = JPEG_QUALITY,
+                  header_only: bool = False) -> Prepared:
     """Validate ``data`` and return shard-ready JPEG bytes. Raises SkipImage with a reason code.
 
     ``resize`` scales the shorter side to that many pixels (aspect kept); faces arrive already cropped.
+    ``header_only``: an RGB JPEG whose header passes is not decoded (``--validate header``, module doc).
     """
     if len(data) == 0:
         raise SkipImage("empty-file")
     try:
+        if header_only and resize is None and (passed := _header_passes(data)) is not None:
+            return passed
         return _prepare(data, resize, quality)
     except SkipImage:
         raise
     except Exception as e:  # one image's bytes must never end a run, whatever they make PIL raise
         raise SkipImage(f"error-{type(e).__name__}", exception_detail(e)) from e
+
+
+def _header_passes(data: bytes) -> Prepared | None:
+    """The pass-through of an RGB JPEG whose header libjpeg-turbo reads without a warning and whose declared size is
+    within limits (SkipImage when it is not); None for anything else, which takes the full path."""
+    if not data.startswith(b"\xff\xd8\xff"):  # SOI, then a marker
+        return None
+    try:
+        h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None  # PIL may still read it, as full mode would
+    if colorspace not in ("YCbCr", "RGB"):  # what PIL opens as mode RGB; gray and CMYK are converted, so decoded
+        return None
+    check_size(w, h)
+    return Prepared(data, w, h, None)
 
 
 def _open(data: bytes, resize: int | None = None, validate_only: bool = False

@@ -328,7 +328,7 @@ def _write_all(scan: Scan, s: ShardSettings, tasks: list[dict], plan_skipped: li
     # Run facts differ between runs, so they stay out of dataset.json (which is byte-identical across runs).
     seconds = time.time() - t0
     run = {"seconds": round(seconds, 3), "shards_written": len(todo), "shards_reused": len(tasks) - len(todo),
-           "images_per_s": round(sum(len(t["records"]) for t in todo) / max(seconds, 1e-9), 1),
+           "validate": s.validate, "images_per_s": round(sum(len(t["records"]) for t in todo) / max(seconds, 1e-9), 1),
            "flow_pairs_per_s": round(sum(done[t["name"]].get("faces", {}).get("flow", 0) for t in todo)
                                      / max(seconds, 1e-9), 1)}
     atomic_write(out / STATE_DIR / "last_run.json", json_bytes(run))

@@ -26,7 +26,7 @@ from ssau.aus import EXPRESSIONS, au_name
 from ssau.errors import ShardError, SkipImage
 from ssau.io import atomic_file, atomic_write
 from ssau.shard.faces import FaceOptions, Placed, flow_bytes, place
-from ssau.shard.images import JPEG_QUALITY, exception_detail
+from ssau.shard.images import JPEG_QUALITY, VALIDATE, decodes_in_full, exception_detail
 from ssau.shard.records import Record, Scan
 from ssau.shard.schema import SCHEMA_VERSION, STATE_DIR
 from ssau.shard.video import keep_frames, read_source, split_source
@@ -62,16 +62,23 @@ class ShardSettings:
     flow: int = 0
     flow_size: int = 64
     flow_clip: float = 20.0
+    validate: str = "full"  # full | header (--validate, ssau.shard.images): how far each pass-through JPEG is decoded
 
     def fingerprint(self) -> dict:
         """The settings that decide the output. Face settings at their defaults are left out, so a directory
         sharded before they existed is not refused as made with other settings; its shards are rewritten once
-        (each shard's plan now names its samples' face inputs), then resume as usual."""
+        (each shard's plan now names its samples' face inputs), then resume as usual. ``validate`` is left out: on
+        images that decode it changes no byte, so a run may resume in the other mode (last_run.json says which)."""
         d = asdict(self)
+        del d["validate"]
         d["aus"] = list(self.aus) if self.aus else None
         since_faces = [f for f in fields(self) if f.name in _FACE_FIELDS]
         return {k: v for k, v in d.items() if k not in _FACE_FIELDS} | {
             f.name: d[f.name] for f in since_faces if d[f.name] != f.default}
+
+    def __post_init__(self) -> None:
+        if self.validate not in VALIDATE:  # a typo must not quietly mean full
+            raise ShardError(f"--validate {self.validate!r}: {' or '.join(VALIDATE)}")
 
     def faces(self, want_gray: bool = False) -> FaceOptions:
         return FaceOptions(resize=self.resize, quality=self.quality, align=self.align, margin=self.align_margin,
@@ -169,7 +176,8 @@ def _skip_entry(source: str, e: Exception) -> dict:
 def _placed(r: Record, s: ShardSettings) -> tuple[Placed | None, dict | None]:
     """-> (Placed, None) or (None, skip entry). Nothing one input holds can raise out of here."""
     try:
-        return place(read_source(r.source), r.points, r.bbox, s.faces(want_gray=bool(s.flow and r.partner))), None
+        return place(read_source(r.source), r.points, r.bbox, s.faces(want_gray=bool(s.flow and r.partner)),
+                     header_only=s.validate == "header" and not decodes_in_full(r.key)), None
     except Exception as e:  # a reader bug on one input must cost that input, not the run
         return None, _skip_entry(r.source, e)
 
