@@ -46,8 +46,7 @@ class DataConfig:
     m_expr: int = 32
     label_drop: float = 0.0
     label_drop_mode: Literal["image", "au"] = "image"
-    split_seed: int = 0  # which images label drop hides and the AU validation set holds (not train.seed: every
-    # initialisation seed and method is compared on the same T1/T2 split)
+    split_seed: int = 0  # which images label drop hides and validation holds (not train.seed: one T1/T2 split for all)
     workers: int = 2
     shuffle_buffer: int = 500
     eval_batch: int = 64
@@ -56,6 +55,7 @@ class DataConfig:
     source_timeout: float = 600.0  # seconds a training source may yield no readable sample before the run stops
     eval_incomplete: Literal["fail", "warn"] = "fail"  # evaluation scored fewer samples than the index holds
     flow: bool = False  # stream each sample's optical flow (ssau shard --flow) as Batch.flow; off: None
+    decode: Literal["worker", "device"] = "worker"  # device: JPEGs decoded (nvjpeg on CUDA), augmented on train.device
     labelled_subjects: float = 0.0  # label-scarce regime: K >= 1 training subjects (or a fraction in (0, 1)) keep
     # their labels, chosen by split_seed and balanced over folds; the others' images stream as unlabelled. 0: all
 
@@ -71,6 +71,7 @@ class OptimConfig:
     warmup_steps: int = 0
     clip_grad: float = 5.0  # max global grad norm per update; 0 = off
     accumulate: int = 1  # micro-batches per update
+    fused: Literal["auto", "on", "off"] = "auto"  # fused optimisers, plain groups (auto: CUDA; ssau/train/updates.py)
     groups: dict = field(default_factory=dict)  # per optimiser group: {name: {name, lr, weight_decay, momentum,
     # betas}} over the method's own defaults and the settings above (optim.groups.meta.name=sgd)
 
@@ -82,8 +83,7 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate at the end only
     evaluate_on: Literal["fold", "val"] = "fold"  # val: score on the AU validation split (data.validation) instead
     # of the held-out fold, whose shards are then never opened (hyper-parameters chosen before the test is seen)
-    thresholds: Literal["fixed", "val"] = "fixed"  # val: also score the fold at per-AU thresholds that maximise F1
-    # on the AU validation split (metrics *_valthr), beside the usual 0.5
+    thresholds: Literal["fixed", "val"] = "fixed"  # val: also score at per-AU F1-best validation thresholds (*_valthr)
     checkpoint_every: int = 500
     out: str = "runs"
     name: str = ""  # run directory name; empty: <method>-fold<k>-<time>
@@ -100,10 +100,10 @@ class TrainConfig:
     # MLCR's classifiers; the optimiser starts fresh; a method's setup then decides what it keeps, e.g. MLCR's W^0
     # and stage, large margin's balance; a resumed run ignores it)
     keep_checkpoints: int = 3  # the newest N step checkpoints are kept; older ones are pruned (0 = keep all)
-    collapse_share: float = 0.6  # a step metric *largest_share (the largest class or cluster's share of the global
-    # batch's assignments) whose mean over the last collapse_window steps is above this warns once per run (stderr,
-    # MLflow tag collapse_warning)
+    collapse_share: float = 0.6  # a step metric *largest_share (the largest class's share of the global batch's
+    # assignments) averaging above this over collapse_window steps warns once (stderr, MLflow tag collapse_warning)
     collapse_window: int = 50
+    bucket_mb: float = 25.0  # gradients are all-reduced in buckets of this size while backward runs (as DDP)
 
 
 @dataclass
@@ -149,6 +149,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key)
     if origin is Literal:
+        value = ("on" if value else "off") if type(value) is bool else value  # YAML 1.1 reads on/off as booleans
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(str, args))}")
         return value
@@ -252,8 +253,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (),
 
 def _looks_float(raw: str) -> bool:
     try:
-        float(raw)
-        return True
+        return float(raw) is not None
     except ValueError:
         return False
 
@@ -317,7 +317,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"optim.lr: must be positive, got {o.lr}")
     for key, v, lo, hi in (("optim.lr", o.lr, 0.0, 10.0), ("optim.weight_decay", o.weight_decay, 0.0, 1.0),
                            ("optim.momentum", o.momentum, 0.0, 1.0), ("model.dropout", cfg.model.dropout, 0.0, 0.99),
-                           ("optim.clip_grad", o.clip_grad, 0.0, 1e6)):
+                           ("optim.clip_grad", o.clip_grad, 0.0, 1e6), ("train.bucket_mb", t.bucket_mb, 0.01, 1e5)):
         if not lo <= v <= hi:
             raise ConfigError(f"{key}: {v:g} is outside {lo:g}..{hi:g}")
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):

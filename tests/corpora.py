@@ -23,6 +23,17 @@ def jpeg_bytes(seed: int, size: int = 32, mode: str = "RGB", fmt: str = "JPEG") 
     return buf.getvalue()
 
 
+def face_like(w: int, h: int, seed: int = 0, mode: str = "RGB", fmt: str = "JPEG") -> bytes:
+    """Smooth colour fields with grain, as a face photo has (random noise is no image libjpeg is tuned for); the
+    same as tests/test_decode.py's own."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (7, 9, 3), dtype=np.uint8)).resize((w, h), Image.Resampling.BICUBIC)
+    arr = np.clip(np.asarray(coarse, dtype=np.int16) + rng.integers(-12, 13, (h, w, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).convert(mode).save(buf, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
 def write_bp4d(root: Path, frames: int = 5, seed: int = 0) -> dict:
     """BP4D layout. Returns the labels written: {(subject, task, frame): {au: value}}."""
     rng = random.Random(seed)

@@ -14,23 +14,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, fn, args: tuple, queue) -> None:
+def _entry(rank: int, world: int, port: int, fn, args: tuple, queue, backend: str = "gloo") -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        dist.init_process_group(backend, rank=rank, world_size=world)
         queue.put((rank, fn(rank, world, *args), None))
         dist.destroy_process_group()
     except BaseException:
         queue.put((rank, None, traceback.format_exc()))
 
 
-def run_ranks(fn, world: int, *args, timeout: float = 240) -> list:
-    """``fn(rank, world, *args)`` on ``world`` gloo ranks; returns results by rank, raising any rank's error."""
+def run_ranks(fn, world: int, *args, timeout: float = 240, backend: str = "gloo") -> list:
+    """``fn(rank, world, *args)`` on ``world`` ranks (gloo; ``backend="nccl"`` for the GPU tests); returns results by
+    rank, raising any rank's error."""
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), _free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue)) for r in range(world)]
+    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue, backend)) for r in range(world)]
     for p in procs:
         p.start()
     results = {}

@@ -18,6 +18,7 @@ from helpers import error_line, tiny_train
 
 from ssau.checkpoints import safe_load
 from ssau.cli import main
+from ssau.dist.ranks import Runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -355,7 +356,8 @@ def test_a_second_sigterm_during_a_checkpoint_write_exits_once_the_file_is_whole
     with StopSignals().installed() as stop, pytest.raises(SystemExit) as exit_:
         os.kill(os.getpid(), signal.SIGTERM)  # the first: recorded, nothing raised
         os.kill(os.getpid(), signal.SIGTERM)  # at once again: the same stop, passed on
-        assert stop.signum == signal.SIGTERM and stop.requested(1, torch.device("cpu")) == signal.SIGTERM
+        one = Runtime(0, 1, torch.device("cpu"), False, False)
+        assert stop.signum == signal.SIGTERM and stop.requested(one) == signal.SIGTERM
         time.sleep(0.4)
         atomic_save(state, tmp_path / "step.pt")
     assert exit_.value.code == 128 + signal.SIGTERM

@@ -46,6 +46,14 @@ def test_config_is_strict(override, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_on_and_off_read_as_words_where_a_setting_takes_them():
+    """YAML 1.1 reads a bare on/off as a boolean: train.channels_last=off was refused with "False is not allowed"."""
+    cfg = load_run_config(None, ["data.labelled=[x]", "train.channels_last=off", "optim.fused=on"])
+    assert cfg.train.channels_last == "off" and cfg.optim.fused == "on"
+    with pytest.raises(ConfigError, match="train.precision: 'on' is not allowed"):
+        load_run_config(None, ["data.labelled=[x]", "train.precision=on"])  # a setting without on/off stays strict
+
+
 def test_config_file_and_overrides(tmp_path, capsys):
     f = tmp_path / "c.yaml"
     f.write_text("method: {name: supervised, pos_weight: true}\ndata: {labelled: [a, b], fold: 2}\noptim: {lr: 0.01}\n")

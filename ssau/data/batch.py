@@ -38,6 +38,9 @@ class Batch:
     unlabelled_landmarks_valid: torch.Tensor | None = None
     unlabelled_flow: torch.Tensor | None = None  # [m2, 2, S, S]
     unlabelled_flow_valid: torch.Tensor | None = None
+    # data.decode=device: image field ("images", "unlabelled", "expr_images") -> its images still encoded
+    # (ssau.data.device_decode.Encoded; the field is None until ``DeviceDecoder`` fills it on the device)
+    encoded: dict = field(default_factory=dict)
 
     def to(self, device: torch.device | str) -> "Batch":
         return replace(self, **{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)

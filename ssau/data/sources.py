@@ -53,6 +53,7 @@ class StreamConfig:
     val_batch: int = 256
     source_timeout: float = 600.0  # seconds a reader may find no usable sample before the run stops
     flow: bool = False  # decode each sample's flow.npy into Batch.flow (costs a warp per image)
+    decode: str = "worker"  # "device": JPEG pixels are left to ssau.data.device_decode (augmentation drawn here)
     labelled_subjects: float = 0.0  # 0: every training subject keeps its labels; K >= 1 subjects, or a fraction
 
 
@@ -225,4 +226,5 @@ def stream_config(cfg: Config, aus: tuple[int, ...]) -> StreamConfig:
                         label_drop_mode=d.label_drop_mode, seed=cfg.train.seed, split_seed=d.split_seed,
                         workers=d.workers,
                         shuffle_buffer=d.shuffle_buffer, validation=d.validation, val_batch=d.val_batch,
-                        source_timeout=d.source_timeout, flow=d.flow, labelled_subjects=d.labelled_subjects)
+                        source_timeout=d.source_timeout, flow=d.flow, labelled_subjects=d.labelled_subjects,
+                        decode=d.decode)

@@ -22,6 +22,10 @@ Geometry: the labelled and unlabelled parts carry each image's 68 landmarks in t
 image (``ssau.data.decode``: the template, flagged invalid, where a sample has none) and, with ``flow`` set, its
 optical flow (zeros, flagged invalid, where a sample has none). The expression and validation parts carry none.
 
+Decoding: with ``decode="device"`` (``data.decode``) the workers leave JPEG pixels undecoded: a part's image field is
+None and ``Batch.encoded`` holds its files and augmentation draws, for ``ssau.data.device_decode`` to finish on the
+training device. The validation part is decoded in the workers either way.
+
 What the stream reads (source configs, label drop, the AU validation set) is decided in ``ssau.data.sources``;
 evaluation reads through ``ssau.data.eval_stream``.
 """
@@ -105,7 +109,11 @@ class _ValidationDataset(IterableDataset):
 class TrainStream:
     """Infinite iterator of Batch for one rank; ``set_epoch`` reseeds (call it when the run resumes)."""
 
-    def __init__(self, cfg: StreamConfig, rank: int = 0, world: int = 1, trainset: TrainingSet | None = None):
+    def __init__(self, cfg: StreamConfig, rank: int = 0, world: int = 1, trainset: TrainingSet | None = None,
+                 pin_memory: bool = False):
+        """``pin_memory``: batches in page-locked memory (a run on CUDA), so that copying them to the device is
+        asynchronous and the step does not wait for it."""
+        self.pin_memory = pin_memory
         if cfg.label_drop_mode not in ("image", "au"):
             raise ValueError(f"label_drop_mode {cfg.label_drop_mode!r}: use 'image' or 'au'")
         if not 0.0 <= cfg.label_drop < 1.0:
@@ -242,7 +250,7 @@ class TrainStream:
         loaders = {k: iter(DataLoader(s, batch_size=None, num_workers=self.cfg.workers, timeout=stuck,
                                       persistent_workers=False, prefetch_factor=4 if self.cfg.workers else None,
                                       worker_init_fn=ignore_stop_signals if self.cfg.workers else None,
-                                      generator=torch.Generator()))
+                                      generator=torch.Generator(), pin_memory=self.pin_memory))
                    for k, s in self.sources.items()}
         while True:
             parts = {k: self._next(k, it) for k, it in loaders.items()}
@@ -263,4 +271,6 @@ class TrainStream:
                         landmarks=lab["landmarks"], landmarks_valid=lab["landmarks_valid"], flow=lab.get("flow"),
                         flow_valid=lab.get("flow_valid"), unlabelled_landmarks=unl.get("landmarks"),
                         unlabelled_landmarks_valid=unl.get("landmarks_valid"), unlabelled_flow=unl.get("flow"),
-                        unlabelled_flow_valid=unl.get("flow_valid"))
+                        unlabelled_flow_valid=unl.get("flow_valid"),
+                        encoded={k: p["encoded"] for k, p in (("images", lab), ("unlabelled", unl), ("expr_images", ex))
+                                 if p and p.get("encoded") is not None})

@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ssau.data.decode import TrainSample, au_intensity, au_targets, decode_sample
+from ssau.data.device_decode import encode
 from ssau.data.sources import StreamConfig, hidden_aus
 from ssau.data.tario import SkipCounter, tar_samples
 from ssau.errors import DecodeError, SourceError
@@ -133,7 +134,7 @@ class SourceDataset(IterableDataset):
             raise SourceError(f"{self.what}: {s['__key__']} belongs to a subject without labels "  # any decoding
                               f"(data.labelled_subjects) yet reached the labelled stream")
         ex = decode_sample(s, self.cfg.image_size, rng, flow=self.cfg.flow and self.kind != "expression",
-                           labels=self.kind != "unlabelled")
+                           labels=self.kind != "unlabelled", pixels=self.cfg.decode != "device")
         if self.kind == "labelled":
             hidden = (hidden_aus(s["__key__"], self.aus, self.cfg.label_drop, self.cfg.split_seed)
                       if self.cfg.label_drop_mode == "au" else None)
@@ -220,8 +221,11 @@ class SourceDataset(IterableDataset):
             if e is not None:
                 exprs.append(e)
             if len(examples) == self.batch:
-                out = {"images": torch.stack([x.image for x in examples]), "keys": keys, "skipped": bad.n - reported,
-                       "role": role, "consumed": consumed}
+                out = {"keys": keys, "skipped": bad.n - reported, "role": role, "consumed": consumed}
+                if self.cfg.decode == "device":  # the pixels are made on the device (ssau.data.device_decode)
+                    out["images"], out["encoded"] = None, encode(examples, keys, self.cfg.image_size)
+                else:
+                    out["images"] = torch.stack([x.image for x in examples])
                 if labels:
                     out["targets"], out["mask"], out["intensity"], out["intensity_mask"] = (
                         torch.tensor(list(col)) for col in zip(*labels))

@@ -6,12 +6,13 @@ they are: NCCL on GPUs; on a CPU-only machine, real ranks on gloo (``cpu=True`` 
 every process would report rank 0 of 1). Ranks are always read from ``torch.distributed``, never from accelerate's
 helpers, which report rank 0 of 1 under DeepSpeed on CPU (../shared/STACK-NOTES.md).
 
-Data parallelism without DeepSpeed: after each update's backward the trainer averages that update's gradients
-across ranks with one flattened all-reduce - the arithmetic of DDP - instead of wrapping networks in
-DistributedDataParallel. Methods alternate updates over sub-networks with others frozen (adversarial), and take
-second-order gradients (MAL); DDP's reducer supports neither (pytorch #63929: its all-reduce is not
-differentiable and it expects every registered parameter to receive a gradient each backward). What is lost is
-DDP's overlap of communication with the backward pass.
+Data parallelism without DeepSpeed: each update's gradients are averaged across ranks in buckets launched from
+gradient hooks while backward runs (``ssau.dist.buckets``) - the arithmetic and the overlap of DDP - instead of
+wrapping networks in DistributedDataParallel. Methods alternate updates over sub-networks with others frozen
+(adversarial), and take second-order gradients (MAL); DDP's reducer supports neither (pytorch #63929: its
+all-reduce is not differentiable and it expects every registered parameter to receive a gradient each backward).
+Flags the host holds (a stop signal, a failed source) are agreed on a gloo ``control`` group when the device's group
+is NCCL, so that agreeing on them makes no CUDA stream wait.
 
 With ``train.deepspeed=FILE``, each optimiser group becomes a DeepSpeed engine (ZeRO stage 0-2) that owns its
 optimiser, its gradient reduction and partitioning, and its clipping.
@@ -43,6 +44,8 @@ class Runtime:
     device: torch.device
     bf16: bool
     channels_last: bool
+    control: object = None  # a gloo group for flags the host holds (stop signals, a failed source) when the
+    # device's group is NCCL: agreeing on them then makes no CUDA stream wait; None: the default group
 
     @property
     def main(self) -> bool:
@@ -61,12 +64,22 @@ class Runtime:
             t /= self.world
         return t
 
+    def all_max(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t
+
     def any_true(self, flag: bool) -> bool:
+        return bool(self.host_max(int(flag)))
+
+    def host_max(self, value: int) -> int:
+        """The largest of the ranks' ``value`` (a flag or a signal number the host holds), agreed on the control
+        group: on CPU tensors, so no CUDA stream is waited for."""
         if self.world == 1:
-            return flag
-        t = torch.tensor([float(flag)], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device="cpu" if self.control is not None else self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
+        return int(t.item())
 
     def broadcast_object(self, obj):
         if self.world == 1:
@@ -105,7 +118,8 @@ def init_runtime(cfg: TrainConfig) -> Runtime:
     if bf16 and cuda and not torch.cuda.is_bf16_supported():
         raise ConfigError("train.precision=bf16: this GPU does not support bfloat16")
     channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and cuda)
-    return Runtime(rank, world, device, bf16, channels_last)
+    control = dist.new_group(backend="gloo") if world > 1 and dist.get_backend() != "gloo" else None
+    return Runtime(rank, world, device, bf16, channels_last, control)
 
 
 def _init_elastic_group(cuda: bool) -> None:

@@ -24,9 +24,6 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-import torch
-import torch.distributed as dist
-
 from ssau.io import defer_exit
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -69,10 +66,7 @@ class StopSignals:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
-    def requested(self, world: int, device: torch.device) -> int:
-        """The signal any rank received (the largest number where they differ), 0 if none: a collective."""
-        if world == 1:
-            return self.signum
-        t = torch.tensor([float(self.signum)], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t.item())
+    def requested(self, rt) -> int:
+        """The signal any rank received (the largest number where they differ), 0 if none: a collective over the
+        runtime's control group (``ssau.dist.ranks.Runtime.host_max``), which makes no device wait."""
+        return rt.host_max(self.signum)

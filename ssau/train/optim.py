@@ -42,13 +42,17 @@ def check_group_names(o: OptimConfig, groups) -> None:
                           f"groups: {', '.join(groups)}")
 
 
-def build_optimizer(o: OptimConfig, params: list, lr: float | None = None) -> torch.optim.Optimizer:
-    """``o``'s optimiser over ``params`` at ``lr`` (None: ``o.lr``)."""
+def build_optimizer(o: OptimConfig, params: list, lr: float | None = None,
+                    fused: bool = False) -> torch.optim.Optimizer:
+    """``o``'s optimiser over ``params`` at ``lr`` (None: ``o.lr``); ``fused``: torch's fused kernels where
+    ``optim.fused`` allows (on, or auto with the parameters on CUDA). A DeepSpeed engine's optimiser stays unfused."""
     lr = o.lr if lr is None else lr
+    fused = bool(params) and fused and (o.fused == "on" or (o.fused == "auto" and params[0].is_cuda))
+    extra = {"fused": True} if fused else {}
     if o.name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay, **extra)
     cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
-    return cls(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    return cls(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay, **extra)
 
 
 def lr_factor(o: OptimConfig, total: int, step: int) -> float:

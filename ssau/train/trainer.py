@@ -22,6 +22,7 @@ from tqdm import tqdm
 from ssau.aus import au_name
 from ssau.checkpoints import atomic_save, warm_start
 from ssau.config import Config, check_shards, flatten, to_dict
+from ssau.data.device_decode import DeviceDecoder
 from ssau.data.sources import SourceConfig, StreamConfig, dataset_inputs, held_out_notes, resolve_aus, stream_config
 from ssau.data.stream import TrainStream
 from ssau.data.trainset import TrainingSet
@@ -88,14 +89,15 @@ class Trainer(Checkpointing):
         check_group_names(cfg.optim, self.groups)
         self.optimizers, self.schedulers, self.engines = {}, {}, {}
         for name, g in self.groups.items():
-            opt = build_optimizer(group_config(cfg.optim, name, cfg.optim.lr * g.lr_scale, g.optim), g.params)
+            opt = build_optimizer(group_config(cfg.optim, name, cfg.optim.lr * g.lr_scale, g.optim), g.params,
+                                  fused=not (t.deepspeed and g.deepspeed))
             sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(self._lr, name))
             if t.deepspeed and g.deepspeed:
                 self.engines[name] = deepspeed_engine(g.params, opt, sched, t.deepspeed, cfg.data.m1,
                                                       cfg.optim.accumulate, cfg.optim.clip_grad)
                 opt, sched = self.engines[name].optimizer, self.engines[name].lr_scheduler
             self.optimizers[name], self.schedulers[name] = opt, sched
-        self.updates = Updates(cfg.optim, rt, self.groups, self.optimizers, self.engines)
+        self.updates = Updates(cfg.optim, rt, self.groups, self.optimizers, self.engines, t.bucket_mb)
         self.step, self.starts, self.skipped_samples, self.run_id = 0, 0, 0, ""
         self.tracker = None
         self._last_good = ""  # the newest checkpoint known complete (named when a run has to stop)
@@ -138,7 +140,7 @@ class Trainer(Checkpointing):
             self.skipped_samples += batch.skipped
             return batch
 
-        return self.updates.run(upd, draw, previous, self.step, self._last_good)
+        return self.updates.run(upd, draw, previous, self.step)
 
     @property
     def skipped_updates(self) -> int:
@@ -193,11 +195,14 @@ class Trainer(Checkpointing):
             return {}
         self._start_tracking()
         try:
-            self.stream = TrainStream(self.stream_cfg, rt.rank, rt.world, self.trainset)
+            self.stream = TrainStream(self.stream_cfg, rt.rank, rt.world, self.trainset,
+                                      pin_memory=rt.device.type == "cuda")
         except ValueError as e:  # a source with no shard to read (e.g. all of it in the held-out fold)
             raise ConfigError(str(e)) from None
         self.restore_stream()  # a resumed run continues the stream where its checkpoint left it
         batches = iter(self.stream)
+        if cfg.data.decode == "device":  # JPEGs decoded and augmented on rt.device, before _to_device moves the rest
+            batches = DeviceDecoder(rt.device)(batches)
         bar = tqdm(total=t.steps, initial=self.step, desc=f"train {cfg.method_name}", unit="step",
                    disable=not (rt.main and t.progress), file=sys.stderr, dynamic_ncols=True)
         window, seen, t0, first_keys, metrics = defaultdict(float), 0, time.perf_counter(), None, {}
@@ -212,15 +217,22 @@ class Trainer(Checkpointing):
             window_steps += 1
             seen += batch.images.shape[0] * rt.world
             bar.update(1)
-            if self.step % t.log_every == 0 or self.step == t.steps:
+            last = self.step == t.steps
+            log = self.step % t.log_every == 0 or last
+            signum = 0 if last else self.stop.requested(rt)  # host flags only: no wait on the device
+            ckpt = bool(t.checkpoint_every and self.step % t.checkpoint_every == 0) or last
+            ev = bool(cfg.data.fold or t.evaluate_on == "val") and ((t.eval_every and self.step % t.eval_every == 0)
+                                                                     or last)
+            if log or signum or ckpt or ev:  # what the updates left on the device, before any of it is used
+                self.updates.flush(self._last_good)
+            if log:
                 self._log_window(window, window_steps, seen / (time.perf_counter() - t0), bar)
                 window, seen, t0, window_steps = defaultdict(float), 0, time.perf_counter(), 0
-            last = self.step == t.steps
-            if not last and (signum := self.stop.requested(rt.world, rt.device)):
+            if signum:
                 self.stop_on_signal(signum)  # a checkpoint at this step, before any evaluation: then exit
-            if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or last:
+            if ckpt:
                 self.save_checkpoint()  # before evaluating: a damaged eval shard must not cost the step's state
-            if (cfg.data.fold or t.evaluate_on == "val") and ((t.eval_every and self.step % t.eval_every == 0) or last):
+            if ev:
                 metrics = self.evaluate()
                 self.method.train()
             if last or ((cfg.data.fold or t.evaluate_on == "val") and t.eval_every and self.step % t.eval_every == 0):
@@ -257,8 +269,10 @@ class Trainer(Checkpointing):
         return batch, window
 
     def _log_window(self, window: dict, steps: int, img_s: float, bar) -> None:
-        keys = sorted(window)
-        vec = self.rt.all_mean(torch.tensor([window[k] for k in keys] + [self.skipped_samples], dtype=torch.float64))
+        keys = sorted(window)  # loss parts are device tensors until here: one read per log_every steps
+        vec = self.rt.all_mean(torch.stack([torch.as_tensor(window[k], dtype=torch.float64, device=self.rt.device)
+                                            for k in keys] + [torch.tensor(float(self.skipped_samples),
+                                                                           dtype=torch.float64, device=self.rt.device)]))
         values = {k: v / steps for k, v in zip(keys, vec.tolist())}
         values["train/images_per_s"] = img_s  # labelled images per second, all ranks
         values["train/lr"] = self.schedulers[next(iter(self.schedulers))].get_last_lr()[0]
