@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "truncated or corrupt data. header: its header only (SOF marker, declared size within "
                          "limits; microseconds instead of a decode), plus a full decode of 1 image in 64 chosen by "
                          "a hash of its key; damage after the header passes unless sampled, and training then "
-                         "skips that sample. Same shards on sound images; other images are decoded in both modes")
+                         "skips that sample. Same shards on sound plain JPEGs (header mode passes an MPO through; full "
+                         "mode re-encodes it); other images are decoded in both modes")
     sh.add_argument("--seed", type=int, default=0, help="places subject-less images into numbered folds")
     fa = sh.add_argument_group("faces: landmarks, alignment, optical flow")
     fa.add_argument("--landmarks", help="folder of landmark CSVs: OpenFace 2.0 output or plain per-sequence CSVs")

@@ -10,7 +10,6 @@ fell back to PIL fails them.
 
 from __future__ import annotations
 
-import io
 import json
 import random
 import struct
@@ -19,23 +18,12 @@ import numpy as np
 import pytest
 import simplejpeg
 import torch
-from corpora import jpeg_bytes
-from PIL import Image
+from corpora import face_like, jpeg_bytes
 
 from ssau.data import decode
 from ssau.data.decode import RESIZE_RATIO, _image, _image_pil, decode_eval, decode_sample, eval_image
 from ssau.errors import DecodeError
 from ssau.shard.schema import MAX_PIXELS
-
-
-def face_like(w: int, h: int, seed: int = 0, mode: str = "RGB", fmt: str = "JPEG") -> bytes:
-    """Smooth colour fields with grain, as a face photo has: random noise alone is no image libjpeg is tuned for."""
-    rng = np.random.default_rng(seed)
-    coarse = Image.fromarray(rng.integers(0, 256, (7, 9, 3), dtype=np.uint8)).resize((w, h), Image.Resampling.BICUBIC)
-    arr = np.clip(np.asarray(coarse, dtype=np.int16) + rng.integers(-12, 13, (h, w, 3)), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).convert(mode).save(buf, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
-    return buf.getvalue()
 
 
 @pytest.fixture

@@ -70,6 +70,19 @@ def test_what_the_worker_leaves_to_pil_is_decoded_there_and_travels_as_pixels():
         assert torch.equal(images[j], worker[j].image)
 
 
+def test_a_jpeg_over_the_device_pixel_cap_is_decoded_in_the_worker_at_reduced_scale(monkeypatch):
+    """The device decodes at full size (no DCT scaling), so a batch's device memory is bounded by the cap, not by
+    what a shard may hold (64 megapixels an image): larger JPEGs travel as pixels the worker made."""
+    import ssau.data.decode as decode
+
+    monkeypatch.setattr(decode, "DEVICE_MAX_PIXELS", 100 * 100)
+    small, large = sample("s", face_like(100, 100, 0), 100, 100), sample("l", face_like(160, 120, 1), 160, 120)
+    pending = [decode_sample(s, 32, random.Random(i), pixels=False) for i, s in enumerate([small, large])]
+    assert [p.pending is None for p in pending] == [False, True]
+    worker = decode_sample(large, 32, random.Random(1))
+    assert torch.equal(pending[1].image, worker.image) and np.array_equal(pending[1].landmarks, worker.landmarks)
+
+
 def test_a_truncated_jpeg_the_header_check_passes_is_dropped_on_the_device_and_counted():
     good = [sample(f"g{i}", face_like(40, 40, i), 40, 40) for i in range(3)]
     data = face_like(40, 40, 9)

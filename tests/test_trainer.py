@@ -147,6 +147,21 @@ def test_resume_continues_at_the_saved_step_with_the_saved_state(shards, tmp_pat
     assert not list(ckpt_dir.glob(".*tmp*"))
 
 
+@pytest.mark.parametrize("first,then", [("off", "on"), ("on", "off")])
+def test_a_checkpoint_resumes_across_fused_and_unfused_optimisers(shards, tmp_path, first, then):
+    """optim.fused is auto (on with CUDA): a checkpoint written on a CPU, or before fused optimisers, resumes on a GPU.
+    Loading used to restore the saved groups' fused=None, and the fused verdict (found_inf) then hit torch's unfused
+    step, which refuses it (AssertionError)."""
+    args = tiny_args(shards, tmp_path, "train.name=fu", "train.checkpoint_every=2", "tracking.enabled=false",
+                     "train.resume=auto")
+    assert main(["train", *args, "train.steps=2", f"optim.fused={first}"]) == 0
+    assert main(["train", *args, "train.steps=4", f"optim.fused={then}"]) == 0
+    four = torch.load(tmp_path / "runs" / "fu" / "checkpoints" / "step-0000004.pt", weights_only=True)
+    groups = four["optimizers"]["model"]["param_groups"]
+    assert {g["fused"] for g in groups} == {True if then == "on" else None}
+    assert {int(s["step"]) for s in four["optimizers"]["model"]["state"].values()} == {4}
+
+
 def test_eval_command_prints_the_per_au_table(shards, tmp_path, capsys):
     assert main(["train", *tiny_args(shards, tmp_path, "train.name=ev", "tracking.enabled=false")]) == 0
     capsys.readouterr()

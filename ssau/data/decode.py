@@ -53,6 +53,7 @@ from ssau.shard.schema import MAX_PIXELS, SCHEMA_VERSION
 RESIZE_RATIO = 1.143  # 224 of 256, the usual crop ratio
 JITTER = 0.2  # brightness, contrast and saturation factors drawn from [1 - JITTER, 1 + JITTER]
 FORMATS = ("JPEG", "PNG", "WEBP")
+DEVICE_MAX_PIXELS = 1 << 22  # data.decode=device decodes at full size: larger JPEGs are decoded here (DCT-scaled)
 SOI = b"\xff\xd8\xff"  # a JPEG's first bytes: start of image, then a marker
 _GRAY = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -202,7 +203,7 @@ def _load(sample: dict, size: int, labels: bool = True,
     meta = check_meta(meta, key)
     try:
         head = None if pixels else _header(sample["jpg"], key, size)
-        if head is not None:
+        if head is not None and head[1][0] * head[1][1] <= DEVICE_MAX_PIXELS:
             return head[0], meta, head[1], head[2]
         img, stored, scale = _image(sample["jpg"], key, size)
     except DecodeError:

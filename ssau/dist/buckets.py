@@ -60,6 +60,11 @@ class BucketReducer:
         self._key: tuple = ()
         self._next, self._link_free = 0, 0.0
         self.flag: torch.Tensor | None = None
+        # A process group of the buckets' own: when a bucket goes out depends on which gradients a rank has, so on
+        # the default group it could pair with another collective running inside backward (SyncBatchNorm, MAL's
+        # normaliser, a ZeRO-2 engine's reduction) on one rank and not on another. Every rank builds the trainer's
+        # updates in one order, so every rank creates this group at the same point.
+        self.pg = dist.new_group() if world > 1 else None
         self.early = 0  # buckets of the last update launched while backward ran (the overlap; read by tests)
 
     def _layout(self, order: list[tuple[str, nn.Parameter]]) -> list[_Bucket]:
@@ -117,7 +122,7 @@ class BucketReducer:
         if b.flag:
             grads.append(self.flag.to(grads[0].dtype if grads else torch.float32))
         b.flat = torch.cat(grads) if grads else torch.zeros(0)
-        b.work = dist.all_reduce(b.flat, async_op=True)
+        b.work = dist.all_reduce(b.flat, group=self.pg, async_op=True)
         if self.slow:  # the modelled link: one collective at a time, each latency + bytes / rate long
             latency, rate = self.slow
             seconds = latency + b.flat.numel() * b.flat.element_size() / rate

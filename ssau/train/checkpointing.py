@@ -21,6 +21,7 @@ from ssau.checkpoints import (CheckpointError, atomic_save, check_training_state
 from ssau.config import to_dict
 from ssau.dist.rng import rng_state, set_rng_state
 from ssau.errors import RunStopped
+from ssau.train.optim import as_built
 
 
 class Checkpointing:
@@ -91,7 +92,7 @@ class Checkpointing:
                                   f"method's ({sorted(self.optimizers)})")
         load_into(self.method, state["method"], "model", path)
         for k, o in state["optimizers"].items():
-            load_into(self.optimizers[k], o, f"optimiser {k!r}", path)
+            load_into(self.optimizers[k], as_built(self.optimizers[k], o), f"optimiser {k!r}", path)
         for k, s in state["schedulers"].items():
             load_into(self.schedulers[k], s, f"schedule {k!r}", path)
         for name, e in self.engines.items():

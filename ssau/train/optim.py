@@ -47,12 +47,18 @@ def build_optimizer(o: OptimConfig, params: list, lr: float | None = None,
     """``o``'s optimiser over ``params`` at ``lr`` (None: ``o.lr``); ``fused``: torch's fused kernels where
     ``optim.fused`` allows (on, or auto with the parameters on CUDA). A DeepSpeed engine's optimiser stays unfused."""
     lr = o.lr if lr is None else lr
+    if o.name == "sgd":  # never fused: a refused first step would leave fused SGD an uninitialised momentum buffer
+        return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
     fused = bool(params) and fused and (o.fused == "on" or (o.fused == "auto" and params[0].is_cuda))
-    extra = {"fused": True} if fused else {}
-    if o.name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay, **extra)
     cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
-    return cls(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay, **extra)
+    return cls(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay, **({"fused": True} if fused else {}))
+
+
+def as_built(opt: torch.optim.Optimizer, state: dict) -> dict:
+    """A saved optimiser state with this optimiser's kernel choices (fused, foreach), so that a checkpoint from an
+    unfused run resumes into a fused one and back (loading casts Adam's step counts to where the kernel wants them)."""
+    kernel = {k: opt.defaults.get(k) for k in ("fused", "foreach")}
+    return {**state, "param_groups": [{**g, **kernel} for g in state.get("param_groups", [])]}
 
 
 def lr_factor(o: OptimConfig, total: int, step: int) -> float:

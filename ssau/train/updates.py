@@ -95,7 +95,7 @@ class Updates:
             refused = refused | ~torch.isfinite(torch.stack(list(norms.values()))).all()
         for g in plain:
             parts["grad_norm" if len(names) == 1 else f"grad_norm_{g}"] = norms[g].detach()
-        fused = plain and all(getattr(self.optimizers[g], "defaults", {}).get("fused") for g in plain)
+        fused = plain and all(pg.get("fused") for g in plain for pg in self.optimizers[g].param_groups)
         if fused:  # the verdict stays on the device: a flagged fused step leaves parameters and state as they were
             for g in plain:
                 self.optimizers[g].found_inf = refused.float()
