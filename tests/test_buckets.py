@@ -103,9 +103,13 @@ def _rank_run(rank: int, world: int, mode: str) -> dict:
             "parts": {k: float(v) for k, v in parts.items()}}
 
 
+@pytest.fixture(scope="module")
+def reference() -> list:
+    return run_ranks(_rank_run, 2, "reference")
+
+
 @pytest.mark.parametrize("mode", ["plain", "fused", "zero2"])
-def test_bucketed_reduction_equals_averaging_after_backward(mode):
-    reference = run_ranks(_rank_run, 2, "reference")
+def test_bucketed_reduction_equals_averaging_after_backward(reference, mode):
     got = run_ranks(_rank_run, 2, mode)
     for rank in range(2):
         for ours, theirs in zip(got[rank]["params"], reference[rank]["params"], strict=True):

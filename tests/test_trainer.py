@@ -38,6 +38,8 @@ def tiny_args(shards: Path, tmp: Path, *extra: str) -> list[str]:
     ("optim.lr=-1", "optim.lr: must be positive"),
     ("data.fold=7", "data.fold: 7 is not in 0..3"),
     ("train.deepspeed=missing.json", "train.deepspeed: missing.json does not exist"),
+    ("train.bucket_mb=0", "train.bucket_mb: 0 is outside 0.01..100000"),
+    ("optim.fused=always", "optim.fused: 'always' is not allowed; choose one of auto, on, off"),
     ("nosection.x=1", "unknown key 'nosection'"),
 ])
 def test_config_is_strict(override, message):
