@@ -81,7 +81,7 @@ def _sync(tr: Trainer) -> None:
         torch.cuda.synchronize()
 
 
-def _device_batches(tr: Trainer, a) -> itertools.cycle:
+def _device_batches(tr: Trainer) -> itertools.cycle:
     """A batch as the stream makes it, already on the device: the step with no input pipeline at all."""
     real = next(iter(TrainStream(tr.stream_cfg, 0, 1, tr.trainset))).to(tr.rt.device)
     return itertools.cycle([real])
@@ -91,7 +91,7 @@ def end_to_end(shards: dict, work: Path, a, rows: list) -> None:
     for backbone in a.backbones.split(","):
         tr = _trainer(shards, work, a, backbone=backbone)
         stream = iter(TrainStream(tr.stream_cfg, 0, 1, tr.trainset))
-        synthetic = _device_batches(tr, a)
+        synthetic = _device_batches(tr)
         s_synth, s_stream = [], []
         for _ in range(a.rounds):  # interleaved rounds
             s_synth.append(_seconds(tr, synthetic, a.warmup, a.steps))
@@ -109,7 +109,7 @@ def precision(shards: dict, work: Path, a, rows: list) -> None:
             continue
         tr = _trainer(shards, work, a, backbone=backbone, extra=(f"train.precision={prec}",
                                                                 f"train.channels_last={cl}"))
-        s = _seconds(tr, _device_batches(tr, a), a.warmup, a.steps)
+        s = _seconds(tr, _device_batches(tr), a.warmup, a.steps)
         base = base or s
         rows.append(("precision", f"{backbone} {prec}, channels_last {cl}", f"{a.batch / s:.0f} img/s",
                      f"{base / s:.2f}x vs fp32"))
@@ -164,7 +164,7 @@ def syncs(shards: dict, work: Path, a, rows: list) -> None:
         rows.append(("syncs", "host syncs per steady-state step", "no CUDA", "-"))
         return
     tr = _trainer(shards, work, a)
-    batches = _device_batches(tr, a)
+    batches = _device_batches(tr)
     _seconds(tr, batches, a.warmup, 1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -52,8 +52,8 @@ class BucketReducer:
         self.groups, self.world, self.overlap, self.slow = groups, world, overlap, slow_network
         self.limit = max(1, int(bucket_mb * 2**20))
         self.layouts: dict[tuple, list[_Bucket]] = {}  # (update, its groups) -> buckets in launch order
-        self._hooks = [p.register_post_accumulate_grad_hook(self._ready)
-                       for params in groups.values() for p in params] if world > 1 and overlap else []
+        for p in (p for params in groups.values() for p in params) if world > 1 and overlap else ():
+            p.register_post_accumulate_grad_hook(self._ready)  # for the parameters' lifetime, like DDP's
         self._owner: dict[int, _Bucket] = {}
         self._order: list[_Bucket] = []
         self._seen: list[nn.Parameter] | None = None  # the order gradients arrive in, learnt once per update
@@ -154,7 +154,7 @@ class BucketReducer:
 
     def _learn(self) -> None:
         """This update's buckets from now on: rank 0's arrival order, then what got no gradient."""
-        update, names = self._key
+        _, names = self._key
         every = [(g, p) for g in names for p in reversed(self.groups[g])]
         index = {id(p): i for i, (_, p) in enumerate(every)}
         box = [[index[id(p)] for p in self._seen]]
@@ -162,8 +162,3 @@ class BucketReducer:
         arrived = list(dict.fromkeys(box[0]))
         rest = sorted(set(range(len(every))) - set(arrived))
         self.layouts[self._key] = self._layout([every[i] for i in arrived + rest])
-
-    def close(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
