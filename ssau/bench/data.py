@@ -1,7 +1,8 @@
 """Data-layer benchmark: `python -m ssau.bench.data [--images N] [--size PX] [--rounds R] [--out DIR]`.
 
 Every figure is per worker (one process) and every comparison is a ratio of medians over interleaved rounds taken
-in the same run (the machine is shared and noisy):
+in the same run (the machine is shared and noisy); the stream's variants take turns batch by batch, and a control
+row times the bare loop twice, so the spread between two identical loops is printed beside the ratios:
   shard   ssau shard pass-through, --validate full and header (issue 26), and --resize, vs `tar -cf` over the same
           files and vs a bare PIL decode-resize-encode loop; header and full must write the same bytes (checked)
   stream  TrainStream decode+augment vs the same decode+augment over the same bytes held in memory (goal >= 0.9x),
@@ -15,6 +16,7 @@ It ends with one table of the ratios; bench_data.json in the work directory hold
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import itertools
 import json
@@ -60,6 +62,23 @@ def _rounds(fns: dict, rounds: int) -> dict[str, float]:
     for _ in range(rounds):
         for k, fn in fns.items():
             runs[k].append(_timed(fn))
+    return {k: statistics.median(v) for k, v in runs.items()}
+
+
+def _interleaved(batch_fns: dict, batches: int, rounds: int) -> dict[str, float]:
+    """Median seconds a round of each variant, a round being ``batches`` calls of its one-batch function. The
+    variants take turns batch by batch, each round in another order: timing whole loops one after another let the
+    machine's drift (clock, neighbours) land on one of them, and the same loop timed twice differed by 10-20 %."""
+    names = list(batch_fns)
+    runs = {k: [] for k in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        total = dict.fromkeys(names, 0.0)
+        for _ in range(batches):
+            for k in order:
+                total[k] += _timed(batch_fns[k])
+        for k in names:
+            runs[k].append(total[k])
     return {k: statistics.median(v) for k, v in runs.items()}
 
 
@@ -131,22 +150,26 @@ def bench_stream(shards: Path, src: Path, image_size: int, n: int, rounds: int =
             yield from loader
 
     loop = epochs()
+    at = {"bare": 0, "again": 0, "pil": 0}
 
-    def bare():
-        for i in range(0, len(mem), 32):
-            torch.stack([decode_train(s, image_size, rng)[0] for s in mem[i:i + 32]])
+    def bare_batch(which: str, patch: bool = False):
+        def run():
+            i = at[which] % len(mem)
+            at[which] = i + 32
+            with mock.patch.object(decode, "_image", decode._image_pil) if patch else contextlib.nullcontext():
+                torch.stack([decode_train(s, image_size, rng)[0] for s in mem[i:i + 32]])
+        return run
 
-    def bare_pil():  # the same loop with the decoder issue 26 replaced (PIL's draft mode, convert and resize)
-        with mock.patch.object(decode, "_image", decode._image_pil):
-            bare()
-
-    t = _rounds({"stream": lambda: list(itertools.islice(stream, batches)), "bare": bare, "bare_pil": bare_pil,
-                 "imagefolder": lambda: list(itertools.islice(loop, batches))}, rounds)
+    # "again" is the bare loop timed a second time under its own name: the spread between the two is the noise floor
+    # of these figures on the machine it ran on.
+    t = _interleaved({"stream": lambda: next(stream), "bare": bare_batch("bare"), "again": bare_batch("again"),
+                      "bare_pil": bare_batch("pil", patch=True), "imagefolder": lambda: next(loop)}, batches, rounds)
     k = batches * 32
     r = {"image_size": image_size, "samples_per_round": k, "rounds": rounds, "stream_img_s": k / t["stream"],
-         "bare_in_memory_img_s": k / t["bare"], "bare_pil_decoder_img_s": k / t["bare_pil"],
-         "imagefolder_img_s": k / t["imagefolder"]}
+         "bare_in_memory_img_s": k / t["bare"], "bare_again_img_s": k / t["again"],
+         "bare_pil_decoder_img_s": k / t["bare_pil"], "imagefolder_img_s": k / t["imagefolder"]}
     r["stream_vs_bare"] = r["stream_img_s"] / r["bare_in_memory_img_s"]
+    r["bare_again_vs_bare"] = r["bare_again_img_s"] / r["bare_in_memory_img_s"]
     r["stream_vs_imagefolder"] = r["stream_img_s"] / r["imagefolder_img_s"]
     r["decoder_vs_pil"] = r["bare_in_memory_img_s"] / r["bare_pil_decoder_img_s"]
     return r
@@ -212,6 +235,8 @@ def table(result: dict) -> str:
                   f"{st['stream_img_s']:,.0f} / {st['imagefolder_img_s']:,.0f} img/s", ">= 1.5"),
                  (f"stream / bare decode+augment in memory, {px} px", st["stream_vs_bare"],
                   f"{st['stream_img_s']:,.0f} / {st['bare_in_memory_img_s']:,.0f} img/s", ">= 0.9"),
+                 (f"  control: the bare loop timed again / bare, {px} px", st["bare_again_vs_bare"],
+                  f"{st['bare_again_img_s']:,.0f} / {st['bare_in_memory_img_s']:,.0f} img/s", "1.0 +- noise"),
                  (f"bare: libjpeg-turbo decoder / PIL path, {px} px", st["decoder_vs_pil"],
                   f"{st['bare_in_memory_img_s']:,.0f} / {st['bare_pil_decoder_img_s']:,.0f} img/s", "")]
     if "memory" in result:

@@ -32,6 +32,7 @@ to an external interpreter (EPS to Ghostscript). The json metadata is checked fo
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import random
@@ -368,28 +369,30 @@ def eval_image(data: bytes, size: int, key: object = "image") -> torch.Tensor:
     return _centre(img, size)
 
 
+@functools.lru_cache(maxsize=64)
+def _positions(corpus_aus: tuple, aus: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """(training AU index, index in the sample's ``aus``) for each training AU its corpus codes (the last, if
+    listed twice): one map per corpus, not one dict a sample."""
+    pos = {au: j for j, au in enumerate(corpus_aus)}
+    return tuple((i, pos[au]) for i, au in enumerate(aus) if au in pos)
+
+
+def au_labels(meta: dict, aus: tuple[int, ...], hidden: list[bool] | None = None) -> tuple[list[float], ...]:
+    """(targets, mask, intensities, intensity mask) over the training AU list ``aus``, lists for one batch tensor.
+    Occurrence: AUs the sample's corpus does not code, AUs coded as unknown and AUs hidden by label drop are masked
+    (mask 0, target 0). Intensity (0-5): known only where the occurrence is, and the corpus stores one for the AU
+    (DISFA; BP4D's occurrence-only labels store -1, version-1 shards null). ``meta`` is checked by ``check_meta``."""
+    n = len(aus)
+    t, m, v, vm = [0.0] * n, [0.0] * n, [0.0] * n, [0.0] * n
+    occ, mask, inten = meta.get("occurrence"), meta.get("mask"), meta.get("intensity") or ()
+    for i, j in _positions(tuple(meta.get("aus") or ()), aus):
+        if mask[j] and not (hidden and hidden[i]):
+            t[i], m[i] = float(occ[j]), 1.0
+            if j < len(inten) and inten[j] >= 0:
+                v[i], vm[i] = float(inten[j]), 1.0
+    return t, m, v, vm
+
+
 def au_targets(meta: dict, aus: tuple[int, ...], hidden: list[bool] | None = None) -> tuple[list[float], list[float]]:
-    """Targets and mask over the training AU list ``aus``. AUs the sample's corpus does not code, AUs coded as
-    unknown, and AUs hidden by label drop are masked (mask 0, target 0). ``meta`` is what decode returned (checked
-    by ``check_meta``)."""
-    pos = {au: j for j, au in enumerate(meta.get("aus") or [])}
-    t, m = [0.0] * len(aus), [0.0] * len(aus)
-    for i, au in enumerate(aus):
-        j = pos.get(au)
-        if j is not None and meta["mask"][j] and not (hidden and hidden[i]):
-            t[i], m[i] = float(meta["occurrence"][j]), 1.0
-    return t, m  # lists: tensors are made once per batch
-
-
-def au_intensity(meta: dict, aus: tuple[int, ...], hidden: list[bool] | None = None) -> tuple[list[float], list[float]]:
-    """Intensities (0-5) and their mask over ``aus``, as ``au_targets`` masks occurrences: known only where the AU is
-    coded, not hidden by label drop, and the corpus stores an intensity for it (DISFA; BP4D's occurrence-only
-    labels store -1, version-1 shards null). ``meta`` is checked by ``check_meta``."""
-    pos = {au: j for j, au in enumerate(meta.get("aus") or [])}
-    inten = meta.get("intensity") or []
-    v, m = [0.0] * len(aus), [0.0] * len(aus)
-    for i, au in enumerate(aus):
-        j = pos.get(au)
-        if j is not None and j < len(inten) and meta["mask"][j] and inten[j] >= 0 and not (hidden and hidden[i]):
-            v[i], m[i] = float(inten[j]), 1.0
-    return v, m
+    """Targets and mask of ``au_labels``."""
+    return au_labels(meta, aus, hidden)[:2]

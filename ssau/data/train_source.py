@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ssau.data.decode import TrainSample, au_intensity, au_targets, decode_sample
+from ssau.data.decode import TrainSample, au_labels, decode_sample
 from ssau.data.device_decode import encode
 from ssau.data.sources import StreamConfig, hidden_aus
 from ssau.data.tario import SkipCounter, tar_samples
@@ -138,7 +138,7 @@ class SourceDataset(IterableDataset):
         if self.kind == "labelled":
             hidden = (hidden_aus(s["__key__"], self.aus, self.cfg.label_drop, self.cfg.split_seed)
                       if self.cfg.label_drop_mode == "au" else None)
-            return ex, (*au_targets(ex.meta, self.aus, hidden), *au_intensity(ex.meta, self.aus, hidden)), None
+            return ex, au_labels(ex.meta, self.aus, hidden), None
         if self.kind == "expression":
             if ex.meta.get("expression", -1) < 0:
                 raise DecodeError(f"{s['__key__']}: no expression label")
@@ -228,7 +228,7 @@ class SourceDataset(IterableDataset):
                     out["images"] = torch.stack([x.image for x in examples])
                 if labels:
                     out["targets"], out["mask"], out["intensity"], out["intensity_mask"] = (
-                        torch.tensor(list(col)) for col in zip(*labels))
+                        torch.from_numpy(np.array(col, dtype=np.float32)) for col in zip(*labels))
                 if exprs:
                     out["labels"] = torch.tensor(exprs, dtype=torch.int64)
                 if self.kind != "expression":
@@ -241,8 +241,8 @@ class SourceDataset(IterableDataset):
 
 def geometry(examples: list[TrainSample]) -> dict[str, torch.Tensor]:
     out = {"landmarks": torch.from_numpy(np.stack([x.landmarks for x in examples])),
-           "landmarks_valid": torch.tensor([x.landmarks_valid for x in examples])}
+           "landmarks_valid": torch.from_numpy(np.array([x.landmarks_valid for x in examples]))}
     if examples[0].flow is not None:
         out["flow"] = torch.from_numpy(np.stack([x.flow for x in examples]))
-        out["flow_valid"] = torch.tensor([x.flow_valid for x in examples])
+        out["flow_valid"] = torch.from_numpy(np.array([x.flow_valid for x in examples]))
     return out
