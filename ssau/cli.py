@@ -15,6 +15,7 @@ DEFAULT_UNKNOWN = {"emotionet": "999", "csv": ""}
 
 def _shard(args: argparse.Namespace) -> int:
     from ssau.faces.detect import EXTRA_MISSING, resolve  # lazy: a command imports only what it runs
+    from ssau.remote import is_remote, join, public  # lazy: a command imports only what it runs
     from ssau.shard.plan import run_shard  # lazy: a command imports only what it runs
     from ssau.shard.write import ShardSettings  # lazy: a command imports only what it runs
 
@@ -38,10 +39,20 @@ def _shard(args: argparse.Namespace) -> int:
                       align=args.align, align_margin=args.align_margin, align_points=args.align_points,
                       detect=not args.no_detect, detector=detector, landmarks_from=args.landmarks_from,
                       flow=args.flow, flow_size=args.flow_size, flow_clip=args.flow_clip, validate=args.validate)
-    doc = run_shard(s, Path(args.out), workers=args.workers, overwrite=args.overwrite, progress=not args.quiet)
+    if is_remote(args.out):
+        from ssau.shard.upload import shard_to_url  # lazy: a command imports only what it runs
+
+        doc = shard_to_url(s, args.out, args.stage, workers=args.workers, overwrite=args.overwrite,
+                           progress=not args.quiet)
+    elif args.stage:
+        raise UserError("--stage is where shards wait for upload: it needs a URL --out (s3://bucket/prefix)")
+    else:
+        doc = run_shard(s, Path(args.out), workers=args.workers, overwrite=args.overwrite, progress=not args.quiet)
     run = doc["last_run"]
     print(f"{doc['corpus']}: {doc['samples']} samples in {len(doc['shards'])} shards "
-          f"({run['shards_written']} written, {run['shards_reused']} verified and kept) -> {args.out}")
+          f"({run['shards_written']} written, {run['shards_reused']} verified and kept) -> {public(args.out)}")
+    if "uploaded" in run:
+        print(f"  uploaded {run['uploaded']} files, {run['already_in_store']} already in the store")
     for reason, n in doc["skipped_by_reason"].items():
         print(f"  skipped {n:>7}  {reason}")
     for reason, n in doc["converted_by_reason"].items():
@@ -59,7 +70,7 @@ def _shard(args: argparse.Namespace) -> int:
               + "".join(f", {n} {k}" for k, n in faces["flow"]["failed"].items()))
     print(f"  {run['images_per_s']:.1f} images/s over {run['seconds']:.1f} s with {args.workers} worker(s), "
           f"--validate {args.validate}; "
-          f"details in {Path(args.out) / 'dataset.json'}")
+          f"details in {join(public(args.out), 'dataset.json')}")
     return 0
 
 
@@ -158,7 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("format", help="bp4d, disfa, emotionet, csv, rafdb or folder")
     sh.add_argument("--images", required=True, help="image root (disfa: folder of LeftVideo<SN>_comp.avi or frames)")
     sh.add_argument("--labels", help="label file or folder, as the corpus ships it")
-    sh.add_argument("--out", required=True, help="output directory")
+    sh.add_argument("--out", required=True, help="output directory, or any fsspec URL (s3://bucket/prefix, gs://...; "
+                                                 "the [cloud] extra)")
+    sh.add_argument("--stage", help="with a URL --out: the local directory shards are written to and resumed from "
+                                    "before upload; needs disk for the whole sharded corpus (default: "
+                                    "~/.cache/ssau/stage/<hash of the URL>)")
     sh.add_argument("--aus", help="AU list: a corpus name (bp4d, disfa, emotionet, gft) or e.g. 1,2,AU04")
     sh.add_argument("--unknown", default=None, help="csv/emotionet marker of an uncoded AU ('', 9, 999, -1)")
     sh.add_argument("--frame-template", help="disfa: frame path under --images with {subject}, {frame} (1-based "

@@ -18,8 +18,8 @@ from typing import Any, Callable, Literal
 
 import yaml
 
-from ssau.errors import ConfigError, InputError
-from ssau.readfile import read_json
+from ssau.errors import ConfigError
+from ssau.remote import public as strip_credentials
 
 
 @dataclass
@@ -53,6 +53,9 @@ class DataConfig:
     validation: float = 0.0  # fraction of each subject's labelled training images reserved as the AU validation set
     val_batch: int = 256  # AU validation images per step and rank (MAL's meta-test batch)
     source_timeout: float = 600.0  # seconds a training source may yield no readable sample before the run stops
+    cache_dir: str | None = None  # remote shards (s3://, gs://, https://) kept here whole for the next epoch or run
+    cache_gb: float = 50.0  # the cache's size cap: the least recently read shards are removed above it
+    remote_retry: float = 60.0  # seconds a remote read retries transient errors before its shard counts as skipped
     eval_incomplete: Literal["fail", "warn"] = "fail"  # evaluation scored fewer samples than the index holds
     flow: bool = False  # stream each sample's optical flow (ssau shard --flow) as Batch.flow; off: None
     decode: Literal["worker", "device"] = "worker"  # device: JPEGs decoded (nvjpeg on CUDA), augmented on train.device
@@ -322,8 +325,13 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key}: {v:g} is outside {lo:g}..{hi:g}")
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         raise ConfigError(f"optim.betas: {o.betas} must be two numbers in [0, 1)")
-    if d.source_timeout <= 0:
-        raise ConfigError(f"data.source_timeout: must be positive, got {d.source_timeout:g}")
+    if d.source_timeout <= 0 or d.cache_gb <= 0 or d.remote_retry < 0:
+        raise ConfigError(f"data.source_timeout {d.source_timeout:g}, data.cache_gb {d.cache_gb:g}: must be positive; "
+                          f"data.remote_retry {d.remote_retry:g}: 0 or more")
+    for x in (*d.labelled, *d.unlabelled, *d.expression):
+        if x != strip_credentials(x):  # they would reach config.yaml, checkpoints and MLflow
+            raise ConfigError(f"{strip_credentials(x)}: the URL carries credentials (user info or a query); give them "
+                              f"to the store's library instead (environment, ~/.aws, gcloud), never in a path")
     if cfg.tracking.flush_timeout < 0:
         raise ConfigError(f"tracking.flush_timeout: must be 0 or more, got {cfg.tracking.flush_timeout:g}")
     if t.resume not in ("never", "auto") and not Path(t.resume).exists():
@@ -347,38 +355,6 @@ def validate(cfg: Config) -> Config:
     if not isinstance(cfg.method.get("name"), str):
         raise ConfigError(f"method.name: {cfg.method.get('name')!r} is not a method name")
     return cfg
-
-
-def _shard_folds(key: str, directory: str) -> set[int]:
-    """The folds of a shard directory's shards, read from its dataset.json (one line if it is not one)."""
-    path = Path(directory) / "dataset.json"
-    if not Path(directory).is_dir():
-        raise ConfigError(f"{key}: {directory} is not a directory (shard a corpus there with `ssau shard`)")
-    try:
-        doc = read_json(path, "dataset.json")  # a FIFO never blocks, nesting is bounded
-        return {int(s["fold"]) for s in doc["shards"] if int(s["samples"]) > 0}
-    except FileNotFoundError:
-        raise ConfigError(f"{key}: {directory} has no dataset.json; it is not a shard directory") from None
-    except (OSError, ValueError, KeyError, TypeError, InputError) as e:
-        raise ConfigError(f"{key}: {path} is unreadable or damaged ({type(e).__name__}: {e})") from None
-
-
-def check_shards(d: DataConfig) -> None:
-    """The data section against the disk, before anything is built: every directory is a shard directory, and
-    data.folds is the labelled shards' fold count (else a held-out fold could be absent and nothing evaluated)."""
-    for key, dirs in (("data.labelled", d.labelled), ("data.unlabelled", d.unlabelled),
-                      ("data.expression", d.expression)):
-        for x in dirs:
-            _shard_folds(key, x)
-    for x in d.labelled:
-        folds = _shard_folds("data.labelled", x) - {0}
-        if not folds and d.fold:
-            raise ConfigError(f"data.fold={d.fold}: {x} has no folds (shard it with --folds, or set data.fold=0)")
-        if folds and max(folds) != d.folds:
-            raise ConfigError(f"data.folds={d.folds}: {x} has samples in folds {sorted(folds)}")
-        if d.fold and d.fold not in folds:
-            raise ConfigError(f"data.fold={d.fold}: {x} has no sample in fold {d.fold} (folds with samples: "
-                              f"{sorted(folds)})")
 
 
 def to_dict(cfg: Any) -> dict:

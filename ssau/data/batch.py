@@ -24,6 +24,7 @@ class Batch:
     expr_labels: torch.Tensor | None = None  # [m_expr] int64
     expr_keys: list[str] = field(default_factory=list)
     skipped: int = 0  # corrupt samples skipped by the workers since the previous batch
+    read_bytes: int = 0  # bytes the workers read from remote shards (ssau.remote) since the previous batch
     val_images: torch.Tensor | None = None  # [val_batch, 3, S, S] from the AU validation set
     val_targets: torch.Tensor | None = None
     val_mask: torch.Tensor | None = None

@@ -24,6 +24,7 @@ from ssau.data.sources import index_batches, index_names, read_dataset, shard_ca
 from ssau.data.tario import SkipCounter, tar_samples
 from ssau.dist.stop import ignore_stop_signals
 from ssau.errors import ConfigError, DecodeError, SourceError
+from ssau.remote import join, public
 
 
 @dataclass
@@ -42,14 +43,14 @@ def _keyed(d: str, folds: tuple[int, ...] | None, keys: frozenset[str]) -> list[
     and by the index row both) that hold one of ``keys``, as the index places them."""
     fold_of = {s["name"]: s["fold"] for s in read_dataset(d)["shards"]}
     if "shard" not in index_names(d):
-        raise ConfigError(f"{Path(d) / 'index.parquet'}: no shard column, so the AU validation split cannot be found")
+        raise ConfigError(f"{public(join(d, 'index.parquet'))}: no shard column, so the AU validation split cannot be found")
     found: dict[str, list[str]] = {}
     for b in index_batches(d, ["key", "fold", "subject", "shard"]):
         t = b.to_pydict()
         for key, fold, name in zip(t["key"], t["fold"], t["shard"]):
             if key in keys and name in fold_of and fold_of[name] == fold and (folds is None or fold in folds):
                 found.setdefault(name, []).append(key)
-    return [(str(Path(d) / name), len(ks), tuple(ks)) for name, ks in found.items()]
+    return [(join(d, name), len(ks), tuple(ks)) for name, ks in found.items()]
 
 
 def _eval_segments(dirs: tuple[str, ...], folds: tuple[int, ...] | None, world: int, split: str | None = None,
@@ -64,11 +65,11 @@ def _eval_segments(dirs: tuple[str, ...], folds: tuple[int, ...] | None, world: 
             continue
         for s in read_dataset(d)["shards"]:
             if (folds is None or s["fold"] in folds) and s["samples"] and (split is None or s.get("split") == split):
-                order.append((str(Path(d) / s["name"]), s["samples"], None))
+                order.append((join(d, s["name"]), s["samples"], None))
     expected = sum(n for _, n, _ in order)
     # A shard plans no more samples than its file can hold (a missing file: one, whose read fails and says why): a
     # count that a truncated file cannot hold is a shortfall to report, never batches to pad for ever.
-    order = [(url, min(n, 1 if (cap := shard_capacity(Path(url)))[0] is None else cap[1]), ks) for url, n, ks in order]
+    order = [(url, min(n, 1 if (cap := shard_capacity(url))[0] is None else cap[1]), ks) for url, n, ks in order]
     total = sum(n for _, n, _ in order)
     plans = []
     for r in range(world):

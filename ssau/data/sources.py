@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from ssau.config import Config
 from ssau.errors import ConfigError, InputError
 from ssau.readfile import is_regular, read_json
+from ssau.remote import is_remote, join, meta_dir, public, sizes
 
 
 @dataclass(frozen=True)
@@ -58,13 +59,46 @@ class StreamConfig:
 
 
 # ---------------------------------------------------------------------------------------------------- shard lists
+def _shard_folds(key: str, directory: str) -> set[int]:
+    """The folds of a shard directory's shards, read from its dataset.json (one line if it is not one)."""
+    if not is_remote(directory) and not Path(directory).is_dir():
+        raise ConfigError(f"{key}: {directory} is not a directory (shard a corpus there with `ssau shard`)")
+    path = meta_dir(directory) / "dataset.json"  # a URL's is fetched once (ssau.remote)
+    try:
+        doc = read_json(path, "dataset.json")  # a FIFO never blocks, nesting is bounded
+        return {int(s["fold"]) for s in doc["shards"] if int(s["samples"]) > 0}
+    except FileNotFoundError:
+        raise ConfigError(f"{key}: {public(directory)} has no dataset.json; it is not a shard directory") from None
+    except (OSError, ValueError, KeyError, TypeError, InputError) as e:
+        raise ConfigError(f"{key}: {public(join(directory, 'dataset.json'))} is unreadable or damaged ({type(e).__name__}: {e})") from None
+
+
+def check_shards(d: DataConfig) -> None:
+    """The data section against the disk, before anything is built: every directory is a shard directory, and
+    data.folds is the labelled shards' fold count (else a held-out fold could be absent and nothing evaluated)."""
+    for key, dirs in (("data.labelled", d.labelled), ("data.unlabelled", d.unlabelled),
+                      ("data.expression", d.expression)):
+        for x in dirs:
+            _shard_folds(key, x)
+    for x in d.labelled:
+        folds = _shard_folds("data.labelled", x) - {0}
+        if not folds and d.fold:
+            raise ConfigError(f"data.fold={d.fold}: {x} has no folds (shard it with --folds, or set data.fold=0)")
+        if folds and max(folds) != d.folds:
+            raise ConfigError(f"data.folds={d.folds}: {x} has samples in folds {sorted(folds)}")
+        if d.fold and d.fold not in folds:
+            raise ConfigError(f"data.fold={d.fold}: {x} has no sample in fold {d.fold} (folds with samples: "
+                              f"{sorted(folds)})")
+
+
 def read_dataset(d: str | Path) -> dict:
     """dataset.json, checked for what the streams rely on (ConfigError, one line, otherwise): shard names that
     stay inside the directory, integer folds and sample counts, an AU list, and counts its tar files can hold
     (``shard_capacity``: an inflated count would have evaluation pad batches for ever)."""
-    path = Path(d) / "dataset.json"
+    path = meta_dir(d) / "dataset.json"  # a remote directory's is fetched once (ssau.remote)
     if not path.is_file():
-        raise ConfigError(f"{d} is not a shard directory (no dataset.json); run `ssau shard` first")
+        raise ConfigError(f"{public(str(d))} is not a shard directory (no dataset.json); run `ssau shard` first")
+    shown = public(join(d, "dataset.json"))
     try:
         doc = read_json(path, "dataset.json")
         ok = (isinstance(doc, dict) and isinstance(doc.get("aus"), list) and isinstance(doc.get("shards"), list)
@@ -74,26 +108,31 @@ def read_dataset(d: str | Path) -> dict:
             ok = ok and (isinstance(name, str) and Path(name).name == name and name not in ("", ".", "..")
                          and type(sh.get("fold")) is int and type(sh.get("samples")) is int and sh["samples"] >= 0)
     except (OSError, ValueError, AttributeError, InputError) as e:
-        raise ConfigError(f"{path}: unreadable ({type(e).__name__}: {str(e)[:160]})") from None
+        raise ConfigError(f"{shown}: unreadable ({type(e).__name__}: {str(e)[:160]})") from None
     if not ok:
-        raise ConfigError(f"{path}: damaged (needs aus and shards of name, fold and samples; shard names "
+        raise ConfigError(f"{shown}: damaged (needs aus and shards of name, fold and samples; shard names "
                           f"without folders)")
     for sh in doc["shards"]:
-        size, cap = shard_capacity(Path(d) / sh["name"])
+        size, cap = shard_capacity(join(d, sh["name"]))
         if size is not None and sh["samples"] > cap and sh.get("bytes", size) == size:  # an intact file: the count lies
-            raise ConfigError(f"{path}: shard {sh['name']} is said to hold {sh['samples']} samples, but its "
+            raise ConfigError(f"{shown}: shard {sh['name']} is said to hold {sh['samples']} samples, but its "
                               f"{size} bytes hold at most {cap}; the dataset.json is damaged")
     return doc
 
 
-def shard_capacity(tar: Path) -> tuple[int | None, int]:
+def shard_capacity(tar: str | Path) -> tuple[int | None, int]:
     """(the file's size, the most samples it can hold) of a shard; (None, 0) when it is missing or not a file. A
     sample takes at least one 512-byte header and one data block. A count above this is a lie when the file is whole
     (``read_dataset`` refuses it); a truncated file (its size differs from dataset.json's ``bytes``) is read, and
-    its shortfall skipped and counted, with its plan bounded by this (``ssau.data.eval_stream``)."""
+    its shortfall skipped and counted, with its plan bounded by this (``ssau.data.eval_stream``). A remote shard's
+    size comes from its directory's listing."""
+    if is_remote(tar):
+        d, name = str(tar).rsplit("/", 1)
+        size = sizes(d).get(name)
+        return (None, 0) if size is None else (size, size // 1024)
     if not is_regular(tar):
         return None, 0
-    size = tar.stat().st_size
+    size = Path(tar).stat().st_size
     return size, size // 1024
 
 
@@ -104,11 +143,11 @@ def check_offsets(d: str | Path, shards: list, offsets: list, sizes: list, cache
     if not cache:
         recorded = {sh["name"]: sh.get("bytes") for sh in read_dataset(d)["shards"]}
         for name, size in recorded.items():
-            cache[name] = size if shard_capacity(Path(d) / name)[0] == size else None
+            cache[name] = size if shard_capacity(join(d, name))[0] == size else None
     for name, offset, span in zip(shards, offsets, sizes):
         size = cache.get(name)
         if size is not None and not (0 <= offset and 0 < span and offset + span <= size):
-            raise ConfigError(f"{Path(d) / 'index.parquet'}: a sample of {name} at bytes {offset}..{offset + span} "
+            raise ConfigError(f"{public(join(d, 'index.parquet'))}: a sample of {name} at bytes {offset}..{offset + span} "
                               f"lies outside the shard's {size} bytes; the index is damaged")
 
 
@@ -121,7 +160,7 @@ def index_batches(d: str | Path, columns: list[str]) -> Iterator:
     """Record batches of a directory's index.parquet (the columns it has of ``columns``)."""
     names = index_names(d)
     if not {"key", "fold", "subject"} <= set(names):
-        raise ConfigError(f"{Path(d) / 'index.parquet'}: damaged (no key, fold or subject column)")
+        raise ConfigError(f"{public(join(d, 'index.parquet'))}: damaged (no key, fold or subject column)")
     batches = _index_read(d, lambda path: pq.ParquetFile(path).iter_batches(columns=[c for c in columns if c in names]))
     while (batch := _index_read(d, lambda _: next(batches, None))) is not None:  # streamed: memory stays flat
         yield batch
@@ -130,11 +169,25 @@ def index_batches(d: str | Path, columns: list[str]) -> Iterator:
 def _index_read(d: str | Path, read):
     import pyarrow as pa
 
-    path = Path(d) / "index.parquet"
+    path = meta_dir(d) / "index.parquet"
     try:
         return read(path)
     except (pa.ArrowException, OSError) as e:
-        raise ConfigError(f"{path}: unreadable or damaged ({str(e).splitlines()[0][:120]})") from None
+        raise ConfigError(f"{public(join(d, 'index.parquet'))}: unreadable or damaged ({str(e).splitlines()[0][:120]})") from None
+
+
+def sample_spans(dirs: tuple[str, ...], keys: frozenset[str]) -> list[tuple[str, int, int]] | None:
+    """(shard, ``tar_offset``, ``tar_size``) of the samples ``keys`` names, from the directories' indexes; None when
+    an index has no byte spans (written before issue 13)."""
+    out = []
+    for d in dirs:
+        if not {"shard", "tar_offset", "tar_size"} <= set(index_names(d)):
+            return None
+        for b in index_batches(d, ["key", "shard", "tar_offset", "tar_size"]):
+            t = b.to_pydict()
+            out += [(join(d, sh), o, n) for k, sh, o, n in zip(t["key"], t["shard"], t["tar_offset"], t["tar_size"])
+                    if k in keys]
+    return out
 
 
 def read_shards(doc: dict, folds: tuple[int, ...] | None, held_out: int = 0, exclude_split: str = "") -> list[dict]:
@@ -145,7 +198,7 @@ def read_shards(doc: dict, folds: tuple[int, ...] | None, held_out: int = 0, exc
 
 
 def shard_urls(d: str | Path, folds: tuple[int, ...] | None, held_out: int = 0, exclude_split: str = "") -> list[str]:
-    return [str(Path(d) / s["name"]) for s in read_shards(read_dataset(d), folds, held_out, exclude_split)]
+    return [join(d, s["name"]) for s in read_shards(read_dataset(d), folds, held_out, exclude_split)]
 
 
 def dataset_inputs(cfg: StreamConfig) -> list[dict]:
@@ -169,8 +222,11 @@ def dataset_inputs(cfg: StreamConfig) -> list[dict]:
             used = sorted({sh["fold"] for sh in shards})
             profile = {"corpus": doc["corpus"], "shards": len(shards), "samples": sum(sh["samples"] for sh in shards),
                        "folds": used, "schema_version": doc.get("schema_version", 1)}
-            out.append({"name": Path(d).name, "digest": h.hexdigest()[:16], "source_type": "local",
-                        "source": json.dumps({"uri": Path(d).resolve().as_uri()}), "profile": json.dumps(profile),
+            remote = is_remote(d)  # a URL is logged without credentials (ssau.remote.public)
+            out.append({"name": public(str(d)).rstrip("/").rsplit("/", 1)[-1] if remote else Path(d).name,
+                        "digest": h.hexdigest()[:16], "source_type": str(d).split(":", 1)[0] if remote else "local",
+                        "source": json.dumps({"uri": public(str(d)) if remote else Path(d).resolve().as_uri()}),
+                        "profile": json.dumps(profile),
                         "tags": {"mlflow.data.context": context, "folds": ",".join(map(str, used))}})
     return out
 

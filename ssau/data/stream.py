@@ -40,8 +40,9 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from ssau.data.batch import Batch
 from ssau.data.decode import au_targets, decode_eval
-from ssau.data.sources import SourceConfig, StreamConfig, hidden_aus, is_hidden, resolve_aus, shard_urls
-from ssau.data.tario import SkipCounter, tar_samples
+from ssau.data.sources import (SourceConfig, StreamConfig, hidden_aus, is_hidden, resolve_aus, sample_spans,
+                               shard_urls)
+from ssau.data.tario import SkipCounter, samples_at, tar_samples
 from ssau.data.train_source import SlotPosition, SlotShards, SourceDataset, worker_role
 from ssau.data.trainset import TrainingSet
 from ssau.dist.stop import ignore_stop_signals
@@ -171,8 +172,13 @@ class TrainStream:
         if len(keys) >= self.world:
             keys = frozenset(sorted(keys)[self.rank::self.world])
         samples, bad = [], SkipCounter()
-        for urls in self._lists(self.cfg.labelled)[0]:
-            for url in urls:
+        order = {url: i for i, url in enumerate(u for urls in self._lists(self.cfg.labelled)[0] for u in urls)}
+        spans = sample_spans(self.cfg.labelled.dirs, keys)
+        if spans is not None:  # the index says where each sample lies: read those bytes alone (a range request each
+            spans = sorted((s for s in spans if s[0] in order), key=lambda s: (order[s[0]], s[1]))  # remotely)
+            samples = list(samples_at(spans, bad))  # in the order a pass over the shards finds them
+        else:  # an index written before issue 13 has no byte spans: a pass over the shards
+            for url in order:
                 samples += [s for s in tar_samples(url, bad) if s["__key__"] in keys]
         if not samples:
             raise ValueError("the AU validation set is empty: no reserved key was found in the labelled shards")
@@ -272,6 +278,7 @@ class TrainStream:
                         expr_images=ex["images"] if ex else None, expr_labels=ex["labels"] if ex else None,
                         expr_keys=ex["keys"] if ex else [],
                         skipped=sum(p["skipped"] for p in parts.values()),
+                        read_bytes=sum(p.get("read_bytes", 0) for p in parts.values()),
                         val_images=val["images"] if val else None, val_targets=val["targets"] if val else None,
                         val_mask=val["mask"] if val else None, val_keys=val["keys"] if val else [],
                         landmarks=lab["landmarks"], landmarks_valid=lab["landmarks_valid"], flow=lab.get("flow"),

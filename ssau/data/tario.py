@@ -17,17 +17,17 @@ means samples were hidden behind a zeroed block; both are reported like any dama
 
 from __future__ import annotations
 
-import os
+import io
 import re
 import zlib
 from typing import Callable, Iterator
 
 from ssau.errors import TarFormatError
+from ssau.remote import open_shard, read_span
 
 _BLOCK = 512
 _ZEROS = bytes(_BLOCK)
 _OCTAL = re.compile(rb"[0-7]*")
-_READ_BUFFER = 1 << 20  # one read system call per MB, not three per member
 MAX_MEMBER = 64 << 20  # far above any face JPEG; a member declaring more is damage, not data to allocate
 MAX_META = 1 << 20  # pax / GNU long-name records: names and a few numbers
 
@@ -140,20 +140,41 @@ def tar_samples(url: str, handler: Callable[[Exception], bool]) -> Iterator[dict
     The handler receives a ``TarFormatError`` naming ``url`` for damage, or the ``OSError`` of a file that cannot
     be read. Nothing else leaves this function (tests/test_tario_fuzz.py checks it on mutated shards).
     """
+    try:
+        f, size = open_shard(url)  # a local file, or a remote shard (ssau.remote): retried, cached
+    except OSError as e:
+        handler(e)
+        return
+    with f:
+        yield from _grouped(f, size, url, handler)
+
+
+def samples_at(spans: list[tuple[str, int, int]], handler: Callable[[Exception], bool]) -> Iterator[dict]:
+    """The samples at (shard, ``tar_offset``, ``tar_size``) of the index: one ranged read each (a range request for
+    a remote shard), the bytes read as a tar of that sample alone; errors go to ``handler`` and skip the span."""
+    for url, offset, size in spans:
+        try:
+            data = read_span(url, offset, size)
+        except OSError as e:
+            handler(e)
+            continue
+        yield from _grouped(io.BytesIO(data + bytes(2 * _BLOCK)), None, url, handler)  # + the end-of-archive blocks
+
+
+def _grouped(f, size: int | None, url: str, handler: Callable[[Exception], bool]) -> Iterator[dict]:
     sample: dict | None = None
     try:
-        with open(url, "rb", buffering=_READ_BUFFER) as f:
-            for name, data in _members(f, os.fstat(f.fileno()).st_size):
-                slash = name.rfind("/") + 1
-                dot = name.find(".", slash)
-                if dot < 0:
-                    continue
-                key, ext = name[:dot], name[dot + 1:]
-                if sample is None or sample["__key__"] != key:
-                    if sample is not None:
-                        yield sample
-                    sample = {"__key__": key, "__url__": url}
-                sample[ext] = data
+        for name, data in _members(f, size):
+            slash = name.rfind("/") + 1
+            dot = name.find(".", slash)
+            if dot < 0:
+                continue
+            key, ext = name[:dot], name[dot + 1:]
+            if sample is None or sample["__key__"] != key:
+                if sample is not None:
+                    yield sample
+                sample = {"__key__": key, "__url__": url}
+            sample[ext] = data
     except OSError as e:
         handler(e)
         return

@@ -30,6 +30,7 @@ from ssau.data.device_decode import encode
 from ssau.data.sources import StreamConfig, hidden_aus
 from ssau.data.tario import SkipCounter, tar_samples
 from ssau.errors import DecodeError, SourceError
+from ssau.remote import bytes_read
 
 
 SEGMENT = 4096  # samples per segment of a slot's stream: what a resume replays at most, per worker
@@ -204,7 +205,7 @@ class SourceDataset(IterableDataset):
         clock = _Clock(self.cfg.source_timeout, self.what, bad)
         consumed = self.shards.position.consumed.get(role, 0)
         examples, labels, keys, exprs = [], [], [], []
-        reported = bad.n
+        reported, read = bad.n, bytes_read()
         for s, rng in self._segments(role, bad, clock):
             consumed += 1
             try:
@@ -221,7 +222,8 @@ class SourceDataset(IterableDataset):
             if e is not None:
                 exprs.append(e)
             if len(examples) == self.batch:
-                out = {"keys": keys, "skipped": bad.n - reported, "role": role, "consumed": consumed}
+                out = {"keys": keys, "skipped": bad.n - reported, "role": role, "consumed": consumed,
+                       "read_bytes": bytes_read() - read}
                 if self.cfg.decode == "device":  # the pixels are made on the device (ssau.data.device_decode)
                     out["images"], out["encoded"] = None, encode(examples, keys, self.cfg.image_size)
                 else:
@@ -233,7 +235,7 @@ class SourceDataset(IterableDataset):
                     out["labels"] = torch.tensor(exprs, dtype=torch.int64)
                 if self.kind != "expression":
                     out.update(geometry(examples))
-                reported = bad.n
+                reported, read = bad.n, bytes_read()
                 yield out
                 clock.ok()  # the consumer's pace is not the source's fault
                 examples, labels, keys, exprs = [], [], [], []

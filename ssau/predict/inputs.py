@@ -32,6 +32,7 @@ from ssau.data.sources import read_dataset
 from ssau.data.tario import SkipCounter, tar_samples
 from ssau.errors import DecodeError, LabelError, SkipImage, UserError
 from ssau.predict.faces import FoundFace, extent, find_faces
+from ssau.remote import is_remote, join, public, sizes
 from ssau.shard.images import decode_rgb, encode_jpeg
 from ssau.shard.landmarks import landmark_rows
 
@@ -76,13 +77,17 @@ def _file_job(path: Path) -> Job:
     return Job("other", str(path), problem="not an image or video")
 
 
-def _shard_jobs(root: Path) -> list[Job]:
+def _shard_jobs(root: Path | str) -> list[Job]:
+    """A job per shard of a shard directory, local or at a URL (``ssau.remote``)."""
     try:
         doc = read_dataset(root)
+        listed = sizes(str(root)) if is_remote(root) else None
     except Exception as e:  # noqa: BLE001 - a damaged dataset.json is this input's problem, not the run's
-        return [Job("other", str(root), problem=f"shard directory unreadable ({str(e)[:120]})")]
-    return [Job("shard", str(root / sh["name"])) if _regular(root / sh["name"]) else
-            Job("other", str(root / sh["name"]), problem="shard is not a regular file") for sh in doc["shards"]]
+        return [Job("other", public(str(root)), problem=f"shard directory unreadable ({str(e)[:120]})")]
+    present = (lambda name: name in listed) if listed is not None else (lambda name: _regular(Path(root) / name))
+    return [Job("shard", join(root, sh["name"])) if present(sh["name"]) else
+            Job("other", public(join(root, sh["name"])), problem="shard is missing or not a regular file")
+            for sh in doc["shards"]]
 
 
 def _regular(path: Path) -> bool:
@@ -96,6 +101,9 @@ def plan_inputs(inputs: list[str]) -> list[Job]:
     """The jobs of the command line's INPUTs (a path that does not exist is a UserError: a typo, not data)."""
     jobs: list[Job] = []
     for text in inputs:
+        if is_remote(text):  # a shard directory in object storage or over HTTP
+            jobs += _shard_jobs(text)
+            continue
         path = Path(text)
         if not path.exists() and not path.is_symlink():
             raise UserError(f"{text}: no such file or directory")
@@ -212,7 +220,7 @@ class FaceRows(IterableDataset):
     def _shard(self, job: Job) -> Iterator[dict]:
         bad = SkipCounter()
         size = self.pre["image_size"]
-        root = str(Path(job.path).parent)
+        root = public(job.path.rsplit("/", 1)[0]) if is_remote(job.path) else str(Path(job.path).parent)
         for pos, s in enumerate(tar_samples(job.path, bad)):
             key = f"{root}#{s.get('__key__')}"
             try:

@@ -24,6 +24,7 @@ from ssau.config import Config, to_dict
 from ssau.data.decode import RESIZE_RATIO
 from ssau.errors import CheckpointError, InputError
 from ssau.readfile import read_json
+from ssau.remote import meta_dir
 
 DEFAULT_QUALITY = 95
 
@@ -35,7 +36,7 @@ def _shard_faces(labelled: list[str]) -> dict:
     whole = {"align": None, "quality": DEFAULT_QUALITY, "faces_from": "frames", "licence": None}
     for d in labelled:
         try:
-            doc = read_json(Path(d) / "dataset.json", "dataset.json")
+            doc = read_json(meta_dir(d) / "dataset.json", "dataset.json")
             faces, quality = doc.get("faces") or {}, int((doc.get("settings") or {}).get("quality") or DEFAULT_QUALITY)
             align = faces.get("align")
             if not isinstance(align, dict):

@@ -21,9 +21,10 @@ from tqdm import tqdm
 
 from ssau.aus import au_name
 from ssau.checkpoints import atomic_save, warm_start
-from ssau.config import Config, check_shards, flatten, to_dict
+from ssau.config import Config, flatten, to_dict
 from ssau.data.device_decode import DeviceDecoder
-from ssau.data.sources import SourceConfig, StreamConfig, dataset_inputs, held_out_notes, resolve_aus, stream_config
+from ssau.data.sources import (SourceConfig, StreamConfig, check_shards, dataset_inputs, held_out_notes, resolve_aus,
+                               stream_config)
 from ssau.data.stream import TrainStream
 from ssau.data.trainset import TrainingSet
 from ssau.dist.collectives import average_buffers, broadcast_module
@@ -36,6 +37,7 @@ from ssau.io import atomic_write
 from ssau.methods.base import Method, SetupInfo, Update
 from ssau.methods.registry import build_method, check_groups
 from ssau.methods.syncbn import convert_sync_bn
+from ssau.remote import configure
 from ssau.tracking.artifacts import log_report_tables, result_artifacts
 from ssau.tracking.journal import JOURNAL, journal_run_id
 from ssau.tracking.naming import eval_metric_dict, experiment_params, run_name, run_tags
@@ -53,6 +55,7 @@ from ssau.train.updates import Updates
 class Trainer(Checkpointing):
     def __init__(self, cfg: Config, rt: Runtime | None = None):
         self.cfg = resolve_method(cfg)  # the method section against its Params (a no-op when already resolved)
+        configure(cfg.data.cache_dir, cfg.data.cache_gb, cfg.data.remote_retry)  # remote shards (before workers fork)
         check_shards(cfg.data)  # one line for a missing or mismatched shard directory, before any rank builds
         self.rt = rt or init_runtime(cfg.train)
         rt = self.rt
@@ -98,7 +101,7 @@ class Trainer(Checkpointing):
                 opt, sched = self.engines[name].optimizer, self.engines[name].lr_scheduler
             self.optimizers[name], self.schedulers[name] = opt, sched
         self.updates = Updates(cfg.optim, rt, self.groups, self.optimizers, self.engines, t.bucket_mb)
-        self.step, self.starts, self.skipped_samples, self.run_id = 0, 0, 0, ""
+        self.step, self.starts, self.skipped_samples, self.run_id, self.read_bytes = 0, 0, 0, "", 0
         self.tracker = None
         self._last_good = ""  # the newest checkpoint known complete (named when a run has to stop)
         self.stream: TrainStream | None = None
@@ -138,6 +141,7 @@ class Trainer(Checkpointing):
         def draw():
             batch = self._next_batch(batches)
             self.skipped_samples += batch.skipped
+            self.read_bytes += batch.read_bytes
             return batch
 
         return self.updates.run(upd, draw, previous, self.step)
@@ -226,7 +230,7 @@ class Trainer(Checkpointing):
             if log or signum or ckpt or ev:  # what the updates left on the device, before any of it is used
                 self.updates.flush(self._last_good)
             if log:
-                self._log_window(window, window_steps, seen / (time.perf_counter() - t0), bar)
+                self._log_window(window, window_steps, seen, time.perf_counter() - t0, bar)
                 window, seen, t0, window_steps = defaultdict(float), 0, time.perf_counter(), 0
             if signum:
                 self.stop_on_signal(signum)  # a checkpoint at this step, before any evaluation: then exit
@@ -268,18 +272,24 @@ class Trainer(Checkpointing):
         self.step += 1
         return batch, window
 
-    def _log_window(self, window: dict, steps: int, img_s: float, bar) -> None:
-        keys = sorted(window)  # loss parts are device tensors until here: one read per log_every steps
+    def _log_window(self, window: dict, steps: int, seen: int, seconds: float, bar) -> None:
+        keys, img_s = sorted(window), seen / seconds  # loss parts are device tensors until here: one read per window
         vec = self.rt.all_mean(torch.stack([torch.as_tensor(window[k], dtype=torch.float64, device=self.rt.device)
-                                            for k in keys] + [torch.tensor(float(self.skipped_samples),
-                                                                           dtype=torch.float64, device=self.rt.device)]))
+                                            for k in keys] + [torch.tensor(float(x), dtype=torch.float64,
+                                                                           device=self.rt.device)
+                                                              for x in (self.read_bytes, self.skipped_samples)]))
         values = {k: v / steps for k, v in zip(keys, vec.tolist())}
+        mb_s = vec[-2].item() * self.rt.world / seconds / 1e6  # remote shards read (ssau.remote), all ranks
+        self.read_bytes = 0
         values["train/images_per_s"] = img_s  # labelled images per second, all ranks
         values["train/lr"] = self.schedulers[next(iter(self.schedulers))].get_last_lr()[0]
         values["train/skipped_samples"] = vec[-1].item() * self.rt.world  # corrupt samples, all ranks, so far
         if self.rt.main:
+            shown = {"img/s": f"{img_s:.0f}"} | ({"MB/s": f"{mb_s:.1f}"} if mb_s else {})
             bar.set_postfix({k.split("/")[-2] + "." + k.split("/")[-1]: f"{v:.3g}" for k, v in values.items()
-                             if k.endswith("/loss")} | {"img/s": f"{img_s:.0f}"})
+                             if k.endswith("/loss")} | shown)
+            if mb_s:
+                values["train/remote_mb_per_s"] = mb_s
             if self.tracker:
                 self.tracker.log_metrics(values, self.step)
 
