@@ -205,6 +205,7 @@ def bench_memory(shards: Path, work: Path, batches: int) -> dict:
     out = {}
     for count in (10, 200):
         d = work / f"rss{count}"
+        shutil.rmtree(d, ignore_errors=True)  # of an earlier run with the same --out
         d.mkdir()
         entries = []
         for i in range(count):
