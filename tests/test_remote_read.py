@@ -261,3 +261,73 @@ def test_eval_and_predict_read_a_bucket_as_they_read_a_directory(s3, corpora, tm
     assert list(frames[1]["input"].str.split("#").str[0].unique()) == [url]
     a, b = (f.drop(columns="input") for f in frames)
     pd.testing.assert_frame_equal(a, b)
+
+
+def test_training_goes_on_through_an_outage_and_ends_as_a_run_from_local_disk(s3, corpora, tmp_path, monkeypatch):
+    """The server stops at step 3 and is back 3 s later; the run ends with the parameters of the same run from local
+    disk (so no sample was skipped or read twice) and logs no skipped sample."""
+    from mlflow.tracking import MlflowClient
+
+    from ssau.train.trainer import Trainer
+
+    monkeypatch.setattr(remote, "READ_AHEAD", 4096)  # range requests all along, so the outage is met mid-shard
+    args = ["train.steps=12", "data.workers=0", "train.rank_report=true", "data.shuffle_buffer=4"]
+    assert main([*tiny_train(corpora.bp4d(), tmp_path, "train.name=local", "tracking.enabled=false", *args)]) == 0
+    real, stopped, starts = Trainer.train_step, [], []
+
+    def step(self, batches):
+        starts.append(time.monotonic())
+        if self.step == 3 and not stopped:
+            s3.stop()
+            stopped.append(time.monotonic())
+            threading.Timer(3.0, s3.start).start()
+        return real(self, batches)
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    train = tiny_train(corpora.bp4d(), tmp_path, "train.name=s3", *args)
+    assert main([train[0], f"data.labelled=[s3://{BUCKET}/bp4d]", *train[2:]]) == 0
+    assert stopped and starts[4] - stopped[0] >= 2.5  # step 4 waited for the server (s3fs's own retries, then ours)
+    reports = [json.loads((tmp_path / "runs" / n / "ranks" / "rank0.json").read_text()) for n in ("local", "s3")]
+    assert reports[0]["state_sha256"] == reports[1]["state_sha256"] and reports[1]["step"] == 12
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
+    assert run.data.metrics["train/skipped_samples"] == 0
+
+
+class _Flaky:
+    """A filesystem whose files break after ``cut`` bytes on every other open: the connection resets mid-read."""
+
+    def __init__(self, data: bytes, cut: int, seekable: bool):
+        self.data, self.cut, self.seekable, self.opens = data, cut, seekable, []
+
+    def open(self, path, mode="rb", block_size=None, **kw):
+        import io
+
+        fs, broken = self, len(self.opens) % 2 == 0
+        self.opens.append(block_size)
+
+        class File(io.BytesIO):
+            def read(self, n=-1):
+                if broken and self.tell() >= fs.cut:
+                    raise ConnectionResetError("reset by peer")
+                return super().read(n if n >= 0 and not broken else min(n if n >= 0 else 1 << 30, fs.cut - self.tell()))
+
+            def seek(self, pos, whence=0):
+                if not fs.seekable:
+                    raise io.UnsupportedOperation("not seekable")
+                return super().seek(pos, whence)
+
+        return File(self.data)
+
+
+@pytest.mark.parametrize("url", ["s3://b/shard.tar", "http://h/shard.tar"])
+def test_the_reader_reopens_at_the_byte_it_reached_after_a_reset(url, monkeypatch):
+    data = bytes(range(256)) * 400
+    fs = _Flaky(data, cut=10_000, seekable=url.startswith("s3"))
+    monkeypatch.setattr(remote, "_fs", lambda u: (fs, u.split("://", 1)[1]))
+    monkeypatch.setattr(remote.time, "sleep", lambda s: None)
+    reader, got = remote.RemoteReader(url), []
+    while chunk := reader.read(4096):
+        got.append(chunk)
+    assert b"".join(got) == data and len(fs.opens) >= 2  # every byte once, in order, across the reopenings
+    assert fs.opens[0] == (0 if url.startswith("http") else remote.READ_AHEAD)  # HTTP streams; S3 reads ahead
