@@ -19,7 +19,7 @@ from typing import Any, Callable, Literal
 import yaml
 
 from ssau.errors import ConfigError
-from ssau.remote import public as strip_credentials
+from ssau.remote import has_credentials, public
 
 
 @dataclass
@@ -329,8 +329,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.source_timeout {d.source_timeout:g}, data.cache_gb {d.cache_gb:g}: must be positive; "
                           f"data.remote_retry {d.remote_retry:g}: 0 or more")
     for x in (*d.labelled, *d.unlabelled, *d.expression):
-        if x != strip_credentials(x):  # they would reach config.yaml, checkpoints and MLflow
-            raise ConfigError(f"{strip_credentials(x)}: the URL carries credentials (user info or a query); give them "
+        if has_credentials(x):  # they would reach config.yaml, checkpoints and MLflow
+            raise ConfigError(f"{public(x)}: the URL carries credentials (user info or a query); give them "
                               f"to the store's library instead (environment, ~/.aws, gcloud), never in a path")
     if cfg.tracking.flush_timeout < 0:
         raise ConfigError(f"tracking.flush_timeout: must be 0 or more, got {cfg.tracking.flush_timeout:g}")

@@ -18,13 +18,15 @@ shard directory is accepted. Needs the ``cloud`` extra (fsspec, s3fs, gcsfs; HTT
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
-import urllib.parse
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, TypeVar
@@ -47,6 +49,7 @@ SETTINGS = Settings()  # set by ``configure`` in the main process before DataLoa
 _META: dict[str, Path] = {}  # remote directory -> local folder with its metadata (this process)
 _SIZES: dict[str, dict[str, int]] = {}  # remote directory -> {file name: bytes}
 _READ = [0]  # bytes this process read from remote objects (``bytes_read``)
+_TAGS: dict[str, str] = {}  # remote shard -> its size and ETag, from the listing (the cache key)
 
 
 def bytes_read() -> int:
@@ -68,15 +71,24 @@ def join(d: str | Path, name: str) -> str:
 
 
 def public(url: str) -> str:
-    """``url`` without user info, query or fragment: what ssau prints and logs."""
+    """``url`` without user info or query (a presigned URL's signature is a credential): what ssau prints and logs.
+    The host keeps its case and brackets, a key its ``#``."""
     if not is_remote(url):
         return url
-    p = urllib.parse.urlsplit(url)
-    host = (p.hostname or "") + (f":{p.port}" if p.port else "")
-    return urllib.parse.urlunsplit((p.scheme, host, p.path, "", ""))
+    scheme, rest = url.split("://", 1)
+    host, slash, path = rest.partition("/")
+    return f"{scheme}://{host.rsplit('@', 1)[-1]}{slash}{path.split('?', 1)[0]}"
+
+
+def has_credentials(url: str) -> bool:
+    """True for a URL that carries user info or a query: credentials ssau refuses to take from a path."""
+    return is_remote(url) and public(url) != url
 
 
 def _fs(url: str):
+    if has_credentials(url):
+        raise ConfigError(f"{public(url)}: the URL carries credentials (user info or a query); give them to the "
+                          f"store's library instead (environment, ~/.aws, gcloud), never in a path")
     try:
         import fsspec
     except ImportError:  # pragma: no cover - fsspec comes with the base install today; s3fs/gcsfs with [cloud]
@@ -87,8 +99,17 @@ def _fs(url: str):
         raise ConfigError(f"{public(url)}: {str(e).splitlines()[0][:160]} (install `ssau[cloud]`)") from None
 
 
+_NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
+
+
 def _permanent(e: BaseException) -> bool:
-    return isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ConfigError))
+    """Errors no retry cures: a missing object or permission, missing credentials, a 4xx answer other than 408 and
+    429 (throttling), and programming errors. The rest (connection refused or reset, timeouts, 5xx) is retried."""
+    status = getattr(e, "status", None)  # aiohttp's ClientResponseError (HTTP)
+    return (isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ConfigError,
+                           TypeError, AttributeError, NameError, KeyError, AssertionError))
+            or type(e).__name__ in _NO_CREDENTIALS
+            or (isinstance(status, int) and 400 <= status < 500 and status not in (408, 429)))
 
 
 def retrying(what: str, fn: Callable[[], T], budget: float | None = None) -> T:
@@ -101,7 +122,10 @@ def retrying(what: str, fn: Callable[[], T], budget: float | None = None) -> T:
             return fn()
         except Exception as e:  # noqa: BLE001 - the stores' clients raise their own zoo (botocore, aiohttp, OSError)
             if _permanent(e):
-                raise
+                if isinstance(e, (OSError, ConfigError, TypeError, AttributeError, NameError, KeyError,
+                                  AssertionError)):
+                    raise  # OSErrors as they are; the others are ssau's own (configuration, bugs)
+                raise PermissionError(f"{public(what)}: {type(e).__name__}: {str(e)[:160]}") from None
             if time.monotonic() - start + wait > budget:
                 raise OSError(f"{public(what)}: {type(e).__name__}: {str(e)[:160]} (retried for "
                               f"{time.monotonic() - start:.0f} s)") from None
@@ -135,19 +159,26 @@ class RemoteReader:
         return f
 
     def read(self, n: int = -1) -> bytes:
+        """``n`` bytes, fewer only at the end of the object (a streamed HTTP body returns what has arrived: the
+        reads are repeated until ``n`` is reached)."""
         def attempt() -> bytes:
             try:
                 if self.f is None:
                     self.f = self._open()
-                return self.f.read(n)
+                return self.f.read(n if n < 0 else n - len(got))
             except BaseException:
                 self.close()
                 raise
 
-        data = retrying(self.url, attempt)
-        self.pos += len(data)
-        _READ[0] += len(data)
-        return data
+        got = bytearray()
+        while n < 0 or len(got) < n:
+            data = retrying(self.url, attempt)
+            self.pos += len(data)
+            _READ[0] += len(data)
+            got += data
+            if not data or n < 0:
+                break
+        return bytes(got)
 
     def close(self) -> None:
         f, self.f = self.f, None
@@ -165,26 +196,45 @@ class RemoteReader:
 
 
 def sizes(d: str) -> dict[str, int]:
-    """{file name: bytes} of a remote directory's files, from one listing (kept for the process); a listing without
-    sizes (an HTTP server's index page) is completed by one HEAD request a file."""
+    """{file name: bytes} of a remote directory's files, from one listing (kept for the process, with each entry's
+    ETag for the cache); a server without listings (404, or a page without links) gives {} here and ``size_of``
+    asks per file."""
     if d not in _SIZES:
         fs, path = _fs(d)
-        listing = retrying(d, lambda: fs.ls(path, detail=True))
+        try:
+            listing = retrying(d, lambda: fs.ls(path, detail=True))
+        except (FileNotFoundError, NotADirectoryError):
+            listing = []
         found = {}
         for e in listing:
             name = str(e["name"]).rstrip("/").rsplit("/", 1)[-1]
-            if e.get("type") == "directory" or not name:
-                continue
-            size = e.get("size")
-            if size is None:
-                try:
-                    size = retrying(d, lambda n=e["name"]: fs.info(n)).get("size")
-                except FileNotFoundError:
-                    continue
-            if size is not None:
-                found[name] = int(size)
+            if e.get("type") != "directory" and name and e.get("size") is not None:
+                found[name] = int(e["size"])
+                _TAGS[join(d, name)] = _tag(e)
         _SIZES[d] = found
     return _SIZES[d]
+
+
+def size_of(url: str) -> int | None:
+    """A remote shard's size: from its directory's listing, else one HEAD request (kept); None if it is missing."""
+    d, name = url.rstrip("/").rsplit("/", 1)
+    listed = sizes(d)
+    if name not in listed:
+        fs, path = _fs(url)
+        try:
+            info = retrying(url, lambda: fs.info(path))
+        except FileNotFoundError:
+            return None
+        if info.get("size") is None:
+            return None
+        listed[name] = int(info["size"])
+        _TAGS[url] = _tag(info)
+    return listed[name]
+
+
+def _tag(entry: dict) -> str:
+    """What tells two versions of an object apart: its size and ETag (S3), md5Hash (GCS) or Last-Modified (HTTP)."""
+    return "\0".join(str(entry.get(k) or "") for k in ("size", "ETag", "etag", "md5Hash", "Last-Modified"))
 
 
 def meta_dir(d: str | Path) -> Path:
@@ -195,13 +245,16 @@ def meta_dir(d: str | Path) -> Path:
     d = str(d)
     if d not in _META:
         local = Path(tempfile.mkdtemp(prefix="ssau-meta-"))
+        atexit.register(shutil.rmtree, local, True)  # at the process's exit (forked workers leave by os._exit)
         fs, path = _fs(d)
         for name in ("dataset.json", "index.parquet"):
             try:
                 data = retrying(d, lambda n=name: fs.cat_file(f"{path.rstrip('/')}/{n}"))
-            except FileNotFoundError:
+            except (FileNotFoundError, IsADirectoryError):
                 continue
             (local / name).write_bytes(data)
+        if not (local / "dataset.json").is_file():
+            return local  # not kept: a directory being sharded may have its dataset.json soon
         _META[d] = local
     return _META[d]
 
@@ -213,10 +266,9 @@ def open_shard(url: str) -> tuple[BinaryIO, int | None]:
         f = open(url, "rb", buffering=1 << 20)  # one read system call per MB, not three per member
         return f, os.fstat(f.fileno()).st_size
     d, name = url.rstrip("/").rsplit("/", 1)
-    size = sizes(d).get(name) if d in _SIZES else None
+    size = _SIZES[d].get(name) if d in _SIZES else None
     if SETTINGS.cache_dir:
-        path = _cached(url)
-        f = open(path, "rb", buffering=1 << 20)
+        f = _cached(url)
         return f, os.fstat(f.fileno()).st_size
     return RemoteReader(url, size), size
 
@@ -226,41 +278,65 @@ def read_span(url: str, offset: int, size: int) -> bytes:
     if not is_remote(url):
         with open(url, "rb") as f:
             f.seek(offset)
-            return f.read(size)
-    fs, path = _fs(url)
-    data = retrying(url, lambda: fs.cat_file(path, start=offset, end=offset + size))
-    _READ[0] += len(data)
+            data = f.read(size)
+    else:
+        fs, path = _fs(url)
+        data = retrying(url, lambda: fs.cat_file(path, start=offset, end=offset + size))
+        _READ[0] += len(data)
+    if len(data) != size:  # a server that ignores Range sends the whole object; a cut one sends less
+        raise OSError(f"{public(url)}: asked for bytes {offset}..{offset + size}, got {len(data)} bytes (the server "
+                      f"does not answer range requests, or the shard is shorter than its index says)")
     return data
 
 
-def _cached(url: str) -> Path:
-    fs, path = _fs(url)
-    info = retrying(url, lambda: fs.info(path))
-    tag = f"{url}\0{info.get('size')}\0{info.get('ETag') or info.get('etag') or info.get('md5Hash') or ''}"
+def _cached(url: str) -> BinaryIO:
+    """The open cached copy of a remote shard, downloaded first if the cache lacks it. Opened before it is touched
+    (its modification time marks it recently read): a file another worker evicts meanwhile is downloaded again."""
+    tag = _TAGS.get(url)
+    if tag is None:  # a shard its directory's listing did not show: one HEAD request
+        fs, path = _fs(url)
+        tag = _TAGS[url] = _tag(retrying(url, lambda: fs.info(path)))
     root = Path(SETTINGS.cache_dir)
     root.mkdir(parents=True, exist_ok=True)
-    target = root / f"{hashlib.sha256(tag.encode()).hexdigest()[:32]}.tar"
-    if target.is_file():
-        os.utime(target)  # recently read: evicted last
-        return target
-    tmp = root / f".{target.name}.tmp-{os.getpid()}"
+    target = root / f"{hashlib.sha256(f'{url}{chr(0)}{tag}'.encode()).hexdigest()[:32]}.tar"
+    for _ in range(3):
+        try:
+            f = open(target, "rb", buffering=1 << 20)
+        except FileNotFoundError:
+            _download(url, target, tag.split(chr(0), 1)[0])
+            continue
+        os.utime(f.fileno())  # recently read: evicted last
+        return f
+    raise OSError(f"{public(url)}: its cached copy in {root} was removed three times while being opened")
+
+
+def _download(url: str, target: Path, size: str) -> None:
+    """``url`` into ``target`` through a temporary name (host and pid and a random part: several nodes may share a
+    cache), checked against the listed size, then the cache trimmed to its cap."""
+    tmp = target.with_name(f".{target.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         with RemoteReader(url) as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
+        if size and tmp.stat().st_size != int(size):
+            raise OSError(f"{public(url)}: downloaded {tmp.stat().st_size} bytes, the store lists {size}")
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
-    _evict(root, keep=target)
-    return target
+    _evict(target.parent, keep=target)
 
 
 def _evict(root: Path, keep: Path) -> None:
-    """Remove the least recently read shards until the cache holds at most ``cache_gb``."""
-    files = []
-    for p in root.glob("*.tar"):
+    """Remove the least recently read shards until the cache holds at most ``cache_gb``, and temporary files over an
+    hour old (left by a killed download)."""
+    files, now = [], time.time()
+    for p in root.glob("*.tar*"):
         try:
             st = p.stat()
-        except FileNotFoundError:  # another worker evicted it
+        except FileNotFoundError:  # another worker removed it
+            continue
+        if ".tmp-" in p.name:
+            if now - st.st_mtime > 3600:
+                p.unlink(missing_ok=True)
             continue
         files.append((st.st_mtime, st.st_size, p))
     total, cap = sum(s for _, s, _ in files), SETTINGS.cache_gb * 2**30

@@ -10,6 +10,7 @@ import http.server
 import json
 import itertools
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -169,10 +170,12 @@ def test_the_cache_keeps_shards_under_its_cap_and_serves_them_when_the_store_is_
     remote.configure(cache_dir=str(tmp_path / "cache"), cache_gb=3.5 * one / 2**30)
     first = [[s["__key__"] for s in tar_samples(u, SkipCounter())] for u in urls]
     cached = sorted((tmp_path / "cache").glob("*.tar"))
-    assert 1 <= len(cached) <= 3  # the cap holds 3 shards of this size; the least recently read went first
-    assert not list((tmp_path / "cache").glob(".*tmp*"))
+    assert len(cached) == 3 and not list((tmp_path / "cache").glob(".*tmp*"))  # the cap holds 3 of these shards
+    kept = {p.read_bytes() for p in cached}  # the three read last
+    assert kept == {(corpora.bp4d() / Path(u).name).read_bytes() for u in urls[-3:]}
     last = urls[-1]
     s3.stop()
+    remote._fs(url)[0].invalidate_cache()  # nothing known of the store but the listing this process made
     try:
         bad = SkipCounter()
         assert [s["__key__"] for s in tar_samples(last, bad)] == first[-1] and bad.n == 0  # from the cache...
@@ -183,21 +186,49 @@ def test_the_cache_keeps_shards_under_its_cap_and_serves_them_when_the_store_is_
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
+    """Silent, and sending files in 16 KB pieces as a real network delivers them (a streamed read returns what has
+    arrived)."""
+
     def log_message(self, *args) -> None:
         pass
 
+    def copyfile(self, source, outputfile) -> None:
+        while chunk := source.read(16384):
+            outputfile.write(chunk)
+            outputfile.flush()
+            time.sleep(0.0005)
 
-def test_a_stream_over_plain_http_equals_the_local_one(corpora):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             functools.partial(_Quiet, directory=str(corpora.bp4d().parent)))
+
+@pytest.fixture
+def http_root(corpora, tmp_path):
+    """A plain http.server (no range requests, directory listings) over a folder holding the BP4D look-alike and a
+    shard of 300 KB JPEGs (members larger than what one streamed read returns)."""
+    from corpora import jpeg_bytes, write_tar
+
+    shutil.copytree(corpora.bp4d(), tmp_path / "bp4d")
+    (tmp_path / "big").mkdir()
+    write_tar(tmp_path / "big" / "big-000000.tar", [(f"k{i}", jpeg_bytes(i, size=600), {}) for i in range(4)])
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(tmp_path)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/{corpora.bp4d().name}"
-        assert read_dataset(url) == read_dataset(corpora.bp4d())
-        _same(_batches(_stream(str(corpora.bp4d())), 5), _batches(_stream(url), 5))
-    finally:
-        server.shutdown()
-        server.server_close()
+    yield tmp_path, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_stream_over_plain_http_equals_the_local_one(http_root):
+    root, base = http_root
+    local = [s for s in tar_samples(str(root / "big" / "big-000000.tar"), SkipCounter())]
+    bad = SkipCounter()
+    assert [s for s in tar_samples(f"{base}/big/big-000000.tar", bad) if s.pop("__url__")] == \
+        [s for s in local if s.pop("__url__")] and bad.n == 0
+    assert min(len(s["jpg"]) for s in local) > 200_000
+    url = f"{base}/bp4d"
+    assert read_dataset(url) == read_dataset(root / "bp4d")
+    _same(_batches(_stream(str(root / "bp4d")), 5), _batches(_stream(url), 5))
+    # The validation split's ranged reads meet a server that answers 200 with the whole shard: read whole instead.
+    val = [[(b.val_keys, b.val_images) for b in itertools.islice(iter(_stream(d, validation=0.3)), 3)]
+           for d in (str(root / "bp4d"), url)]
+    assert [k for k, _ in val[0]] == [k for k, _ in val[1]] and all(torch.equal(a, b) for (_, a), (_, b) in zip(*val))
 
 
 def test_a_url_with_credentials_in_it_is_refused_in_one_line(tmp_path, capsys):

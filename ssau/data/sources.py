@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from ssau.config import Config
 from ssau.errors import ConfigError, InputError
 from ssau.readfile import is_regular, read_json
-from ssau.remote import is_remote, join, meta_dir, public, sizes
+from ssau.remote import is_remote, join, meta_dir, public, size_of
 
 
 @dataclass(frozen=True)
@@ -127,8 +127,7 @@ def shard_capacity(tar: str | Path) -> tuple[int | None, int]:
     its shortfall skipped and counted, with its plan bounded by this (``ssau.data.eval_stream``). A remote shard's
     size comes from its directory's listing."""
     if is_remote(tar):
-        d, name = str(tar).rsplit("/", 1)
-        size = sizes(d).get(name)
+        size = size_of(str(tar))
         return (None, 0) if size is None else (size, size // 1024)
     if not is_regular(tar):
         return None, 0

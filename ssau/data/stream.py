@@ -176,7 +176,7 @@ class TrainStream:
         spans = sample_spans(self.cfg.labelled.dirs, keys)
         if spans is not None:  # the index says where each sample lies: read those bytes alone (a range request each
             spans = sorted((s for s in spans if s[0] in order), key=lambda s: (order[s[0]], s[1]))  # remotely)
-            samples = list(samples_at(spans, bad))  # in the order a pass over the shards finds them
+            samples = list(samples_at(spans, keys, bad))  # in the order a pass over the shards finds them
         else:  # an index written before issue 13 has no byte spans: a pass over the shards
             for url in order:
                 samples += [s for s in tar_samples(url, bad) if s["__key__"] in keys]

@@ -22,7 +22,7 @@ import re
 import zlib
 from typing import Callable, Iterator
 
-from ssau.errors import TarFormatError
+from ssau.errors import ConfigError, TarFormatError
 from ssau.remote import open_shard, read_span
 
 _BLOCK = 512
@@ -94,9 +94,9 @@ def _members(f, file_size: int | None) -> Iterator[tuple[str, bytes]]:
         pad = -size % _BLOCK
         if pad and len(read(pad)) < pad:
             raise TarFormatError(f"file ends inside the padding of the member at byte {at} (cut short)")
-        at += _BLOCK + size + pad
+        header_at, at = at, at + _BLOCK + size + pad
         if kind == b"x":
-            pax = _pax_records(data, at)
+            pax = _pax_records(data, header_at)
             continue
         if kind == b"L":
             long_name = data.rstrip(b"\0").decode()
@@ -142,23 +142,39 @@ def tar_samples(url: str, handler: Callable[[Exception], bool]) -> Iterator[dict
     """
     try:
         f, size = open_shard(url)  # a local file, or a remote shard (ssau.remote): retried, cached
-    except OSError as e:
+    except (OSError, ConfigError) as e:  # ConfigError: a URL no installed filesystem reads
         handler(e)
         return
     with f:
         yield from _grouped(f, size, url, handler)
 
 
-def samples_at(spans: list[tuple[str, int, int]], handler: Callable[[Exception], bool]) -> Iterator[dict]:
-    """The samples at (shard, ``tar_offset``, ``tar_size``) of the index: one ranged read each (a range request for
-    a remote shard), the bytes read as a tar of that sample alone; errors go to ``handler`` and skip the span."""
+def samples_at(spans: list[tuple[str, int, int]], keys: frozenset[str], handler: Callable[[Exception], bool],
+               gap: int = 1 << 20) -> Iterator[dict]:
+    """The samples named ``keys`` at (shard, ``tar_offset``, ``tar_size``) spans of the index, sorted by shard and
+    offset: spans of one shard less than ``gap`` bytes apart are read together (one range request for a remote
+    shard), the bytes parsed as a small tar and filtered by key. A read that fails (a server that ignores range
+    requests, a shard cut short) reads that shard whole instead; damage goes to ``handler``."""
+    reads: list[list] = []
     for url, offset, size in spans:
-        try:
-            data = read_span(url, offset, size)
-        except OSError as e:
-            handler(e)
+        if reads and reads[-1][0] == url and reads[-1][1] <= offset <= reads[-1][2] + gap:
+            reads[-1][2] = max(reads[-1][2], offset + size)
+        else:
+            reads.append([url, offset, offset + size])
+    seen, whole = set(), set()
+    for url, start, end in reads:
+        if url in whole:
             continue
-        yield from _grouped(io.BytesIO(data + bytes(2 * _BLOCK)), None, url, handler)  # + the end-of-archive blocks
+        try:
+            data = read_span(url, start, end - start)
+            found = _grouped(io.BytesIO(data + bytes(2 * _BLOCK)), None, url, handler)  # + the end-of-archive blocks
+        except (OSError, ConfigError):  # a server without range requests, a shard shorter than its index: the
+            whole.add(url)  # shard read whole, its damage counted as in any pass
+            found = tar_samples(url, handler)
+        for s in found:
+            if s["__key__"] in keys and s["__key__"] not in seen:
+                seen.add(s["__key__"])
+                yield s
 
 
 def _grouped(f, size: int | None, url: str, handler: Callable[[Exception], bool]) -> Iterator[dict]:

@@ -32,7 +32,7 @@ from ssau.data.sources import read_dataset
 from ssau.data.tario import SkipCounter, tar_samples
 from ssau.errors import DecodeError, LabelError, SkipImage, UserError
 from ssau.predict.faces import FoundFace, extent, find_faces
-from ssau.remote import is_remote, join, public, sizes
+from ssau.remote import is_remote, join, public, size_of
 from ssau.shard.images import decode_rgb, encode_jpeg
 from ssau.shard.landmarks import landmark_rows
 
@@ -81,12 +81,13 @@ def _shard_jobs(root: Path | str) -> list[Job]:
     """A job per shard of a shard directory, local or at a URL (``ssau.remote``)."""
     try:
         doc = read_dataset(root)
-        listed = sizes(str(root)) if is_remote(root) else None
     except Exception as e:  # noqa: BLE001 - a damaged dataset.json is this input's problem, not the run's
         return [Job("other", public(str(root)), problem=f"shard directory unreadable ({str(e)[:120]})")]
-    present = (lambda name: name in listed) if listed is not None else (lambda name: _regular(Path(root) / name))
+    present = (lambda name: size_of(join(root, name)) is not None) if is_remote(root) else (  # noqa: E731
+        lambda name: _regular(Path(root) / name))
     return [Job("shard", join(root, sh["name"])) if present(sh["name"]) else
-            Job("other", public(join(root, sh["name"])), problem="shard is missing or not a regular file")
+            Job("other", public(join(root, sh["name"])),
+                problem="shard is missing from the store" if is_remote(root) else "shard is not a regular file")
             for sh in doc["shards"]]
 
 
