@@ -53,16 +53,18 @@ def test_one_pass_labels_equal_the_per_au_loops(meta, hidden):
     assert au_labels({}, AUS) == ([0.0] * len(AUS),) * 4
 
 
-def test_the_validation_split_read_by_byte_spans_equals_a_pass_over_the_shards(corpora, monkeypatch):
-    import ssau.data.stream as stream_module
+def test_the_validation_split_read_by_byte_spans_equals_a_pass_over_the_shards(corpora):
     from ssau.data.sources import SourceConfig, StreamConfig
     from ssau.data.stream import TrainStream
+    from ssau.data.trainset import TrainingSet
 
     cfg = StreamConfig(labelled=SourceConfig((str(corpora.bp4d()),), folds=(2, 3)), m1=4, m2=0, image_size=32,
                        workers=0, validation=0.3)
     for world in (1, 2):
         by_spans = [TrainStream(cfg, rank=r, world=world).sources["validation"].samples for r in range(world)]
-        with monkeypatch.context() as m:
-            m.setattr(stream_module, "sample_spans", lambda *a: None)  # an index without byte spans
-            by_pass = [TrainStream(cfg, rank=r, world=world).sources["validation"].samples for r in range(world)]
+        ts = TrainingSet.read(cfg)
+        assert ts.validation.spans and set(ts.validation.spans) == set(ts.validation.keys)
+        ts.validation.spans = None  # as from an index without byte spans
+        by_pass = [TrainStream(cfg, rank=r, world=world, trainset=ts).sources["validation"].samples
+                   for r in range(world)]
         assert by_spans == by_pass and all(by_spans)

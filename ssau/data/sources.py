@@ -175,20 +175,6 @@ def _index_read(d: str | Path, read):
         raise ConfigError(f"{public(join(d, 'index.parquet'))}: unreadable or damaged ({str(e).splitlines()[0][:120]})") from None
 
 
-def sample_spans(dirs: tuple[str, ...], keys: frozenset[str]) -> list[tuple[str, int, int]] | None:
-    """(shard, ``tar_offset``, ``tar_size``) of the samples ``keys`` names, from the directories' indexes; None when
-    an index has no byte spans (written before issue 13)."""
-    out = []
-    for d in dirs:
-        if not {"shard", "tar_offset", "tar_size"} <= set(index_names(d)):
-            return None
-        for b in index_batches(d, ["key", "shard", "tar_offset", "tar_size"]):
-            t = b.to_pydict()
-            out += [(join(d, sh), o, n) for k, sh, o, n in zip(t["key"], t["shard"], t["tar_offset"], t["tar_size"])
-                    if k in keys]
-    return out
-
-
 def read_shards(doc: dict, folds: tuple[int, ...] | None, held_out: int = 0, exclude_split: str = "") -> list[dict]:
     """The shard entries of a dataset.json that a source reads: in ``folds`` (None: all), not in the held-out fold,
     not of the excluded split."""

@@ -40,8 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from ssau.data.batch import Batch
 from ssau.data.decode import au_targets, decode_eval
-from ssau.data.sources import (SourceConfig, StreamConfig, hidden_aus, is_hidden, resolve_aus, sample_spans,
-                               shard_urls)
+from ssau.data.sources import SourceConfig, StreamConfig, hidden_aus, is_hidden, resolve_aus, shard_urls
 from ssau.data.tario import SkipCounter, samples_at, tar_samples
 from ssau.data.train_source import SlotPosition, SlotShards, SourceDataset, worker_role
 from ssau.data.trainset import TrainingSet
@@ -162,10 +161,11 @@ class TrainStream:
         if cfg.expression is not None:
             self.sources["expression"] = self._source("expression", cfg.expression, cfg.m_expr, None)
         if val_keys:
-            self.sources["validation"] = _ValidationDataset(self._read_validation(val_keys), cfg, self.aus, rank)
+            self.sources["validation"] = _ValidationDataset(self._read_validation(val_keys, trainset.validation.spans),
+                                                            cfg, self.aus, rank)
         self.set_epoch(0)
 
-    def _read_validation(self, keys: frozenset[str]) -> list[dict]:
+    def _read_validation(self, keys: frozenset[str], where: dict | None) -> list[dict]:
         """This rank's validation samples' bytes, read from the labelled training shards once. Ranks draw from
         disjoint parts of the set (every world-th key in sorted order), as one process drawing the global batch
         would, unless the set has fewer images than there are ranks (then every rank draws from all of it)."""
@@ -173,7 +173,7 @@ class TrainStream:
             keys = frozenset(sorted(keys)[self.rank::self.world])
         samples, bad = [], SkipCounter()
         order = {url: i for i, url in enumerate(u for urls in self._lists(self.cfg.labelled)[0] for u in urls)}
-        spans = sample_spans(self.cfg.labelled.dirs, keys)
+        spans = [where[k] for k in keys] if where is not None else None  # (shard, offset, size) from the index
         if spans is not None:  # the index says where each sample lies: read those bytes alone (a range request each
             spans = sorted((s for s in spans if s[0] in order), key=lambda s: (order[s[0]], s[1]))  # remotely)
             samples = list(samples_at(spans, keys, bad))  # in the order a pass over the shards finds them

@@ -33,6 +33,7 @@ from ssau.aus import au_name
 from ssau.data.sources import (StreamConfig, check_offsets, hidden_aus, index_batches, index_names, is_hidden,
                                resolve_aus, unit_hash)
 from ssau.errors import ConfigError
+from ssau.remote import join
 
 
 @dataclass
@@ -41,6 +42,7 @@ class ValidationSplit:
     targets: torch.Tensor  # [K, J]
     mask: torch.Tensor  # [K, J]
     subjects: int
+    spans: dict[str, tuple[str, int, int]] | None = None  # key -> (shard, tar_offset, tar_size); None: no spans
 
 
 @dataclass
@@ -60,18 +62,22 @@ class TrainingSet:
     labelled_subjects: tuple[tuple[str, str], ...] = ()  # (directory, subject) keeping labels; () = all subjects
     unlabelled_subjects: int = 0  # training subjects whose images stream as unlabelled (labelled_subjects set)
     unlabelled_subject_images: int = 0  # their images
+    locations: list[tuple[str, int, int]] | None = None  # per image: (shard, tar_offset, tar_size), from the index
 
     @classmethod
     def read(cls, cfg: StreamConfig) -> "TrainingSet":
         aus = resolve_aus(cfg)
         cols = [au_name(a) for a in aus]
         keep = _labelled_subjects(cfg)  # None: every subject keeps its labels
-        dirs, keys, subjects, folds, values, scarce = [], [], [], [], [], set()
+        dirs, keys, subjects, folds, values, scarce, locations = [], [], [], [], [], set(), []
         for d in cfg.labelled.dirs:
             names = index_names(d)
             present = [c for c in cols if c in names]
             spans = [c for c in ("shard", "tar_offset", "tar_size") if c in names]
             sizes: dict[str, int | None] = {}
+            shard_urls: dict[str, str] = {}  # one string per shard, not one per image
+            if len(spans) < 3:
+                locations = None  # an index written before issue 13: no byte spans
             for b in index_batches(d, ["key", "fold", "subject"] + present + spans):
                 t = b.to_pydict()
                 if len(spans) == 3:  # offsets that leave their shard: one line now, not a bad read later
@@ -84,6 +90,9 @@ class TrainingSet:
                     keys.append(key)
                     subjects.append(subject)
                     folds.append(int(t["fold"][i]))
+                    if locations is not None:
+                        sh = t["shard"][i]
+                        locations.append((shard_urls.setdefault(sh, join(d, sh)), t["tar_offset"][i], t["tar_size"][i]))
                     if keep is None or (str(d), subject) in keep:
                         values.append([t[c][i] if c in t else -1 for c in cols])
                     else:  # an unlabelled subject: its labels are dropped here, unread by anything after
@@ -104,7 +113,7 @@ class TrainingSet:
                  ValidationSplit([], torch.zeros(0, len(aus)), torch.zeros(0, len(aus)), 0),
                  cfg.label_drop_mode, cfg.label_drop, tuple(sorted(keep or ())),
                  len({(d, s) for d, s in zip(dirs, subjects)} - (keep or set())) if keep is not None else 0,
-                 len(scarce))
+                 len(scarce), locations)
         ts.validation = ts._validation(cfg.validation, cfg.split_seed)
         return ts
 
@@ -122,7 +131,8 @@ class TrainingSet:
             chosen += [i for _, i in rows[:max(1, round(fraction * len(rows)))]]
         idx = torch.tensor(chosen, dtype=torch.long)
         return ValidationSplit([self.keys[i] for i in chosen], self.targets[idx].reshape(-1, J),
-                               self.visible[idx].reshape(-1, J), len(groups))
+                               self.visible[idx].reshape(-1, J), len(groups),
+                               {self.keys[i]: self.locations[i] for i in chosen} if self.locations else None)
 
     def label_bank(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """AU vectors of the labelled training samples, their masks and keys: never the evaluation fold, never
