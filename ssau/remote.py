@@ -85,7 +85,9 @@ def has_credentials(url: str) -> bool:
     return is_remote(url) and public(url) != url
 
 
-def _fs(url: str):
+def filesystem(url: str):
+    """(fsspec filesystem, path) of a URL; ConfigError, one line, for one that carries credentials or that no
+    installed filesystem reads."""
     if has_credentials(url):
         raise ConfigError(f"{public(url)}: the URL carries credentials (user info or a query); give them to the "
                           f"store's library instead (environment, ~/.aws, gcloud), never in a path")
@@ -143,7 +145,7 @@ class RemoteReader:
         self.http = url.lower().startswith(("http://", "https://"))
 
     def _open(self) -> BinaryIO:
-        fs, path = _fs(self.url)
+        fs, path = filesystem(self.url)
         if self.http:  # streamed: plain servers do not answer range requests
             f = fs.open(path, "rb", block_size=0)
             left = self.pos
@@ -200,7 +202,7 @@ def sizes(d: str) -> dict[str, int]:
     ETag for the cache); a server without listings (404, or a page without links) gives {} here and ``size_of``
     asks per file."""
     if d not in _SIZES:
-        fs, path = _fs(d)
+        fs, path = filesystem(d)
         try:
             listing = retrying(d, lambda: fs.ls(path, detail=True))
         except (FileNotFoundError, NotADirectoryError):
@@ -220,7 +222,7 @@ def size_of(url: str) -> int | None:
     d, name = url.rstrip("/").rsplit("/", 1)
     listed = sizes(d)
     if name not in listed:
-        fs, path = _fs(url)
+        fs, path = filesystem(url)
         try:
             info = retrying(url, lambda: fs.info(path))
         except FileNotFoundError:
@@ -246,7 +248,7 @@ def meta_dir(d: str | Path) -> Path:
     if d not in _META:
         local = Path(tempfile.mkdtemp(prefix="ssau-meta-"))
         atexit.register(shutil.rmtree, local, True)  # at the process's exit (forked workers leave by os._exit)
-        fs, path = _fs(d)
+        fs, path = filesystem(d)
         for name in ("dataset.json", "index.parquet"):
             try:
                 data = retrying(d, lambda n=name: fs.cat_file(f"{path.rstrip('/')}/{n}"))
@@ -280,7 +282,7 @@ def read_span(url: str, offset: int, size: int) -> bytes:
             f.seek(offset)
             data = f.read(size)
     else:
-        fs, path = _fs(url)
+        fs, path = filesystem(url)
         data = retrying(url, lambda: fs.cat_file(path, start=offset, end=offset + size))
         _READ[0] += len(data)
     if len(data) != size:  # a server that ignores Range sends the whole object; a cut one sends less
@@ -294,7 +296,7 @@ def _cached(url: str) -> BinaryIO:
     (its modification time marks it recently read): a file another worker evicts meanwhile is downloaded again."""
     tag = _TAGS.get(url)
     if tag is None:  # a shard its directory's listing did not show: one HEAD request
-        fs, path = _fs(url)
+        fs, path = filesystem(url)
         tag = _TAGS[url] = _tag(retrying(url, lambda: fs.info(path)))
     root = Path(SETTINGS.cache_dir)
     root.mkdir(parents=True, exist_ok=True)

@@ -175,7 +175,7 @@ def test_the_cache_keeps_shards_under_its_cap_and_serves_them_when_the_store_is_
     assert kept == {(corpora.bp4d() / Path(u).name).read_bytes() for u in urls[-3:]}
     last = urls[-1]
     s3.stop()
-    remote._fs(url)[0].invalidate_cache()  # nothing known of the store but the listing this process made
+    remote.filesystem(url)[0].invalidate_cache()  # nothing known of the store but the listing this process made
     try:
         bad = SkipCounter()
         assert [s["__key__"] for s in tar_samples(last, bad)] == first[-1] and bad.n == 0  # from the cache...
@@ -355,7 +355,7 @@ class _Flaky:
 def test_the_reader_reopens_at_the_byte_it_reached_after_a_reset(url, monkeypatch):
     data = bytes(range(256)) * 400
     fs = _Flaky(data, cut=10_000, seekable=url.startswith("s3"))
-    monkeypatch.setattr(remote, "_fs", lambda u: (fs, u.split("://", 1)[1]))
+    monkeypatch.setattr(remote, "filesystem", lambda u: (fs, u.split("://", 1)[1]))
     monkeypatch.setattr(remote.time, "sleep", lambda s: None)
     reader, got = remote.RemoteReader(url), []
     while chunk := reader.read(4096):

@@ -14,7 +14,6 @@ import argparse
 import itertools
 import logging
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -22,16 +21,11 @@ import time
 from pathlib import Path
 
 from ssau.bench.data import _corpus
+from ssau.bench.ui_screenshots import free_port
 from ssau.data.sources import SourceConfig, StreamConfig
 from ssau.data.stream import TrainStream
 from ssau.shard.plan import run_shard
 from ssau.shard.write import ShardSettings
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _img_s(d: str, workers: int, batches: int) -> float:
@@ -62,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             run_shard(ShardSettings(format="bp4d", images=str(src), labels=str(src), shard_size=100),
                       Path(tmp) / "shards", progress=False)
             shards = str(Path(tmp) / "shards")
-        port = _port()
+        port = free_port()
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         server.start()
         os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",

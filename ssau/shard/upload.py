@@ -48,15 +48,13 @@ from tqdm import tqdm
 from ssau.errors import InputError, ShardError
 from ssau.io import atomic_write
 from ssau.readfile import read_json
-from ssau.remote import _fs, public, retrying
+from ssau.remote import filesystem, public, retrying
 from ssau.shard.plan import run_shard
 from ssau.shard.schema import STATE_DIR
 from ssau.shard.write import ShardSettings, json_bytes, sha256
 
 # Object stores: the first path component is a bucket, and a PUT (single or multipart) is atomic.
 BUCKET_STORES = {"s3", "s3a", "gs", "gcs"}
-# botocore's errors for missing credentials: no retry can cure them, so they count as refused permissions.
-NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "GOOGLE_APPLICATION_CREDENTIALS")
 POLL_S = 0.5  # how often the uploader looks for finished shards
 T = TypeVar("T")
@@ -96,7 +94,7 @@ class Store:
     def __init__(self, url: str, stage: Path, progress: bool) -> None:
         self.url, self.stage, self.progress = url.rstrip("/"), stage, progress
         self.bar: tqdm | None = None  # made at the first upload, so that it stands below the sharding bar
-        self.fs, path = _fs(url)
+        self.fs, path = filesystem(url)
         self.path = path.rstrip("/")
         protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
         self.bucket_store = bool(protocols & BUCKET_STORES)
@@ -108,15 +106,8 @@ class Store:
 
     # ------------------------------------------------------------------------------------------ store calls
     def _call(self, what: str, fn: Callable[[], T]) -> T:
-        def attempt() -> T:
-            try:
-                return fn()
-            except Exception as e:  # noqa: BLE001 - the stores' clients raise their own types
-                if type(e).__name__ in NO_CREDENTIALS:
-                    raise PermissionError(str(e)) from None
-                raise
-
-        return retrying(f"{self.url}/{what}" if what else self.url, attempt)
+        """``fn()`` with ``ssau.remote.retrying``'s policy (missing credentials and refusals are not retried)."""
+        return retrying(f"{self.url}/{what}" if what else self.url, fn)
 
     def refused(self, e: Exception, started: bool) -> ShardError:
         reason = _scrub((str(e).strip().splitlines() or [type(e).__name__])[0][:240], self.url)
